@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Notebook checks (nbval) run a smaller synthetic configuration so they stay within minutes.
+NBVAL_OVERRIDES ?= synthetic_train=160 synthetic_test=40 synthetic_val=20 epochs=4 run=nbval progress=false
+
+.PHONY: setup demo test test-unit test-notebooks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m emcl_nb.demo
+
+test: setup test-unit test-notebooks
+
+test-unit: setup
+	$(PY) -m pytest tests
+
+test-notebooks: setup
+	EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" \
+	  $(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) outputs/*/ .pytest_cache

@@ -1,0 +1,66 @@
+"""Parameter files: every dataset loads, overrides are typed, mistakes are named."""
+import pytest
+
+from emcl_nb.params import FIELDS, ParamsError, available_datasets, load_params
+
+DATASETS = ["synthetic", "msrvtt", "msvd", "lsmdc", "activity", "didemo"]
+
+
+def test_every_dataset_has_a_parameter_file():
+    assert set(DATASETS) <= set(available_datasets())
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_parameter_file_loads(dataset):
+    params = load_params(dataset, use_env=False)
+    assert params.dataset == dataset
+    assert params.out_dir.parts[-2:] == (dataset, "default")
+
+
+def test_reference_hyperparameters_match_the_release():
+    msrvtt, didemo = load_params("msrvtt", use_env=False), load_params("didemo", use_env=False)
+    assert (msrvtt.epochs, msrvtt.lr, msrvtt.coef_lr, msrvtt.batch_size) == (5, 1e-4, 1e-3, 128)
+    assert (msrvtt.max_frames, msrvtt.max_words, msrvtt.emcl_bases, msrvtt.emcl_stages) == (12, 32, 32, 9)
+    assert (didemo.max_frames, didemo.max_words, didemo.epochs) == (64, 64, 20)
+    assert msrvtt.published["code release, 8 V100"]["t2v"]["R1"] == 48.2
+
+
+def test_overrides_are_converted_to_the_declared_type():
+    params = load_params("synthetic", ["epochs=3", "lr=2e-3", "train_augment=true"], use_env=False)
+    assert (params.epochs, params.lr, params.train_augment) == (3, 2e-3, True)
+    assert load_params("synthetic", {"batch_size": 8}, use_env=False).batch_size == 8
+    assert load_params("synthetic", "epochs=2 seed=4", use_env=False).seed == 4
+
+
+def test_unknown_key_names_the_key_and_lists_valid_ones():
+    with pytest.raises(ParamsError) as error:
+        load_params("synthetic", ["epoch=3"], use_env=False)
+    assert "'epoch'" in str(error.value) and "epochs" in str(error.value)
+    assert all(name in str(error.value) for name in FIELDS)
+
+
+def test_wrong_type_and_wrong_choice_are_errors():
+    with pytest.raises(ParamsError, match="'epochs'.*must be int"):
+        load_params("synthetic", ["epochs=many"], use_env=False)
+    with pytest.raises(ParamsError, match="agg_module.*seqTransf"):
+        load_params("synthetic", ["agg_module=gru"], use_env=False)
+
+
+def test_unknown_dataset_lists_the_files_that_exist():
+    with pytest.raises(ParamsError) as error:
+        load_params("kinetics", use_env=False)
+    assert "kinetics" in str(error.value)
+    assert all(name in str(error.value) for name in DATASETS)
+
+
+def test_environment_overrides_apply_last(monkeypatch):
+    monkeypatch.setenv("EMCL_NB_OVERRIDES", "epochs=1 run=ci")
+    params = load_params("synthetic", ["epochs=3"])
+    assert (params.epochs, params.run) == (1, "ci")
+
+
+def test_relative_paths_are_relative_to_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = load_params("synthetic", use_env=False)
+    assert params.anno_path.endswith("outputs/data/synthetic") and params.anno_path.startswith("/")
+    assert str(tmp_path) not in params.anno_path
