@@ -1,0 +1,163 @@
+"""CLIP on clip-anytorch: load weights (name | path | "tiny") and encode text and frames.
+
+`load_clip` returns `clip.model.CLIP` itself, so its parameters keep CLIP's own names;
+EMCLNet holds it as `self.clip`, which gives the `clip.*` keys of reference checkpoints.
+Nothing is ever downloaded: missing weights are one clear error that says where to get them.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from clip.model import CLIP
+from clip.model import build_model as build_clip_from_state_dict
+
+# Official weights: name -> download URL (from the release README); the file name is the
+# URL's last part (ViT-B-32.pt ...), looked up in `clip_cache`.
+OFFICIAL_WEIGHTS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/"
+                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+}
+TINY = "tiny"
+CONTEXT_LENGTH = 77        # CLIP's text context; also the size of the frame position table
+VOCAB_SIZE = 49408         # CLIP's BPE vocabulary (EOT = 49407 is the largest id)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Scalars that official TorchScript archives keep in their state dict besides the weights.
+_ARCHIVE_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The CLIP weights file is not there; the message names it and how to get it."""
+
+
+class InvalidWeightsError(ValueError):
+    """The CLIP weights file is neither a TorchScript CLIP archive nor a CLIP state dict."""
+
+
+def load_clip(weights: str, cache_dir: str, *, tiny_width: int = 128, tiny_layers: int = 2,
+              tiny_patch: int = 16, image_size: int = 224) -> CLIP:
+    """A CLIP model in fp32 on the CPU.
+
+    `weights`: an official name (ViT-B/32, ViT-B/16, ViT-L/14) looked up as a file in
+    `cache_dir`; a path to a `.pt` file (official TorchScript archive or plain state dict,
+    architecture read off the shapes); or "tiny": a randomly initialised small CLIP of the
+    same architecture, drawn from torch's global RNG (seed it before calling).
+    """
+    if weights == TINY:
+        return build_tiny_clip(tiny_width, tiny_layers, tiny_patch, image_size)
+    path = resolve_weights_path(weights, cache_dir)
+    state_dict = read_state_dict(path)
+    model = clip_from_state_dict(state_dict, path)
+    if model.visual.input_resolution != image_size:
+        raise ValueError(f"CLIP weights {path} take {model.visual.input_resolution}px frames but "
+                         f"image_size={image_size}; set image_size={model.visual.input_resolution}")
+    return model
+
+
+def build_tiny_clip(width: int, layers: int, patch: int, image_size: int) -> CLIP:
+    """A random small CLIP: ViT image tower and text transformer of `width` and `layers`,
+    embedding dim = width, the real vocabulary and context (so the BPE tokenizer works)."""
+    if width < 64 or width % 64:
+        raise ValueError(f"tiny_width must be a positive multiple of 64 (CLIP uses width // 64 "
+                         f"attention heads); got {width}")
+    if layers < 1 or patch < 1 or image_size % patch:
+        raise ValueError(f"tiny CLIP needs tiny_layers >= 1 and image_size divisible by tiny_patch; "
+                         f"got tiny_layers={layers}, image_size={image_size}, tiny_patch={patch}")
+    model = CLIP(embed_dim=width, image_resolution=image_size, vision_layers=layers,
+                 vision_width=width, vision_patch_size=patch, context_length=CONTEXT_LENGTH,
+                 vocab_size=VOCAB_SIZE, transformer_width=width, transformer_heads=width // 64,
+                 transformer_layers=layers)
+    return model.float()
+
+
+def resolve_weights_path(weights: str, cache_dir: str) -> Path:
+    """The file for `weights` (official name -> file in `cache_dir`; anything else is a path)."""
+    if weights in OFFICIAL_WEIGHTS:
+        url = OFFICIAL_WEIGHTS[weights]
+        path = Path(cache_dir).expanduser() / url.rsplit("/", 1)[1]
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"CLIP weights {weights!r} not found: expected the file {path}. Nothing is downloaded "
+                f"automatically; get it with `wget -P {path.parent} {url}`, or set clip_cache to the "
+                f"folder that holds {path.name}, or clip_weights to the path of a .pt file "
+                f"(clip_weights=tiny gives a small random CLIP for tests).")
+        return path
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"CLIP weights file {path} not found. Set clip_weights to one of "
+            f"{', '.join(OFFICIAL_WEIGHTS)} (looked up in clip_cache), to the path of a .pt file "
+            f"(official archive or state dict), or to 'tiny'.")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a TorchScript archive (the official files) or of a plain state dict."""
+    try:
+        with warnings.catch_warnings():   # torch.jit's deprecation notice: the official files are TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception:   # not a TorchScript archive: try a plain state dict below
+        pass
+    try:
+        # weights_only: a state dict holds tensors only; never unpickle arbitrary objects.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InvalidWeightsError(
+            f"{path} is neither a TorchScript CLIP archive nor a state dict saved with torch.save "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            f"Set clip_weights to an official CLIP file or a state dict of one.") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InvalidWeightsError(f"{path} does not hold a state dict (a mapping name -> tensor); "
+                                  f"got {type(obj).__name__}. Save CLIP with torch.save(model.state_dict()).")
+    return obj
+
+
+def clip_from_state_dict(state_dict: dict[str, torch.Tensor], source: Path | str) -> CLIP:
+    """Build CLIP with the architecture read off the shapes, then load the weights in fp32."""
+    try:
+        # clip's builder casts to fp16 before loading; build there, then reload in fp32 so
+        # that fp32 weights are not rounded through fp16.
+        model = build_clip_from_state_dict(dict(state_dict)).float()
+        model.load_state_dict({k: v for k, v in state_dict.items() if k not in _ARCHIVE_SCALARS})
+    except (KeyError, RuntimeError, ValueError, IndexError) as err:
+        raise InvalidWeightsError(
+            f"{source} holds tensors but not a CLIP model's state dict "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:300]}).") from None
+    return model.train()
+
+
+def encode_text(model: CLIP, text_ids: torch.Tensor) -> torch.Tensor:
+    """Sentence features [B,D] of token ids [B,L], L <= 77: the EOT position (largest id)
+    after ln_final and text_projection, not normalised.
+
+    clip-anytorch's text path cuts the positional embedding to the first L positions and
+    slices each block's causal mask to L x L, so `max_words` < 77 runs without padding
+    to 77 (tests/test_clip_backbone.py checks that the result equals the padded one).
+    """
+    if text_ids.dim() != 2 or text_ids.shape[1] > model.context_length:
+        raise ValueError(f"text_ids must be [B, L] with L <= {model.context_length} "
+                         f"(set max_words <= {model.context_length}); got {tuple(text_ids.shape)}")
+    return model.encode_text(text_ids)
+
+
+def encode_frames(model: CLIP, frames: torch.Tensor) -> torch.Tensor:
+    """Projected CLS features [N,D] of normalised float frames [N,3,H,W]."""
+    side = model.visual.input_resolution
+    if frames.dim() != 4 or frames.shape[1:] != (3, side, side):
+        raise ValueError(f"frames must be [N, 3, {side}, {side}] for this CLIP "
+                         f"(set image_size={side}); got {tuple(frames.shape)}")
+    return model.encode_image(frames)
+
+
+def normalize_frames(frames_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 frames [...,3,H,W] -> float, scaled to [0,1], normalised with CLIP's mean/std."""
+    mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=frames_uint8.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=dtype, device=frames_uint8.device).view(3, 1, 1)
+    return (frames_uint8.to(dtype) / 255.0 - mean) / std

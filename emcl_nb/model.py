@@ -1,0 +1,243 @@
+"""EMCLNet: CLIP encoders, temporal aggregation, text-conditioned pooling, EMCL, loss.
+
+Shapes: B texts / videos in a batch, T frames, D the CLIP embedding width, A texts and V
+videos in a scoring block. `pool_frames` and `block_logits` accept extra leading group
+dims so that evaluation can score many blocks in one batched call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from clip.model import CLIP, ResidualAttentionBlock
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from emcl_nb.clip_backbone import (CONTEXT_LENGTH, encode_frames, encode_text, load_clip,
+                                   normalize_frames)
+from emcl_nb.distributed import all_gather_with_grad
+from emcl_nb.emcl import EMCL
+from emcl_nb.loss import symmetric_infonce
+from emcl_nb.params import Params
+
+MAX_LOGIT_SCALE = math.log(100.0)
+NORMALIZE = ("after", "before")
+
+
+# ---------------------------------------------------------------------------------------
+# Functional scoring pieces (optional leading group dims "...")
+# ---------------------------------------------------------------------------------------
+
+def pool_frames(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor,
+                temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-conditioned frame pooling (method.md §3).
+
+    t [...,A,D], f [...,V,T,D], frame_mask [...,V,T] -> v [...,A,V,D], w [...,A,V,T].
+    w = softmax over all T of t·f/temp, then multiplied by the mask (no renormalisation).
+    """
+    logits = torch.einsum("...ad,...vtd->...avt", t, f) / temp             # [..., A, V, T]
+    w = logits.softmax(dim=-1) * frame_mask.unsqueeze(-3).to(logits.dtype)  # [..., A, V, T]
+    v = torch.einsum("...avt,...vtd->...avd", w, f.to(w.dtype))             # [..., A, V, D]
+    return v, w
+
+
+def block_logits(t: torch.Tensor, v: torch.Tensor, emcl: EMCL | None,
+                 normalize: str = "after") -> torch.Tensor:
+    """Similarities S [...,A,V] of one block (or a stack of blocks) of texts and pooled videos.
+
+    X = cat(v.reshape(A*V, D), t) per block goes through `emcl`, is split back, and
+    S[a,b] = t'[a]·v'[a,b]. normalize="after" (training recipe): L2-normalise t', v' after
+    EMCL. normalize="before" (EMCL as an inference-only module, method.md §7): normalise
+    the inputs and not the EMCL output. With emcl None both are the plain cosine.
+    """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
+    *lead, A, V, D = v.shape
+    if normalize == "before":
+        t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
+    if emcl is not None:
+        x = torch.cat([v.reshape(*lead, A * V, D), t], dim=-2)             # [..., A*V + A, D]
+        x = emcl(x)
+        v = x[..., :A * V, :].reshape(*lead, A, V, D)                      # [..., A, V, D]
+        t = x[..., A * V:, :]                                              # [..., A, D]
+    if normalize == "after" or emcl is None:
+        t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
+    return torch.einsum("...ad,...avd->...av", t, v)                       # [..., A, V]
+
+
+# ---------------------------------------------------------------------------------------
+# Temporal aggregation
+# ---------------------------------------------------------------------------------------
+
+class MaskedResidualAttentionBlock(ResidualAttentionBlock):
+    """CLIP's residual attention block (same parameter names), non-causal, with padded
+    frames masked as keys."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        # x [T, B, D]; key_padding_mask [B, T], True = ignore this frame as a key
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TemporalTransformer(nn.Module):
+    """A stack of `layers` masked residual attention blocks over the frames."""
+
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList(MaskedResidualAttentionBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, key_padding_mask)
+        return x
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+class EMCLNet(nn.Module):
+    """CLIP (`self.clip`) + temporal aggregation + text-conditioned pooling + EMCL (`self.emcl`)."""
+
+    def __init__(self, clip_model: CLIP, params: Params):
+        super().__init__()
+        self.clip = clip_model
+        self.params = params
+        self.agg_module = params.agg_module
+        self.temp = params.temp
+        D = clip_model.text_projection.shape[1]
+        self.embed_dim = D
+        if params.freeze_patch_embedding:   # the reference freezes CLIP's patch embedding
+            clip_model.visual.conv1.requires_grad_(False)
+
+        if params.agg_module == "seqTransf":
+            if params.max_frames > CONTEXT_LENGTH:
+                raise ValueError(f"agg_module=seqTransf has {CONTEXT_LENGTH} frame positions; "
+                                 f"got max_frames={params.max_frames}")
+            self.frame_position_embeddings = nn.Embedding(CONTEXT_LENGTH, D)
+            self.transformerClip = TemporalTransformer(D, params.num_hidden_layers, max(1, D // 64))
+            self._copy_from_clip_text()
+        elif params.agg_module == "seqLSTM":
+            self.lstm_visual = nn.LSTM(input_size=D, hidden_size=D, num_layers=1, batch_first=True)
+        elif params.agg_module != "None":
+            raise ValueError(f"agg_module must be None, seqLSTM or seqTransf; got {params.agg_module!r}")
+
+        # Always built, so that the state_dict is the same for every `emcl` mode.
+        self.emcl = EMCL(params.emcl_bases, params.emcl_stages, params.emcl_momentum,
+                         params.emcl_lamd, params.emcl_beta, init=params.emcl_init, dim=D)
+
+    def _copy_from_clip_text(self) -> None:
+        """Initialisation trick: frame positions from CLIP's text positional embedding, the
+        temporal layers from the first layers of CLIP's text transformer (when widths match)."""
+        text_pos = self.clip.positional_embedding
+        if text_pos.shape != self.frame_position_embeddings.weight.shape:
+            return   # text width != embedding width: keep the fresh initialisation
+        with torch.no_grad():
+            self.frame_position_embeddings.weight.copy_(text_pos)
+        for ours, theirs in zip(self.transformerClip.resblocks, self.clip.transformer.resblocks):
+            ours.load_state_dict(theirs.state_dict())   # same parameter names (CLIP's block)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    # ---- encoders ----
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """EOT features [B,D], not normalised. `text_mask` is not needed: CLIP's causal mask
+        and the EOT position (largest id) already ignore the padding (as in the reference)."""
+        return encode_text(self.clip, text_ids)
+
+    def encode_video(self, video: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Per-frame features [B,T,D] after temporal aggregation, not normalised.
+
+        `video` [B,T,3,H,W] uint8 is normalised here (on its device). Padded frames
+        (mask 0) are set to zero after normalisation, as the reference feeds them, so their
+        pixels never change a result.
+        """
+        if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must be uint8 frames [B, T, 3, H, W] (normalised inside "
+                             f"encode_video); got {video.dtype} {tuple(video.shape)}")
+        B, T = video.shape[:2]
+        if tuple(frame_mask.shape) != (B, T):
+            raise ValueError(f"frame_mask must be [B, T] = {(B, T)}; got {tuple(frame_mask.shape)}")
+        frames = normalize_frames(video.flatten(0, 1))                           # [B*T, 3, H, W]
+        frames = frames * frame_mask.reshape(B * T, 1, 1, 1).to(frames.dtype)
+        f = encode_frames(self.clip, frames).float().reshape(B, T, -1)            # [B, T, D]
+        return self.aggregate(f, frame_mask)
+
+    def aggregate(self, f: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Temporal aggregation of frame features [B,T,D] (residual for both sequence models)."""
+        if self.agg_module == "None":
+            return f
+        B, T, D = f.shape
+        if self.agg_module == "seqLSTM":
+            # valid frames are a prefix of each video; padded positions get zeros + f
+            lengths = frame_mask.sum(dim=-1).clamp_min(1).cpu()
+            packed = pack_padded_sequence(f, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm_visual(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)  # [B, T, D]
+            return f + out
+        x = f + self.frame_position_embeddings.weight[:T]                         # [B, T, D]
+        padded = frame_mask == 0
+        padded = padded & ~padded.all(dim=-1, keepdim=True)   # a video with no valid frame: mask none
+        x = self.transformerClip(x.permute(1, 0, 2), padded)                      # [T, B, D]
+        return f + x.permute(1, 0, 2)                                             # [B, T, D]
+
+    # ---- scoring and loss ----
+
+    def score(self, t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, *,
+              emcl: EMCL | None, normalize: str = "after") -> torch.Tensor:
+        """S [A,V]: pooling + EMCL on the whole (A x V) block + cosine (see block_logits)."""
+        v, _ = pool_frames(t, f, frame_mask, self.temp)                           # [A, V, D]
+        return block_logits(t, v, emcl, normalize)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Symmetric InfoNCE over the global batch (t, f, frame_mask gathered over ranks)."""
+        batch = {k: batch[k].to(self.device, non_blocking=True)
+                 for k in ("text_ids", "text_mask", "video", "frame_mask")}
+        t = self.encode_text(batch["text_ids"], batch["text_mask"])               # [B, D]
+        f = self.encode_video(batch["video"], batch["frame_mask"])                # [B, T, D]
+        t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
+        frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
+        emcl = self.emcl if self.params.emcl == "on" else None
+        sims = self.score(t, f, frame_mask, emcl=emcl)                            # [B_global, B_global]
+        return symmetric_infonce(sims, self.clip.logit_scale)
+
+    def clamp_logit_scale(self) -> None:
+        """Keep logit_scale <= ln 100 (called after every optimiser step)."""
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+
+    # ---- evaluation-time EMCL ----
+
+    def inference_emcl(self, seed: int | None = None) -> EMCL:
+        """EMCL as an inference-only module (method.md §7): reference init with fixed bases
+        drawn from `seed` (params.seed by default), the inference_emcl_* settings, eval mode.
+        Score with normalize="before" (normalised inputs, no renormalisation afterwards)."""
+        p = self.params
+        generator = torch.Generator().manual_seed(p.seed if seed is None else seed)
+        module = EMCL(p.inference_emcl_bases, p.inference_emcl_stages, p.emcl_momentum,
+                      p.inference_emcl_lamd, p.inference_emcl_beta, init="reference",
+                      generator=generator)
+        return module.to(self.device).eval()
+
+    def evaluation_scoring(self) -> tuple[EMCL | None, str]:
+        """(emcl module, normalize) for block_logits at evaluation, from params.emcl:
+        on -> (self.emcl, "after"); off -> (None, "after"); inference -> (inference_emcl(), "before").
+        Call once per evaluation: the inference module is built fresh each time."""
+        if self.params.emcl == "on":
+            return self.emcl, "after"
+        if self.params.emcl == "inference":
+            return self.inference_emcl(), "before"
+        return None, "after"
+
+
+def build_model(params: Params) -> EMCLNet:
+    """EMCLNet on the CLIP named by params.clip_weights (fp32, CPU; move it afterwards)."""
+    clip_model = load_clip(params.clip_weights, params.clip_cache, tiny_width=params.tiny_width,
+                           tiny_layers=params.tiny_layers, tiny_patch=params.tiny_patch,
+                           image_size=params.image_size)
+    return EMCLNet(clip_model, params)

@@ -1,0 +1,127 @@
+"""CLIP loading (state dict, TorchScript archive, named file, tiny) and the encoders."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emcl_nb.clip_backbone import (CLIP_MEAN, CLIP_STD, InvalidWeightsError, WeightsNotFoundError,
+                                   build_tiny_clip, encode_frames, encode_text, load_clip,
+                                   normalize_frames)
+
+
+@pytest.fixture
+def outputs(make_text_ids):
+    """outputs(model) -> text and frame features of fixed inputs."""
+    def run(model):
+        text = make_text_ids(3, 8, seed=1)
+        frames = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return encode_text(model, text), encode_frames(model, frames)
+    return run
+
+
+def tiny_kwargs(p):
+    return dict(tiny_width=p.tiny_width, tiny_layers=p.tiny_layers, tiny_patch=p.tiny_patch,
+                image_size=p.image_size)
+
+
+def test_tiny_is_seeded_and_shaped(tiny_params, outputs):
+    torch.manual_seed(5)
+    a = load_clip("tiny", "unused", **tiny_kwargs(tiny_params))
+    torch.manual_seed(5)
+    b = load_clip("tiny", "unused", **tiny_kwargs(tiny_params))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    text, frames = outputs(a)
+    assert text.shape == (3, 64) and frames.shape == (2, 64)
+    assert a.token_embedding.num_embeddings == 49408 and a.context_length == 77
+    assert all(p.dtype == torch.float32 for p in a.parameters())
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_state_dict_and_torchscript_archive_load_the_same(tiny_clip, outputs, make_text_ids, tmp_path):
+    want_text, want_frames = outputs(tiny_clip)
+    torch.save(tiny_clip.state_dict(), tmp_path / "state.pt")
+    # An archive the way the official files are made: a traced CLIP saved with torch.jit.
+    example = (torch.randn(1, 3, 32, 32), make_text_ids(1, 77))
+    torch.jit.save(torch.jit.trace(tiny_clip.eval(), example), str(tmp_path / "archive.pt"))
+
+    for name in ("state.pt", "archive.pt"):
+        loaded = load_clip(str(tmp_path / name), "unused", image_size=32)
+        text, frames = outputs(loaded)
+        assert torch.allclose(text, want_text, atol=1e-5), name      # fp32 kept (no fp16 rounding)
+        assert torch.allclose(frames, want_frames, atol=1e-5), name
+        assert set(loaded.state_dict()) == set(tiny_clip.state_dict())
+
+
+def test_official_name_is_looked_up_in_cache(tiny_clip, tmp_path):
+    torch.save(tiny_clip.state_dict(), tmp_path / "ViT-B-32.pt")
+    loaded = load_clip("ViT-B/32", str(tmp_path), image_size=32)
+    assert torch.equal(loaded.text_projection, tiny_clip.text_projection)
+
+
+def test_missing_named_weights_give_one_clear_error(tmp_path):
+    with pytest.raises(WeightsNotFoundError) as info:
+        load_clip("ViT-B/16", str(tmp_path))
+    message = str(info.value)
+    for part in ("ViT-B-16.pt", str(tmp_path), "clip_weights", "clip_cache",
+                 "https://openaipublic.azureedge.net/clip/models/"):
+        assert part in message
+    assert info.value.__cause__ is None and isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_path_gives_clear_error(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="clip_weights") as info:
+        load_clip(str(tmp_path / "nope.pt"), str(tmp_path))
+    assert str(tmp_path / "nope.pt") in str(info.value)
+
+
+def test_invalid_files_give_clear_errors(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a model")
+    with pytest.raises(InvalidWeightsError, match="garbage.pt"):
+        load_clip(str(tmp_path / "garbage.pt"), str(tmp_path))
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(InvalidWeightsError, match="not a CLIP model"):
+        load_clip(str(tmp_path / "other.pt"), str(tmp_path))
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(InvalidWeightsError, match="state dict"):
+        load_clip(str(tmp_path / "list.pt"), str(tmp_path))
+
+
+def test_image_size_must_match_loaded_weights(tiny_clip, tmp_path):
+    torch.save(tiny_clip.state_dict(), tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="image_size=32"):
+        load_clip(str(tmp_path / "state.pt"), "unused", image_size=224)
+
+
+def test_tiny_width_must_be_a_multiple_of_64():
+    with pytest.raises(ValueError, match="tiny_width"):
+        build_tiny_clip(width=96, layers=1, patch=16, image_size=32)
+
+
+def test_short_context_equals_padding_to_77(tiny_clip, make_text_ids):
+    """max_words < 77: cut positions + L x L causal mask give the same EOT feature as the
+    full 77-token context, and tokens after EOT cannot reach it (causal)."""
+    ids = make_text_ids(4, 8, seed=2)
+    padded = torch.zeros(4, 77, dtype=torch.long)
+    padded[:, :8] = ids
+    after_eot = torch.where(ids == 0, torch.randint(1, 1000, ids.shape), ids)   # EOT stays the max
+    with torch.no_grad():
+        short = encode_text(tiny_clip, ids)
+        assert torch.allclose(short, encode_text(tiny_clip, padded), atol=1e-5)
+        assert torch.allclose(short, encode_text(tiny_clip, after_eot), atol=1e-5)
+        assert not torch.allclose(short, encode_text(tiny_clip, ids.roll(1, dims=0)))
+    with pytest.raises(ValueError, match="max_words"):
+        encode_text(tiny_clip, torch.zeros(1, 78, dtype=torch.long))
+
+
+def test_frame_encoder_checks_size(tiny_clip):
+    with pytest.raises(ValueError, match="image_size=32"):
+        encode_frames(tiny_clip, torch.zeros(2, 3, 64, 64))
+
+
+def test_normalize_frames_uses_clip_statistics():
+    frames = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 1, 1)
+    out = normalize_frames(frames)
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    assert torch.allclose(out[0, :, 0, 0], -mean / std)
+    assert torch.allclose(out[1, :, 0, 0], (1 - mean) / std)
