@@ -1,0 +1,123 @@
+"""Benchmark: the project's training loader against a reference-style float64 PIL pipeline.
+
+    .venv/bin/python bench/data_loading.py [--videos 48 --clips 160 --workers 2 --batch 16]
+
+Generates synthetic videos of compressed size (short side 224, 3 fps, 12 s) in a
+temporary folder, then loads the same training samples through
+
+- `project`: emcl_nb's TrainDataset + build_loader (uint8 frames, normalised later on
+  the device; no augmentation unless --augment);
+- `reference`: what the reference's workers do per frame: decord read -> PIL bicubic
+  resize of the short side + centre crop -> ToTensor -> Normalize -> float64 numpy.
+
+Both read the same frame indices with the same DataLoader settings, and the script
+prints clips/s, bytes per batch and the ratios. Not a test: the numbers depend on the
+machine (and on other work sharing its cores).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import decord
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from emcl_nb.data.annotations import load_annotations
+from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
+from emcl_nb.data.synthetic import generate_synthetic
+from emcl_nb.data.video import sample_indices
+from emcl_nb.params import load_params
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ReferenceStyleDataset(Dataset):
+    """(caption, clip) pairs loaded the reference's way: per-frame PIL, float64 output."""
+
+    def __init__(self, annotations, params):
+        self.annotations, self.params = annotations, params
+        size = params.image_size
+        self.frame_transform = transforms.Compose([
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size), transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+
+    def __len__(self):
+        return len(self.annotations)
+
+    def __getitem__(self, index):
+        sample = self.annotations.samples[index]
+        path = self.annotations.video_paths[int(self.annotations.video_index[index])]
+        reader = decord.VideoReader(str(path), num_threads=1)
+        indices, mask = sample_indices(len(reader), reader.get_avg_fps(), self.params.max_frames,
+                                       self.params.video_framerate, sample.start, sample.end)
+        frames = reader.get_batch(list(indices)).asnumpy()
+        size = self.params.image_size
+        video = np.zeros((self.params.max_frames, 3, size, size), dtype=np.float64)
+        for slot, frame in enumerate(frames):
+            video[slot] = self.frame_transform(Image.fromarray(frame)).numpy()
+        ids, text_mask = tokenize(sample.caption, self.params.max_words)
+        return ids[0].numpy(), text_mask[0].numpy(), video, mask
+
+
+def batch_bytes(batch) -> int:
+    items = batch.values() if isinstance(batch, dict) else batch
+    return sum(item.numel() * item.element_size() for item in items if torch.is_tensor(item))
+
+
+def measure(loader, clips: int) -> tuple[float, int]:
+    """Clips per second over about `clips` samples (after one warm-up batch), bytes per batch."""
+    batches = iter(loader)
+    size = batch_bytes(next(batches))          # warm-up: worker start, first decode
+    seen, start = 0, time.perf_counter()
+    for batch in batches:
+        seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
+        if seen >= clips:
+            break
+    return seen / (time.perf_counter() - start), size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", type=int, default=48, help="videos to generate")
+    parser.add_argument("--clips", type=int, default=160, help="clips timed per pipeline")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both pipelines)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--augment", action="store_true", help="RandAugment in the project loader")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="emcl-bench-") as tmp:
+        start = time.perf_counter()
+        folder = generate_synthetic(Path(tmp), train=args.videos, val=0, test=1, frames=36,
+                                    fps=3, size=224, progress=False)
+        print(f"generated {args.videos} videos of 224x224, 36 frames at 3 fps "
+              f"in {time.perf_counter() - start:.1f} s")
+        params = load_params("synthetic", dict(
+            anno_path=str(folder), video_path=str(folder / "videos"), image_size=224,
+            max_frames=12, video_framerate=1, batch_size=args.batch, num_workers=args.workers,
+            train_augment=args.augment, progress=False), use_env=False)
+        annotations = load_annotations(params, "train")
+        torch.manual_seed(0)
+        project = build_loader(TrainDataset(annotations, params, train=True), params, train=True)
+        reference = DataLoader(ReferenceStyleDataset(annotations, params), batch_size=args.batch,
+                               shuffle=True, num_workers=args.workers, drop_last=True)
+        results = {name: measure(loader, args.clips)
+                   for name, loader in (("project", project), ("reference", reference))}
+
+    print(f"{len(annotations)} training pairs, batch {args.batch}, {args.workers} workers, "
+          f"{params.max_frames} frames of {params.image_size}px, augment={args.augment}")
+    for name, (rate, size) in results.items():
+        print(f"{name:>9}: {rate:7.1f} clips/s  {size / 2**20:8.1f} MiB per batch")
+    (p_rate, p_size), (r_rate, r_size) = results["project"], results["reference"]
+    print(f"project / reference: {p_rate / r_rate:.2f}x clips/s, {r_size / p_size:.1f}x fewer bytes per batch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Re-encode raw videos once before training: 3 fps, short side 224, video stream only.
+
+    python -m emcl_nb.data.compress --input_root RAW --output_root OUT [--workers N]
+
+Unlike the reference tool (reference-defects.md #14) portrait videos keep their aspect
+ratio (1080x1920 -> 224x398), the folder tree is kept (`RAW/a/b.avi` -> `OUT/a/b.mp4`),
+every ffmpeg failure is listed with its reason (nothing is copied in its place) and the
+exit status is non-zero when any failed. Outputs appear atomically, so re-running after an
+interruption skips the finished files and redoes the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .ffmpeg import FFmpegError, encode_mp4, remove_partials
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp",
+                              ".flv", ".mpg", ".mpeg", ".wmv", ".ogv"})
+TARGET_FPS = 3
+SHORT_SIDE = 224
+# Short side -> SHORT_SIDE, the other side follows the aspect ratio rounded to an even number.
+SCALE_FILTER = (f"scale='if(lt(iw,ih),{SHORT_SIDE},-2)':'if(lt(iw,ih),-2,{SHORT_SIDE})'"
+                ":flags=bicubic")
+CRF = 23
+
+
+@dataclass
+class CompressReport:
+    """What one run did; paths are relative to the input root."""
+    encoded: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)      # output already there
+    failed: list[tuple[Path, str]] = field(default_factory=list)   # (path, reason)
+    ignored: list[Path] = field(default_factory=list)      # files that are not videos
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [f"encoded {len(self.encoded)}, skipped {len(self.skipped)} (already done), "
+                 f"failed {len(self.failed)}, ignored {len(self.ignored)} non-video files"]
+        lines += [f"FAILED {path}: {reason}" for path, reason in self.failed]
+        return "\n".join(lines)
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def output_path(relative: Path, output_root: Path) -> Path:
+    return output_root / relative.with_suffix(".mp4")
+
+
+def _check_roots(input_root: Path, output_root: Path) -> None:
+    if not input_root.is_dir():
+        raise FileNotFoundError(f"--input_root {input_root} is not a folder of videos")
+    inp, out = input_root.resolve(), output_root.resolve()
+    if inp == out or inp in out.parents or out in inp.parents:
+        raise ValueError(f"--output_root {output_root} must not be --input_root {input_root}, "
+                         "nor inside it or above it: pick a separate folder")
+
+
+def compress_one(source: Path, destination: Path) -> None:
+    """Encode one video to 3 fps / short side 224 H.264 mp4; raises FFmpegError."""
+    encode_mp4(["-threads", "1", "-i", str(source)], destination,
+               ["-vf", f"fps={TARGET_FPS},{SCALE_FILTER}", "-an", "-sn", "-dn",
+                "-crf", str(CRF)])
+
+
+def compress_videos(input_root, output_root, workers: int | None = None,
+                    progress: bool = True) -> CompressReport:
+    """Compress every video under `input_root` into `output_root`, keeping the tree.
+
+    Runs `workers` ffmpeg processes at once (default: one per CPU core). Finished outputs
+    are skipped, so an interrupted run can simply be started again.
+    """
+    input_root, output_root = Path(input_root), Path(output_root)
+    _check_roots(input_root, output_root)
+    remove_partials(output_root)
+    report = CompressReport()
+    claimed: dict[Path, Path] = {}       # output -> the relative input path that owns it
+    todo: dict[Path, Path] = {}          # the subset still to encode
+    for source in sorted(p for p in input_root.rglob("*") if p.is_file()):
+        relative = source.relative_to(input_root)
+        if not is_video(source):
+            report.ignored.append(relative)
+            continue
+        destination = output_path(relative, output_root)
+        if destination in claimed:
+            report.failed.append((relative, f"same output {destination} as {claimed[destination]}; "
+                                            "rename one of them"))
+            continue
+        claimed[destination] = relative
+        if destination.exists():
+            report.skipped.append(relative)
+        else:
+            todo[destination] = relative
+
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(todo), desc="compress", unit="video", disable=not progress) as bar:
+        jobs = {pool.submit(compress_one, input_root / rel, dest): rel for dest, rel in todo.items()}
+        for job in as_completed(jobs):
+            relative = jobs[job]
+            try:
+                job.result()
+                report.encoded.append(relative)
+            except FFmpegError as error:
+                report.failed.append((relative, error.reason))
+            bar.update(1)
+            bar.set_postfix(failed=len(report.failed))
+    report.encoded.sort()
+    report.failed.sort()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input_root", required=True, help="folder of raw videos (walked recursively)")
+    parser.add_argument("--output_root", required=True, help="where the .mp4 files go (same tree)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    report = compress_videos(args.input_root, args.output_root, args.workers,
+                             progress=not args.no_progress)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Reading frames from video files: one reader and one sampling rule for every dataset.
+
+decord is used when it can be imported; files it cannot open or decode (and every file
+when decord is missing) are read with PyAV (`av`), which gives the same frames. Every
+failure (missing, empty or undecodable file, no frames, no frame rate) raises
+`VideoReadError` naming the path and the reason; nothing is ever replaced by zeros
+(reference defect #13).
+Frame sampling follows /work/shared/spec/datasets.md "Frame sampling".
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import decord
+except ImportError:          # PyAV fallback
+    decord = None
+
+
+class VideoReadError(RuntimeError):
+    """A video that cannot be used; `path` and `reason` say which and why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read video {path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+class _DecordVideo:
+    def __init__(self, path: Path):
+        self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        self.num_frames = len(self._reader)
+        self.fps = float(self._reader.get_avg_fps())
+
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        return self._reader.get_batch(indices.tolist()).asnumpy()
+
+
+class _AvVideo:
+    """PyAV decodes sequentially; frames are kept only at the wanted indices."""
+
+    def __init__(self, path: Path):
+        import av
+        self._path = path
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            self.fps = float(rate) if rate else 0.0
+            self.num_frames = stream.frames or sum(1 for _ in container.decode(stream))
+
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        import av
+        wanted = {int(i) for i in indices}
+        last = max(wanted)
+        decoded = {}
+        with av.open(str(self._path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    decoded[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+        missing = wanted - decoded.keys()
+        if missing:
+            raise ValueError(f"frames {sorted(missing)[:5]} could not be decoded")
+        return np.stack([decoded[int(i)] for i in indices])
+
+
+BACKENDS = {"decord": _DecordVideo, "av": _AvVideo}
+# Without an explicit backend, files that decord cannot decode are retried with PyAV.
+AUTO_BACKENDS = ("decord", "av") if decord is not None else ("av",)
+
+
+def _open(path: Path, backend: str) -> _DecordVideo | _AvVideo:
+    video = BACKENDS[backend](path)
+    if video.num_frames <= 0:
+        raise VideoReadError(path, "no frames")
+    if not math.isfinite(video.fps) or video.fps <= 0:
+        raise VideoReadError(path, f"no usable frame rate ({video.fps})")
+    return video
+
+
+def _frames(video, path: Path, indices: np.ndarray) -> np.ndarray:
+    if indices.min() < 0 or indices.max() >= video.num_frames:
+        raise IndexError(f"frame indices {indices.min()}..{indices.max()} outside "
+                         f"0..{video.num_frames - 1} of {path}")
+    frames = video.frames(indices)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != len(indices) \
+            or frames.shape[-1] != 3:
+        raise ValueError(f"decoder returned {frames.dtype} {frames.shape}, not uint8 [n,H,W,3]")
+    return np.ascontiguousarray(frames)
+
+
+def _with_video(path, backend: str | None, use):
+    """`use(video)` on the first backend that can open and decode `path`."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise VideoReadError(path, "empty file (0 bytes)")
+    reasons = []
+    for name in (backend,) if backend else AUTO_BACKENDS:
+        try:
+            return use(_open(path, name))
+        except VideoReadError as error:
+            reasons.append(f"{name}: {error.reason}")
+        except IndexError:
+            raise
+        except Exception as error:      # each decoder raises its own types for broken files
+            reasons.append(f"{name}: cannot decode ({type(error).__name__}: {error})")
+    raise VideoReadError(path, "; ".join(reasons))
+
+
+def video_info(path, backend: str | None = None) -> tuple[int, float]:
+    """(number of frames, average frame rate) of the video at `path`."""
+    return _with_video(path, backend, lambda video: (video.num_frames, video.fps))
+
+
+def read_frames(path, indices, backend: str | None = None) -> np.ndarray:
+    """uint8 RGB frames [len(indices),H,W,3] of the video at `path`."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim != 1 or len(indices) == 0:
+        raise ValueError(f"indices must be a non-empty 1-D list of frame numbers, got {indices.shape}")
+    return _with_video(path, backend, lambda video: _frames(video, path, indices))
+
+
+def sample_indices(num_frames: int, fps: float, max_frames: int, video_framerate: int,
+                   start: float | None = None, end: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Frames to read for one sample, and its frame mask (datasets.md "Frame sampling").
+
+    Candidates run from the segment's first frame to its last (the video's last frame at
+    most) every round(fps / video_framerate) frames; more than `max_frames` candidates
+    are thinned to floor(linspace(0, n-1, max_frames)) of them, keeping the first and
+    last. Returns (indices [n <= max_frames] int64, frame_mask [max_frames] int64 with
+    1 for the n real frames and 0 for the padding that follows them).
+    """
+    if num_frames <= 0 or not fps > 0:
+        raise ValueError(f"need a video with frames and a frame rate, got {num_frames} frames "
+                         f"at {fps} fps")
+    if max_frames <= 0 or video_framerate <= 0:
+        raise ValueError(f"max_frames ({max_frames}) and video_framerate ({video_framerate}) "
+                         "must be positive")
+    first = 0 if start is None else int(start * fps)
+    last = num_frames - 1 if end is None else min(int(end * fps), num_frames - 1)
+    if first > last:
+        raise ValueError(f"segment [{start}, {end}] s is outside the video "
+                         f"({num_frames} frames at {fps:g} fps)")
+    stride = max(1, round(fps / video_framerate))
+    candidates = np.arange(first, last + 1, stride, dtype=np.int64)
+    if len(candidates) > max_frames:
+        keep = np.linspace(0, len(candidates) - 1, max_frames).astype(np.int64)
+        candidates = candidates[keep]
+    mask = np.zeros(max_frames, dtype=np.int64)
+    mask[:len(candidates)] = 1
+    return candidates, mask
+
+
+def load_clip(path, max_frames: int, video_framerate: int, start: float | None = None,
+              end: float | None = None, backend: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled frames [n,H,W,3] uint8 of one sample and its frame mask [max_frames].
+
+    Opens the file once; a segment outside the video is a VideoReadError like any other
+    unusable video.
+    """
+    def sample(video):
+        try:
+            indices, mask = sample_indices(video.num_frames, video.fps, max_frames,
+                                           video_framerate, start, end)
+        except ValueError as error:
+            raise VideoReadError(path, str(error)) from error
+        return _frames(video, path, indices), mask
+    return _with_video(path, backend, sample)
