@@ -7,6 +7,8 @@ It is written atomically, so a killed run never leaves a truncated file.
 from __future__ import annotations
 
 import random
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,129 @@ def read_checkpoint(path: Path) -> dict:
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"checkpoint {path} cannot be read ({error}); "
                               f"the file is corrupt or not a torch checkpoint") from error
+
+
+# ---------------------------------------------------------------------------------------
+# Model weights for evaluation: our checkpoints and the reference code's
+# ---------------------------------------------------------------------------------------
+#
+# Key mapping from a checkpoint published with the reference code (EMCL-Net / DRL /
+# CLIP4Clip lineage: `torch.save(model.state_dict())`, possibly wrapped as
+# {"state_dict": ...} and, when saved from DistributedDataParallel, prefixed "module."):
+#
+#   module.<key>                          -> <key>          (DDP prefix dropped)
+#   clip.<...>                            -> clip.<...>     (the reference's CLIP module
+#                                                            uses CLIP's own names)
+#   frame_position_embeddings.weight      -> frame_position_embeddings.weight
+#   transformerClip.resblocks.<i>.<...>   -> transformerClip.resblocks.<i>.<...>
+#   lstm_visual.<...>                     -> lstm_visual.<...>   (agg_module=seqLSTM)
+#   clip.input_resolution / context_length / vocab_size   dropped (TorchScript scalars)
+#   (absent) emcl.basis_init / emcl.basis_directions  -> re-created from the seed, with a
+#                                         warning: the reference keeps its EMCL bases in a
+#                                         plain attribute that is never saved
+#                                         (reference-defects.md #2).
+
+EMCL_BUFFERS = ("emcl.basis_init", "emcl.basis_directions")
+DROPPED_KEYS = ("clip.input_resolution", "clip.context_length", "clip.vocab_size")
+DDP_PREFIX = "module."
+
+
+@dataclass
+class LoadReport:
+    """What `load_model_weights` did."""
+    source: str
+    layout: str                        # FORMAT (ours) or "reference"
+    loaded: int                        # tensors loaded from the file
+    recreated: list[str]               # EMCL buffers the file lacked, re-created from `seed`
+    seed: int
+    epoch: int | None = None           # epochs completed (our checkpoints only)
+    params: dict | None = None         # the run's parameters (our checkpoints only)
+
+
+def seeded_emcl(seed: int, *, num_bases: int, stage_num: int, momentum: float, lamd: float,
+                beta: float, init: str, dim: int):
+    """A new EMCL module (eval mode) whose initial bases depend on `seed` alone, not on
+    the global RNG: the same seed gives the same bases in any process."""
+    from emcl_nb.emcl import EMCL
+    generator = torch.Generator().manual_seed(seed)
+    return EMCL(num_bases, stage_num, momentum, lamd, beta, init=init, dim=dim,
+                generator=generator).eval()
+
+
+def _unwrap_state(state, source: str) -> tuple[dict, str]:
+    """(model state dict, layout) of a loaded file: ours, or a reference state dict."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint or a "
+                              f"state dict (a mapping name -> tensor)")
+    if "format" in state:
+        if state["format"] != FORMAT:
+            raise CheckpointError(f"{source} has checkpoint format {state['format']!r}; this "
+                                  f"version reads {FORMAT!r}")
+        return state["model"], FORMAT
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    not_tensors = [key for key, value in state.items() if not torch.is_tensor(value)]
+    if not_tensors:
+        raise CheckpointError(f"{source} is neither an emcl-nb checkpoint nor a state dict: "
+                              f"entries {not_tensors[:5]} are not tensors")
+    state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
+    return {key: value for key, value in state.items() if key not in DROPPED_KEYS}, "reference"
+
+
+def _listed(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_model_weights(model, path_or_state, *, seed: int | None = None,
+                       source: str | None = None) -> LoadReport:
+    """Load an EMCLNet's weights from our checkpoint ({"format": FORMAT, "model": ...}) or
+    from a reference-code state dict (key mapping above), given as a path or already loaded.
+
+    EMCL bases the file lacks are re-created from `seed` (default: the model's params.seed)
+    with a warning. Any other missing or unexpected key, or a shape that differs, is a
+    `CheckpointError` naming a few of them.
+    """
+    if isinstance(path_or_state, (str, Path)):
+        source = source or str(path_or_state)
+        state = read_checkpoint(Path(path_or_state))
+    else:
+        source, state = source or "the given state dict", path_or_state
+    weights, layout = _unwrap_state(state, source)
+    seed = model.params.seed if seed is None else seed
+
+    expected = model.state_dict()
+    missing = set(expected) - set(weights)
+    recreated = sorted(missing & set(EMCL_BUFFERS))
+    missing -= set(recreated)
+    unexpected = set(weights) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit this model: "
+            + (f"missing {_listed(missing)}; " if missing else "")
+            + (f"unexpected {_listed(unexpected)}; " if unexpected else "")
+            + "set agg_module, num_hidden_layers and clip_weights to the values it was trained with")
+    wrong_shape = {key: (tuple(weights[key].shape), tuple(expected[key].shape))
+                   for key in weights if weights[key].shape != expected[key].shape}
+    if wrong_shape:
+        details = "; ".join(f"{key}: file {got}, model {want}"
+                            for key, (got, want) in list(wrong_shape.items())[:5])
+        raise CheckpointError(f"{source} has tensors of other shapes than this model ({details}); "
+                              f"set clip_weights / tiny_* / emcl_bases / emcl_init to the trained values")
+
+    if recreated:
+        emcl = model.emcl
+        fresh = seeded_emcl(seed, num_bases=emcl.num_bases, stage_num=emcl.stage_num,
+                            momentum=emcl.momentum, lamd=emcl.lamd, beta=emcl.beta,
+                            init=emcl.init, dim=model.embed_dim)
+        weights = {**weights, **{f"emcl.{key}": value for key, value in fresh.state_dict().items()}}
+        warnings.warn(
+            f"{source} has no EMCL bases ({', '.join(recreated)}): the reference code never saves "
+            f"them (reference-defects.md #2), so they were re-created as the initial values drawn "
+            f"from seed {seed}. Scores with EMCL on may differ from those of the run that wrote it.",
+            stacklevel=2)
+    model.load_state_dict(weights)
+    return LoadReport(source=source, layout=layout, loaded=len(weights) - len(recreated),
+                      recreated=recreated, seed=seed,
+                      epoch=state.get("epoch") if layout == FORMAT else None,
+                      params=state.get("params") if layout == FORMAT else None)

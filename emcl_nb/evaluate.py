@@ -1,0 +1,508 @@
+"""Evaluation: encode a split once, cache the features, score them, compute the metrics.
+
+    python -m emcl_nb.evaluate --params <name|yaml> [--checkpoint PATH] [--split test]
+                               [--emcl on|off|inference] [--set key=value ...]
+
+1. `encode_split`: every text and every video of a split encoded exactly once (a video is
+   not re-encoded per caption, reference-defects.md #10) -> `Features`.
+2. `load_or_encode`: the same, through a cache `out_dir/features/<split>-<tag>.pt`. The tag
+   hashes everything that changes the features: the encoder weights (the EMCL bases are
+   left out: they act after encoding), the annotations and video files, max_words,
+   max_frames, video_framerate, image_size, the precision. Re-scoring with other EMCL
+   settings never re-encodes a video.
+3. `score`: the similarity matrix [texts, videos] with the block protocol
+   (evaluation.md, reference-defects.md #3) and one of three EMCL modes: "on" (the model's
+   trained module, or a fresh one when K / stages / λ / β / init are overridden), "off"
+   (pooling + cosine), "inference" (EMCL applied at test time only, method.md §7).
+4. `evaluate_model` / `make_validator` / `evaluate_run`: plain and DSL metrics, the
+   per-epoch validation used by the training engine, and the final report
+   (`out_dir/metrics.json`, `out_dir/metrics.md`) beside the published numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
+from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from emcl_nb.metrics import DSL, PLAIN, evaluate_similarity, format_table
+from emcl_nb.params import CHOICES, Params, ParamsError, load_params, parse_overrides
+from emcl_nb.similarity import similarity_matrix
+
+# Settings that change only the scoring, never the features: `score` accepts them as overrides.
+SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_beta", "emcl_init",
+                  "inference_emcl_bases", "inference_emcl_stages", "inference_emcl_lamd",
+                  "inference_emcl_beta", "inference_block_size", "dsl_t2v_temp", "dsl_v2t_temp")
+# Params field -> EMCL attribute, for re-scoring a trained model with other EMCL settings.
+EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
+                 "emcl_beta": "beta", "emcl_init": "init"}
+# Data / encoding parameters that change the features (part of the cache key).
+FEATURE_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
+# Parameters that define the trained model: taken from our checkpoints when evaluating them.
+MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
+                "agg_module", "num_hidden_layers", "temp", "emcl", "emcl_bases", "emcl_stages",
+                "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
+REFERENCE_PROTOCOL = "reference protocol (selected on test)"
+CACHE_VERSION = 1
+
+
+def note(text: str, notes: list | None = None) -> None:
+    """Print a note for the user and keep it with the results."""
+    print(f"[emcl_nb] note: {text}")
+    if notes is not None:
+        notes.append(text)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Encoding
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Features:
+    """Encoded split: every text and every video once, on the CPU in float32."""
+    split: str
+    text: torch.Tensor           # [A, D] EOT features, not normalised
+    video: torch.Tensor          # [V, T, D] frame features after temporal aggregation
+    frame_mask: torch.Tensor     # [V, T] int64, 0 = padded frame
+    text_video: torch.Tensor     # [A] int64 index (row of `video`) of each text's video
+    video_ids: list[str]
+    captions: list[str]
+    skipped_videos: list[str] = field(default_factory=list)   # unreadable, left out with their texts
+
+    @property
+    def n_texts(self) -> int:
+        return self.text.shape[0]
+
+    @property
+    def n_videos(self) -> int:
+        return self.video.shape[0]
+
+    @property
+    def single_sentence(self) -> bool:
+        """One caption per video, text i <-> video i: the true pairs are the diagonal."""
+        return self.n_texts == self.n_videos and torch.equal(self.text_video, torch.arange(self.n_texts))
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def _autocast(device: torch.device, params: Params):
+    from emcl_nb.engine import autocast_dtype
+    dtype = autocast_dtype(device, params.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def encode_split(model, params: Params, split: str, device: torch.device | None = None, *,
+                 annotations=None) -> Features:
+    """Encode every text and every video of `split` once (batch_size_val per batch).
+
+    Videos that cannot be read are skipped when params.on_bad_sample == "skip": they and
+    their texts are left out with a warning, and listed in `skipped_videos`.
+    """
+    from emcl_nb.data.annotations import load_annotations
+    from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader
+
+    annotations = annotations if annotations is not None else load_annotations(params, split)
+    device = device or model.device
+    model.eval()
+    n_texts, n_videos, T = len(annotations), annotations.num_videos, params.max_frames
+    text = torch.zeros(n_texts, model.embed_dim)
+    video = torch.zeros(n_videos, T, model.embed_dim)
+    frame_mask = torch.zeros(n_videos, T, dtype=torch.int64)
+    present = torch.zeros(n_videos, dtype=torch.bool)
+    bar = dict(disable=not params.progress, leave=False, unit="batch")
+
+    with torch.no_grad(), _autocast(device, params):
+        for batch in tqdm(build_loader(TextDataset(annotations, params), params, train=False),
+                          desc=f"encode {split} texts", **bar):
+            features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
+            text[batch["index"]] = features.float().cpu()                                 # [B, D]
+        for batch in tqdm(build_loader(VideoDataset(annotations, params), params, train=False),
+                          desc=f"encode {split} videos", **bar):
+            features = model.encode_video(batch["video"].to(device), batch["frame_mask"].to(device))
+            index = batch["video_index"]
+            video[index] = features.float().cpu()                                         # [B, T, D]
+            frame_mask[index] = batch["frame_mask"]
+            present[index] = True
+
+    text_video = torch.from_numpy(annotations.video_index).long()
+    result = Features(split, text, video, frame_mask, text_video, list(annotations.video_ids),
+                      [sample.caption for sample in annotations.samples])
+    return result if present.all() else _drop_videos(result, present)
+
+
+def _drop_videos(features: Features, present: torch.Tensor) -> Features:
+    """Leave out the videos that were not read, and their texts (re-indexing the rest)."""
+    skipped = [vid for vid, ok in zip(features.video_ids, present.tolist()) if not ok]
+    if not present.any():
+        raise RuntimeError(f"no video of the {features.split} split could be read; "
+                           f"the warnings above name the files")
+    new_index = torch.cumsum(present.long(), 0) - 1                                       # [V]
+    keep_text = present[features.text_video]                                              # [A]
+    warnings.warn(f"{len(skipped)} unreadable {features.split} video(s) and {int((~keep_text).sum())} "
+                  f"caption(s) left out of the evaluation: {skipped[:5]}", stacklevel=3)
+    return Features(
+        features.split, features.text[keep_text], features.video[present],
+        features.frame_mask[present], new_index[features.text_video[keep_text]],
+        [vid for vid, ok in zip(features.video_ids, present.tolist()) if ok],
+        [c for c, ok in zip(features.captions, keep_text.tolist()) if ok], skipped)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Feature cache
+# ---------------------------------------------------------------------------------------
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of the encoder weights (names, dtypes, shapes, bytes). The EMCL bases are left
+    out: they act after encoding, so re-scoring with other bases reuses the features."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith("emcl."):
+            continue
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def annotations_fingerprint(annotations) -> str:
+    """SHA-256 of the captions, their videos and each video file's size and mtime."""
+    digest = hashlib.sha256()
+    for sample, video_index in zip(annotations.samples, annotations.video_index.tolist()):
+        digest.update(f"{sample.caption}|{video_index}|{sample.start}|{sample.end}\n".encode())
+    for video_id, path in zip(annotations.video_ids, annotations.video_paths):
+        stat = Path(path).stat()
+        digest.update(f"{video_id}|{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def feature_key(model, params: Params, split: str, annotations, device: torch.device) -> dict:
+    """Everything the features of `split` depend on."""
+    from emcl_nb.engine import autocast_dtype
+    return {"version": CACHE_VERSION, "split": split, "weights": weights_fingerprint(model),
+            "annotations": annotations_fingerprint(annotations),
+            "precision": str(autocast_dtype(device, params.precision) or torch.float32),
+            **{name: getattr(params, name) for name in FEATURE_FIELDS}}
+
+
+def cache_path(params: Params, key: dict) -> Path:
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return params.out_dir / "features" / f"{key['split']}-{tag}.pt"
+
+
+def load_or_encode(model, params: Params, split: str, device: torch.device | None = None, *,
+                   cache: bool = True, annotations=None) -> Features:
+    """`encode_split` through the cache in out_dir/features (written atomically).
+    A cached file whose key does not match, or that cannot be read, is re-encoded."""
+    from emcl_nb.data.annotations import load_annotations
+
+    if not cache:
+        return encode_split(model, params, split, device, annotations=annotations)
+    annotations = annotations if annotations is not None else load_annotations(params, split)
+    device = device or model.device
+    key = feature_key(model, params, split, annotations, device)
+    path = cache_path(params, key)
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored["key"] == key:
+                return Features(**stored["features"])
+        except Exception as error:  # noqa: BLE001 - a broken cache file is re-made
+            note(f"feature cache {path} is unreadable ({error}); encoding again")
+    features = encode_split(model, params, split, device, annotations=annotations)
+    atomic_torch_save({"key": key, "features": features.to_dict()}, path)
+    return features
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Scoring
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Scoring:
+    """How a similarity matrix is computed: the EMCL module (or None), where features are
+    normalised (block_logits), the block size, the settings used and notes for the user."""
+    mode: str
+    emcl: torch.nn.Module | None
+    normalize: str
+    block_size: int
+    dsl_temps: tuple[float, float]       # (t2v, v2t) DSL temperatures
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrides) -> Scoring:
+    """The scoring of `emcl_mode` (default params.emcl), with `overrides` of SCORING_FIELDS.
+
+    on:        the model's trained EMCL module. Overriding K / stages / λ / β / init builds a
+               fresh module with those settings; it keeps the trained bases when K and init
+               match, otherwise it draws initial bases from params.seed (with a note).
+    off:       text-conditioned pooling + cosine, no EMCL.
+    inference: EMCL as an inference-only module (method.md §7): inference_emcl_* settings,
+               reference init drawn from params.seed, inference_block_size blocks, applied to
+               the L2-normalised embeddings with no renormalisation afterwards.
+    """
+    mode = emcl_mode or params.emcl
+    if mode not in CHOICES["emcl"]:
+        raise ParamsError(f"emcl_mode must be one of {', '.join(CHOICES['emcl'])}; got {mode!r}")
+    not_scoring = sorted(set(overrides) - set(SCORING_FIELDS))
+    if not_scoring:
+        raise ParamsError(f"{', '.join(not_scoring)} cannot be changed when re-scoring: only "
+                          f"{', '.join(SCORING_FIELDS)} can. Settings that change the features "
+                          f"(e.g. max_frames) go in params, and the split is encoded again.")
+    p = params.replace(**overrides)
+    device, dsl_temps = model.device, (p.dsl_t2v_temp, p.dsl_v2t_temp)
+    if mode == "off":
+        return Scoring(mode, None, "after", p.block_size, dsl_temps, {"block_size": p.block_size})
+
+    if mode == "inference":
+        settings = dict(num_bases=p.inference_emcl_bases, stage_num=p.inference_emcl_stages,
+                        lamd=p.inference_emcl_lamd, beta=p.inference_emcl_beta, init="reference")
+        emcl = seeded_emcl(p.seed, momentum=p.emcl_momentum, dim=model.embed_dim, **settings)
+        return Scoring(mode, emcl.to(device), "before", p.inference_block_size, dsl_temps,
+                       {**settings, "seed": p.seed, "block_size": p.inference_block_size})
+
+    trained = model.emcl
+    current = {attr: getattr(trained, attr) for attr in EMCL_SETTINGS.values()}
+    wanted = {**current, **{EMCL_SETTINGS[k]: getattr(p, k) for k in overrides if k in EMCL_SETTINGS}}
+    scoring = Scoring(mode, trained, "after", p.block_size, dsl_temps,
+                      {**wanted, "block_size": p.block_size})
+    if model.params.emcl != "on":
+        note(f"the model was trained with emcl={model.params.emcl}: its EMCL module holds "
+             f"untrained initial bases", scoring.notes)
+    if wanted != current:
+        scoring.emcl = seeded_emcl(p.seed, momentum=trained.momentum, dim=model.embed_dim,
+                                   **wanted).to(device)
+        if (wanted["num_bases"], wanted["init"]) == (current["num_bases"], current["init"]):
+            scoring.emcl.load_state_dict(trained.state_dict())              # the trained bases
+        else:
+            scoring.settings["seed"] = p.seed
+            note(f"EMCL re-scored with {wanted}: the trained bases have K={current['num_bases']}, "
+                 f"init={current['init']!r}, so initial bases were drawn from seed {p.seed}",
+                 scoring.notes)
+    return scoring
+
+
+def score(features: Features, params: Params, model, *, emcl_mode: str | None = None,
+          **overrides) -> torch.Tensor:
+    """Similarity matrix [texts, videos] (float32, CPU) of cached or fresh `features`.
+    See `scoring_setup` for the modes and overrides. Puts the model in eval mode."""
+    return _score(features, model, scoring_setup(model.eval(), params, emcl_mode, **overrides))
+
+
+def _score(features: Features, model, scoring: Scoring) -> torch.Tensor:
+    device = model.device
+    sim = similarity_matrix(features.text.to(device), features.video.to(device),
+                            features.frame_mask.to(device), temp=model.temp, emcl=scoring.emcl,
+                            block_size=scoring.block_size, normalize=scoring.normalize)
+    return sim.float().cpu()                                                   # [A, V]
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Metrics
+# ---------------------------------------------------------------------------------------
+
+def evaluate_features(features: Features, params: Params, model, *, emcl_mode: str | None = None,
+                      **overrides) -> dict:
+    """Plain and DSL metrics of `features` scored with `model` (see `score`).
+
+    One caption per video: ranks against the diagonal; several (MSVD, MSR-VTT val):
+    multi-sentence metrics with each text's video. Returns {"t2v", "v2t", "dsl_t2v",
+    "dsl_v2t" (the DSL ones use the whole test query bank: transductive), "n_texts",
+    "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", ...}.
+    """
+    scoring = scoring_setup(model.eval(), params, emcl_mode, **overrides)
+    sim = _score(features, model, scoring)
+    text_video = None if features.single_sentence else features.text_video
+    metrics = evaluate_similarity(sim, text_video, dsl_temps=scoring.dsl_temps)
+    return {
+        "split": features.split,
+        "t2v": metrics[PLAIN]["t2v"], "v2t": metrics[PLAIN]["v2t"],
+        "dsl_t2v": metrics[DSL]["t2v"], "dsl_v2t": metrics[DSL]["v2t"], "dsl": DSL,
+        "n_texts": features.n_texts, "n_videos": features.n_videos,
+        "chance_R1": 100.0 / features.n_videos,
+        "protocol": "single-sentence" if text_video is None else "multi-sentence",
+        "emcl_mode": scoring.mode, "scoring": scoring.settings, "notes": scoring.notes,
+        "skipped_videos": features.skipped_videos,
+    }
+
+
+def evaluate_model(model, params: Params, split: str = "test", *, emcl_mode: str | None = None,
+                   cache: bool = True, device: torch.device | None = None, **overrides) -> dict:
+    """Encode `split` (through the feature cache when `cache`), score it, return the metrics
+    of `evaluate_features`."""
+    features = load_or_encode(model, params, split, device, cache=cache)
+    return evaluate_features(features, params, model, emcl_mode=emcl_mode, **overrides)
+
+
+def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
+    """The per-epoch validation for `engine.fit`: {"val": metrics} when the layout has a
+    validation split that is not the test set and params.eval_every_epoch, plus
+    {"test": metrics} when params.reference_selection (the reference protocol, reported
+    as its own row). None when neither applies. Features are not cached (weights change)."""
+    from emcl_nb.data.annotations import has_split, load_annotations
+
+    splits = [split for split, wanted in (("val", params.eval_every_epoch and has_split(params, "val")),
+                                          ("test", params.reference_selection)) if wanted]
+    if not splits:
+        return None
+    annotations = {split: load_annotations(params, split) for split in splits}
+
+    def validate(model) -> dict:
+        return {split: evaluate_features(encode_split(model, params, split, annotations=annotations[split]),
+                                         params, model)
+                for split in splits}
+    return validate
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Evaluating a run's checkpoints
+# ---------------------------------------------------------------------------------------
+
+def load_for_evaluation(path: Path, params: Params, device: torch.device):
+    """(model, params, load report) for a checkpoint file. Our checkpoints carry their run's
+    parameters: the model is built with their MODEL_FIELDS (a note says where they differ
+    from `params`); a reference checkpoint is built from `params` as given."""
+    from emcl_nb.model import build_model
+
+    state = read_checkpoint(path)
+    trained = state.get("params") if isinstance(state, dict) and "format" in state else None
+    if trained:
+        changes = {name: trained[name] for name in MODEL_FIELDS
+                   if name in trained and trained[name] != getattr(params, name)}
+        for name, value in changes.items():
+            note(f"{path.name} was trained with {name}={value!r}; using it "
+                 f"(params say {getattr(params, name)!r})")
+        params = params.replace(**changes)
+    model = build_model(params)
+    report = load_model_weights(model, state, source=str(path))
+    return model.to(device).eval(), params, report
+
+
+def reference_protocol_row(out_dir: Path, split: str = "test") -> dict | None:
+    """The reference's model selection from history.json: the epoch with the best test
+    T2V R@1 (selection on the test set, reference-defects.md #7). None without such history."""
+    path = out_dir / "history.json"
+    if split != "test" or not path.is_file():
+        return None
+    records = [r for r in json.loads(path.read_text()) if isinstance(r.get("test"), dict)]
+    if not records:
+        return None
+    best = max(records, key=lambda r: r["test"]["t2v"]["R1"])
+    return {**best["test"], "epoch": best["epoch"]}
+
+
+def _table_rows(results: dict) -> dict:
+    """{row label: {"t2v", "v2t"}} with a DSL row after each plain row that has one."""
+    rows = {}
+    for label, result in results.items():
+        rows[label] = {"t2v": result["t2v"], "v2t": result["v2t"]}
+        if "dsl_t2v" in result:
+            rows[f"{label} + DSL (whole test query bank)"] = {"t2v": result["dsl_t2v"],
+                                                             "v2t": result["dsl_v2t"]}
+    return rows
+
+
+def _report_markdown(params: Params, split: str, results: dict, table: str) -> str:
+    first = next(iter(results.values()))
+    lines = [f"# {params.dataset} / {params.run}: {split} split", "", table, "",
+             f"- {first['n_texts']} texts, {first['n_videos']} videos ({first['protocol']}); "
+             f"chance R@1 = {first['chance_R1']:.2f} %.",
+             "- rank = 1 + the number of candidates scored strictly higher than the true one "
+             "(ties count in the query's favour).",
+             f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
+    if REFERENCE_PROTOCOL in results:
+        lines.append(f"- '{REFERENCE_PROTOCOL}': the epoch with the best test T2V R@1, as the "
+                     "reference code selects; optimistic, only for comparing with the paper.")
+    for label, result in results.items():
+        lines += [f"- {label}: {text}" for text in result.get("notes", [])]
+        if result.get("skipped_videos"):
+            lines.append(f"- {label}: {len(result['skipped_videos'])} unreadable video(s) left out")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "test",
+                 emcl_mode: str | None = None, name: str = "metrics", cache: bool = True,
+                 **overrides) -> dict:
+    """Evaluate a run's checkpoints on `split` and write out_dir/<name>.json and .md.
+
+    `checkpoints`: "best" / "last" (out_dir/checkpoints/<name>.pt; a missing best.pt is
+    skipped) or paths (ours or reference-code files). With history.json holding per-epoch
+    test metrics (params.reference_selection), a "reference protocol (selected on test)"
+    row is added. `overrides`: SCORING_FIELDS, see `score`.
+    """
+    from emcl_nb.distributed import DistEnv, resolve_device
+    from emcl_nb.engine import configure_torch
+
+    configure_torch(params)
+    device = resolve_device(params.device, DistEnv())
+    results, rows = {}, {}
+    for entry in checkpoints:
+        path = Path(entry).expanduser() if entry not in ("best", "last") else \
+            params.out_dir / "checkpoints" / f"{entry}.pt"
+        if entry == "best" and not path.is_file():
+            note(f"no {path} (no validation split selected a best epoch); evaluating last only")
+            continue
+        model, run_params, report = load_for_evaluation(path, params, device)
+        result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,
+                                device=device, **overrides)
+        result.update(checkpoint=str(path), epoch=report.epoch, layout=report.layout,
+                      recreated_emcl_bases=report.recreated)
+        key = entry if entry in ("best", "last") else path.name
+        label = {"best": "best on val", "last": "last"}.get(entry, path.name)
+        results[key] = result
+        rows[label + (f" (epoch {report.epoch})" if report.epoch is not None else "")] = result
+    if not results:
+        raise CheckpointError(f"no checkpoint to evaluate among {list(checkpoints)}")
+    reference = reference_protocol_row(params.out_dir, split)
+    if reference is not None:
+        results["reference_protocol"] = reference
+        rows[f"{REFERENCE_PROTOCOL}, epoch {reference['epoch']}"] = reference
+
+    published = params.published if split == "test" else {}
+    table = format_table(_table_rows(rows), published)
+    summary = {"dataset": params.dataset, "run": params.run, "split": split,
+               "emcl_mode": emcl_mode or "trained setting", "overrides": overrides,
+               "results": results, "published": published, "table": table}
+    atomic_write_json(params.out_dir / f"{name}.json", summary)
+    atomic_write_text(params.out_dir / f"{name}.md",
+                      _report_markdown(params, split, rows, table))
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="synthetic",
+                        help="a dataset name (params/<name>.yaml) or a path to a YAML file")
+    parser.add_argument("--checkpoint", action="append", metavar="PATH",
+                        help="a checkpoint file to evaluate (ours or the reference code's); "
+                             "repeatable. Default: the run's best.pt (if any) and last.pt")
+    parser.add_argument("--split", default="test", choices=("test", "val"))
+    parser.add_argument("--emcl", choices=CHOICES["emcl"], default=None,
+                        help="scoring mode; default: the mode the model was trained with")
+    parser.add_argument("--name", default="metrics", help="output file name in the run folder")
+    parser.add_argument("--no-cache", action="store_true", help="encode without the feature cache")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"override parameters; scoring settings ({', '.join(SCORING_FIELDS)}) "
+                             f"re-score cached features without encoding again")
+    args = parser.parse_args(argv)
+    sets = parse_overrides(args.set)
+    emcl_mode = args.emcl or sets.pop("emcl", None)
+    overrides = {key: sets.pop(key) for key in list(sets) if key in SCORING_FIELDS}
+    params = load_params(args.params, sets)
+    summary = evaluate_run(params, args.checkpoint or ("best", "last"), split=args.split,
+                           emcl_mode=emcl_mode, name=args.name, cache=not args.no_cache, **overrides)
+    print(summary["table"])
+    print(f"[emcl_nb] wrote {params.out_dir / (args.name + '.json')} and {args.name}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Retrieval metrics (R@K, median / mean rank), multi-sentence (MSVD) metrics and DSL.
+
+Conventions (evaluation.md, reference-defects.md #8, #9):
+- a query's rank is 1 + the number of candidates scored *strictly higher* than its true
+  candidate, so ties count in the query's favour, and every query gets exactly one rank;
+- a NaN anywhere in the similarity matrix is an error (a NaN true score would make the query
+  unrankable, a NaN elsewhere would silently count as "not higher"), reported with its
+  query index so the broken row can be found;
+- DSL ("inverted softmax") is reported beside the plain numbers, never instead of them, and
+  labelled as transductive because it normalises over the whole test query bank.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+RECALL_AT = (1, 5, 10, 50)
+PLAIN = "plain"
+DSL = "dsl (uses the whole test query bank, transductive)"
+DIRECTIONS = ("t2v", "v2t")
+TABLE_COLUMNS = (("R1", "R@1"), ("R5", "R@5"), ("R10", "R@10"), ("MdR", "MdR"), ("MnR", "MnR"))
+
+
+def _as_matrix(sim, name: str = "sim") -> torch.Tensor:
+    """A 2-D floating torch tensor (numpy arrays are wrapped without a copy) with no NaN."""
+    sim = torch.as_tensor(sim)
+    if sim.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D queries x candidates matrix, got shape {tuple(sim.shape)}")
+    if not sim.is_floating_point():
+        sim = sim.double()
+    nan = torch.isnan(sim)
+    if nan.any():
+        query, candidate = (int(i) for i in nan.nonzero()[0])
+        raise ValueError(
+            f"{name} holds {int(nan.sum())} NaN score(s), the first at query {query}, candidate "
+            f"{candidate}; NaN scores cannot be ranked. Check the model outputs for this query "
+            f"(e.g. a zero-norm feature or an overflow in half precision).")
+    return sim
+
+
+def query_ranks(sim, target=None) -> torch.Tensor:
+    """One rank per query: 1 + the number of candidates scored strictly above the target.
+
+    sim:    [Q, C] scores, queries x candidates (torch or numpy).
+    target: [Q] index of each query's true candidate; None means the diagonal (Q == C).
+    Ties with the true candidate count in the query's favour (a query tied with every
+    candidate gets rank 1). Any NaN (true score or not) raises ValueError naming the query.
+    """
+    sim = _as_matrix(sim)
+    n_queries, n_candidates = sim.shape
+    if target is None:
+        if n_queries != n_candidates:
+            raise ValueError(
+                f"sim has shape {tuple(sim.shape)}: without `target` the true pairs are the "
+                f"diagonal, which needs a square matrix. For several captions per video use "
+                f"multi_sentence_metrics(sim, text_video).")
+        target = torch.arange(n_queries, device=sim.device)
+    target = torch.as_tensor(target, device=sim.device).long()
+    if target.shape != (n_queries,):
+        raise ValueError(f"target must have one entry per query ({n_queries}), got shape {tuple(target.shape)}")
+    if n_queries and (target.min() < 0 or target.max() >= n_candidates):
+        raise ValueError(f"target indices must lie in [0, {n_candidates}), got "
+                         f"[{int(target.min())}, {int(target.max())}]")
+    true_score = sim.gather(1, target[:, None])                        # [Q, 1]
+    return 1 + (sim > true_score).sum(dim=1)                           # [Q]
+
+
+def metrics_from_ranks(ranks) -> dict:
+    """R@1/5/10/50 (percent of queries with rank <= K), MdR (median rank), MnR (mean rank)."""
+    ranks = torch.as_tensor(ranks).double()
+    if ranks.numel() == 0:
+        raise ValueError("no queries to score: the similarity matrix has no rows")
+    out = {f"R{k}": float((ranks <= k).double().mean() * 100) for k in RECALL_AT}
+    out["MdR"] = float(np.median(ranks.cpu().numpy()))                # mean of the middle two when even
+    out["MnR"] = float(ranks.mean())
+    return out
+
+
+def retrieval_metrics(sim) -> dict:
+    """Metrics of a square [queries, candidates] matrix whose true pairs are on the diagonal.
+
+    Rank = 1 + number of candidates scored strictly higher than the true one: ties are
+    counted in the query's favour, one rank per query. Any NaN in `sim` raises ValueError
+    naming the query. Returns {"R1", "R5", "R10", "R50" (percent), "MdR", "MnR"}.
+    """
+    return metrics_from_ranks(query_ranks(sim))
+
+
+def _check_text_video(text_video, n_texts: int, n_videos: int, device) -> torch.Tensor:
+    text_video = torch.as_tensor(text_video, device=device).long()
+    if text_video.shape != (n_texts,):
+        raise ValueError(f"text_video must give the video index of each of the {n_texts} texts "
+                         f"(rows of sim), got shape {tuple(text_video.shape)}")
+    if n_texts and (text_video.min() < 0 or text_video.max() >= n_videos):
+        raise ValueError(f"text_video entries must lie in [0, {n_videos}) (columns of sim), got "
+                         f"[{int(text_video.min())}, {int(text_video.max())}]")
+    captions_per_video = torch.bincount(text_video, minlength=n_videos)
+    if (captions_per_video == 0).any():
+        missing = captions_per_video.eq(0).nonzero()[:5, 0].tolist()
+        raise ValueError(f"videos {missing} (columns of sim) have no caption in text_video; every "
+                         f"test video needs at least one caption to be ranked video-to-text")
+    return text_video
+
+
+def group_best_scores(sim, text_video) -> torch.Tensor:
+    """[videos, groups]: for each video (query) the best score over each caption group.
+
+    Group g holds the captions of video g, so the true group of video v is g = v
+    (a segment max over the text axis, no loop over queries).
+    """
+    sim = _as_matrix(sim)
+    n_texts, n_videos = sim.shape
+    text_video = _check_text_video(text_video, n_texts, n_videos, sim.device)
+    best = sim.new_full((n_videos, n_videos), -math.inf)               # [groups, videos]
+    best.scatter_reduce_(0, text_video[:, None].expand(n_texts, n_videos), sim,
+                         reduce="amax", include_self=True)
+    return best.t()                                                    # [videos, groups]
+
+
+def _t2v_metrics(sim, text_video) -> dict:
+    """Text-to-video: rank the rows of `sim` [texts, videos]."""
+    if text_video is None:
+        return retrieval_metrics(sim)
+    return metrics_from_ranks(query_ranks(sim, text_video))
+
+
+def _v2t_metrics(sim, text_video) -> dict:
+    """Video-to-text: rank the rows of `sim`ᵀ, or of the caption-group maxima (MSVD)."""
+    if text_video is None:
+        return retrieval_metrics(_as_matrix(sim).t())
+    return retrieval_metrics(group_best_scores(sim, text_video))
+
+
+def multi_sentence_metrics(sim, text_video) -> dict:
+    """Metrics when a video has several captions (MSVD), as evaluation.md defines them.
+
+    sim:        [texts, videos] scores, each video encoded once.
+    text_video: [texts] index of each caption's video (column of `sim`).
+    t2v: each caption ranked against all videos, target its own video.
+    v2t: each video ranked against caption groups (best caption score per group), target
+    its own group. Same tie and NaN rules as `retrieval_metrics`.
+    """
+    return {"t2v": _t2v_metrics(sim, text_video), "v2t": _v2t_metrics(sim, text_video)}
+
+
+def dsl(sim, temp: float = 0.01, dim: int = 0) -> torch.Tensor:
+    """Dual softmax ("inverted softmax"): S * softmax(S / temp, dim) * n_texts, in float64.
+
+    dim=0 (text-to-video) normalises each video's column over all test queries; dim=1
+    (video-to-text) normalises each text's row over all videos, and is ranked through its
+    transpose. It uses the whole test query bank, so results are transductive.
+    float64 because S / 0.01 spreads cosines over [-100, 100]: in float32 the softmax of a
+    column underflows to exactly 0 for every score ~1 below the column's best (exp(-104)),
+    which would turn distinct scores into ties.
+    """
+    if temp <= 0:
+        raise ValueError(f"DSL temperature must be > 0, got {temp}")
+    sim = _as_matrix(sim).double()
+    n_texts = sim.shape[0]
+    return sim * torch.softmax(sim / temp, dim=dim) * n_texts
+
+
+def evaluate_similarity(sim, text_video=None, dsl_temps=(0.01, 0.01)) -> dict:
+    """Plain and DSL metrics for both directions of a [texts, videos] matrix.
+
+    text_video: None when the true pairs are the diagonal (one caption per video), else the
+    video index of every text (MSVD). dsl_temps: (t2v, v2t) temperatures, or None to skip DSL.
+    Returns {PLAIN: {"t2v": {...}, "v2t": {...}}, DSL: {...}} with DSL the labelled key.
+    """
+    sim = _as_matrix(sim)
+    results = {PLAIN: {"t2v": _t2v_metrics(sim, text_video), "v2t": _v2t_metrics(sim, text_video)}}
+    if dsl_temps is not None:
+        t2v_temp, v2t_temp = dsl_temps
+        results[DSL] = {"t2v": _t2v_metrics(dsl(sim, t2v_temp, dim=0), text_video),
+                        "v2t": _v2t_metrics(dsl(sim, v2t_temp, dim=1), text_video)}
+    return results
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value
+    return f"{float(value):.1f}"
+
+
+def _row(name: str, directions, source: str, suffix: str = "") -> str:
+    if not isinstance(directions, dict):
+        raise ValueError(f"{source} entry {name!r} must map 't2v'/'v2t' to metric dicts, got {directions!r}")
+    unknown = set(directions) - set(DIRECTIONS)
+    if unknown:
+        raise ValueError(f"{source} entry {name!r} has unknown keys {sorted(unknown)}; use 't2v' and 'v2t'")
+    cells = [_cell((directions.get(d) or {}).get(key)) for d in DIRECTIONS for key, _ in TABLE_COLUMNS]
+    return "| " + " | ".join([name + suffix, *cells]) + " |"
+
+
+def format_table(results: dict, published: dict | None = None) -> str:
+    """Markdown table: one row per setting, T2V then V2T R@1 R@5 R@10 MdR MnR.
+
+    results / published: {"setting name": {"t2v": {"R1": .., ...}, "v2t": {...}}}, e.g. the
+    output of `evaluate_similarity` or the `published` block of the params file. Published
+    rows follow ours, marked "(published)"; missing values are left blank.
+    """
+    header = ["setting"] + [f"{d.upper()} {label}" for d in DIRECTIONS for _, label in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [_row(name, value, "results") for name, value in results.items()]
+    lines += [_row(name, value, "published", " (published)") for name, value in (published or {}).items()]
+    return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""Evaluation runner on a tiny synthetic MSR-VTT set and the tiny CLIP: reference-checkpoint
+loading, the feature cache, the three EMCL scoring modes, validation and the run report."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from emcl_nb import evaluate
+from emcl_nb.checkpoint import CheckpointError, load_model_weights, save_checkpoint, seeded_emcl
+from emcl_nb.data.synthetic import generate_synthetic
+from emcl_nb.model import build_model
+from emcl_nb.params import Params, ParamsError
+from emcl_nb.similarity import similarity_matrix
+
+N_TEST, N_VAL, CAPTIONS_PER_VIDEO = 6, 3, 7     # synthetic: 7 captions per video in MSRVTT_data.json
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """6 test and 3 validation videos of 6 frames at 3 fps (2 s: 2 sampled frames of 4)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    return generate_synthetic(out, train=1, val=N_VAL, test=N_TEST, frames=6, fps=3, size=32,
+                              workers=1, progress=False)
+
+
+@pytest.fixture
+def params(data_dir, tmp_path) -> Params:
+    return Params(dataset="tiny", run="r", output_root=str(tmp_path), layout="msrvtt",
+                  anno_path=str(data_dir), video_path=str(data_dir / "videos"),
+                  msrvtt_val_csv="MSRVTT_val.csv", clip_weights="tiny", tiny_width=64,
+                  tiny_layers=1, tiny_patch=16, image_size=32, max_words=16, max_frames=4,
+                  num_hidden_layers=1, emcl_bases=4, emcl_stages=3, block_size=4,
+                  batch_size_val=4, inference_emcl_bases=3, inference_block_size=4,
+                  num_workers=0, device="cpu", progress=False)
+
+
+def make_model(params: Params, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(params).eval()
+
+
+def reference_layout(model) -> dict:
+    """The state dict as the reference code would save it from DDP: no EMCL bases (a plain
+    attribute there), every key prefixed "module."."""
+    return {f"module.{key}": value.clone() for key, value in model.state_dict().items()
+            if not key.startswith("emcl.")}
+
+
+def seed_bases(model, seed: int) -> None:
+    """Give the model the EMCL bases that loading a reference checkpoint re-creates."""
+    e = model.emcl
+    fresh = seeded_emcl(seed, num_bases=e.num_bases, stage_num=e.stage_num, momentum=e.momentum,
+                        lamd=e.lamd, beta=e.beta, init=e.init, dim=model.embed_dim)
+    e.load_state_dict(fresh.state_dict())
+
+
+# ---------------------------------------------------------------- encoding
+
+def test_each_video_is_encoded_once_and_multi_sentence_metrics_are_used(params, monkeypatch):
+    model = make_model(params)
+    encoded = []
+    original = model.encode_video
+    monkeypatch.setattr(model, "encode_video",
+                        lambda video, mask: encoded.append(video.shape[0]) or original(video, mask))
+    features = evaluate.encode_split(model, params, "val")
+    assert sum(encoded) == N_VAL                                    # not once per caption (#10)
+    assert features.text.shape == (N_VAL * CAPTIONS_PER_VIDEO, model.embed_dim)
+    assert features.video.shape == (N_VAL, params.max_frames, model.embed_dim)
+    assert features.frame_mask.sum(dim=1).tolist() == [2] * N_VAL   # 2 s at 1 frame/s, 2 padded
+    assert torch.bincount(features.text_video).tolist() == [CAPTIONS_PER_VIDEO] * N_VAL
+    assert not features.single_sentence
+    # each text feature is that caption's own encoding, wherever its batch put it
+    from emcl_nb.data.dataset import tokenize
+    ids, mask = tokenize(features.captions[5], params.max_words)
+    torch.testing.assert_close(features.text[5], model.encode_text(ids, mask)[0].detach())
+
+    result = evaluate.evaluate_features(features, params, model)
+    assert result["protocol"] == "multi-sentence"
+    assert (result["n_texts"], result["n_videos"]) == (N_VAL * CAPTIONS_PER_VIDEO, N_VAL)
+    assert result["chance_R1"] == pytest.approx(100 / N_VAL)
+    for key in ("t2v", "v2t", "dsl_t2v", "dsl_v2t"):
+        assert 1 <= result[key]["MnR"] <= N_VAL
+
+
+def test_test_split_is_single_sentence(params):
+    result = evaluate.evaluate_model(make_model(params), params, "test", cache=False)
+    assert result["protocol"] == "single-sentence"
+    assert (result["n_texts"], result["n_videos"]) == (N_TEST, N_TEST)
+    assert "whole test query bank" in result["dsl"]
+
+
+# ---------------------------------------------------------------- reference checkpoints
+
+def test_reference_checkpoint_loads_with_a_warning_and_scores_like_its_model(params, tmp_path):
+    source = make_model(params, seed=0)
+    seed_bases(source, params.seed)
+    features = evaluate.encode_split(source, params, "test")
+    expected = evaluate.score(features, params, source, emcl_mode="on")
+    path = tmp_path / "pytorch_model.bin.4"
+    torch.save({"state_dict": reference_layout(source)}, path)
+
+    target = make_model(params, seed=1)           # other weights and other EMCL bases
+    before = evaluate.score(evaluate.encode_split(target, params, "test"), params, target, emcl_mode="on")
+    assert not torch.allclose(before, expected)
+    with pytest.warns(UserWarning, match="no EMCL bases"):
+        report = load_model_weights(target, path)
+    assert report.layout == "reference" and report.recreated == ["emcl.basis_init"]
+    after = evaluate.score(evaluate.encode_split(target, params, "test"), params, target, emcl_mode="on")
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
+
+
+def test_reference_checkpoint_with_foreign_keys_is_a_clear_error(params):
+    model = make_model(params)
+    state = reference_layout(model)
+    state.pop("module.frame_position_embeddings.weight")
+    state["module.text_weight_fc.0.weight"] = torch.zeros(2, 2)
+    with pytest.raises(CheckpointError, match="missing frame_position_embeddings.weight.*"
+                                              "unexpected text_weight_fc.0.weight"):
+        load_model_weights(model, state)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model_weights(model, params.out_dir / "nowhere.pt")
+
+
+def test_our_checkpoint_loads_exactly_including_the_trained_bases(params, tmp_path):
+    source = make_model(params, seed=0)
+    with torch.no_grad():
+        source.emcl.basis_init.mul_(0.5)          # "trained" bases, not any seed's draw
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model=source, epoch=3, step=30, params=params.to_dict())
+    target = make_model(params, seed=1)
+    report = load_model_weights(target, path)
+    assert (report.layout, report.epoch, report.recreated) == ("emcl-nb/1", 3, [])
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------- feature cache
+
+def test_cached_features_rescore_without_encoding(params, monkeypatch):
+    model = make_model(params)
+    fresh = evaluate.evaluate_model(model, params, "test", cache=False)
+    first = evaluate.evaluate_model(model, params, "test", cache=True)
+    cached_files = list((params.out_dir / "features").glob("test-*.pt"))
+    assert len(cached_files) == 1
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a video was encoded again")
+    monkeypatch.setattr(model, "encode_video", no_encoding)
+    again = evaluate.evaluate_model(model, params, "test", cache=True)
+    for result in (first, again):
+        for key in ("t2v", "v2t", "dsl_t2v", "dsl_v2t"):
+            assert result[key] == fresh[key]
+    # other EMCL settings re-score the cached features; the trained bases stay in the model
+    bases = model.emcl.basis_init.clone()
+    features = evaluate.load_or_encode(model, params, "test")
+    plain = evaluate.score(features, params, model)
+    rescored = evaluate.score(features, params, model, emcl_beta=0.5, block_size=2)
+    assert not torch.allclose(plain, rescored)
+    assert torch.equal(model.emcl.basis_init, bases)
+    # settings that change the features miss the cache (and would encode)
+    with pytest.raises(AssertionError, match="encoded again"):
+        evaluate.load_or_encode(model, params.replace(max_frames=3), "test")
+    # so do other weights
+    with torch.no_grad():
+        model.clip.visual.proj.add_(0.01)
+    with pytest.raises(AssertionError, match="encoded again"):
+        evaluate.load_or_encode(model, params, "test")
+
+
+def test_cache_key_ignores_the_emcl_bases(params):
+    model = make_model(params)
+    before = evaluate.weights_fingerprint(model)
+    with torch.no_grad():
+        model.emcl.basis_init.neg_()
+    assert evaluate.weights_fingerprint(model) == before
+    with torch.no_grad():
+        model.frame_position_embeddings.weight[0, 0] += 1
+    assert evaluate.weights_fingerprint(model) != before
+
+
+# ---------------------------------------------------------------- scoring modes
+
+def test_scoring_overrides_reuse_trained_bases_only_when_they_fit(params):
+    model = make_model(params)
+    same = evaluate.scoring_setup(model, params, "on", emcl_beta=3.0)     # the module's own value
+    assert same.emcl is model.emcl and not same.notes
+    other_beta = evaluate.scoring_setup(model, params, "on", emcl_beta=1.0, emcl_stages=5)
+    assert other_beta.emcl is not model.emcl
+    assert (other_beta.emcl.beta, other_beta.emcl.stage_num) == (1.0, 5)
+    assert torch.equal(other_beta.emcl.basis_init, model.emcl.basis_init)
+    other_k = evaluate.scoring_setup(model, params, "on", emcl_bases=6)
+    assert other_k.emcl.num_bases == 6 and "seed" in other_k.notes[0]
+    with pytest.raises(ParamsError, match="max_frames"):
+        evaluate.scoring_setup(model, params, "on", max_frames=8)
+    with pytest.raises(ParamsError, match="emcl_mode"):
+        evaluate.scoring_setup(model, params, "sometimes")
+
+
+def test_inference_only_emcl_on_a_model_trained_without_it(params):
+    params = params.replace(emcl="off")
+    model = make_model(params)
+    features = evaluate.encode_split(model, params, "test")
+    plain = evaluate.score(features, params, model)                       # default: params.emcl
+    torch.testing.assert_close(plain, evaluate.score(features, params, model, emcl_mode="off"))
+    inference = evaluate.score(features, params, model, emcl_mode="inference")
+    assert torch.isfinite(inference).all() and not torch.allclose(inference, plain)
+    # the same module and scoring as the model's own inference_emcl() (method.md §7)
+    oracle = similarity_matrix(features.text, features.video, features.frame_mask, temp=model.temp,
+                               emcl=model.inference_emcl(), block_size=params.inference_block_size,
+                               normalize="before")
+    torch.testing.assert_close(inference, oracle, rtol=0, atol=0)
+    # with beta 0 EMCL adds nothing: normalised inputs, no renormalisation -> the plain cosine
+    torch.testing.assert_close(
+        evaluate.score(features, params, model, emcl_mode="inference", inference_emcl_beta=0.0),
+        plain, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- validation during training
+
+def test_validator_scores_val_and_test_only_when_asked(params):
+    model = make_model(params)
+    assert evaluate.make_validator(params.replace(eval_every_epoch=False)) is None
+    assert evaluate.make_validator(params.replace(msrvtt_val_csv="")) is None     # no val split
+    validate = evaluate.make_validator(params)
+    assert set(validate(model)) == {"val"}
+    both = evaluate.make_validator(params.replace(reference_selection=True))(model)
+    assert set(both) == {"val", "test"}
+    assert both["val"]["n_videos"] == N_VAL and both["test"]["n_videos"] == N_TEST
+    assert both["val"]["t2v"] == evaluate.evaluate_model(model, params, "val", cache=False)["t2v"]
+
+
+# ---------------------------------------------------------------- run report
+
+def write_run(params: Params) -> dict:
+    """best.pt (epoch 1) and last.pt (epoch 2) with different weights, and a history whose
+    test R@1 peaks at epoch 1 (what the reference protocol would select)."""
+    ckpt_dir = params.out_dir / "checkpoints"
+    models = {}
+    for name, epoch, seed in (("best", 1, 1), ("last", 2, 2)):
+        models[name] = make_model(params, seed=seed)
+        save_checkpoint(ckpt_dir / f"{name}.pt", model=models[name], epoch=epoch, step=10 * epoch,
+                        params=params.to_dict())
+    history = [{"epoch": 1, "val": {"t2v": {"R1": 50.0}}, "test": {"t2v": {"R1": 40.0}, "v2t": {"R1": 35.0}}},
+               {"epoch": 2, "val": {"t2v": {"R1": 20.0}}, "test": {"t2v": {"R1": 30.0}, "v2t": {"R1": 45.0}}}]
+    (params.out_dir / "history.json").write_text(json.dumps(history))
+    return models
+
+
+def test_evaluate_run_writes_best_last_and_reference_rows(params):
+    params = params.replace(published={"code release": {"t2v": {"R1": 48.2}, "v2t": {"R1": 45.2}}})
+    models = write_run(params)
+    summary = evaluate.evaluate_run(params)
+
+    results = summary["results"]
+    assert set(results) == {"best", "last", "reference_protocol"}
+    assert (results["best"]["epoch"], results["last"]["epoch"]) == (1, 2)
+    for name, model in models.items():
+        direct = evaluate.evaluate_model(model, params, "test", cache=False)
+        assert results[name]["t2v"] == direct["t2v"] and results[name]["v2t"] == direct["v2t"]
+    assert results["reference_protocol"]["epoch"] == 1
+    assert results["reference_protocol"]["t2v"]["R1"] == 40.0
+
+    written = json.loads((params.out_dir / "metrics.json").read_text())
+    assert written["results"]["last"]["t2v"] == results["last"]["t2v"]
+    markdown = (params.out_dir / "metrics.md").read_text()
+    for row in ("| best on val (epoch 1) |", "| last (epoch 2) |",
+                "| last (epoch 2) + DSL (whole test query bank) |",
+                "| reference protocol (selected on test), epoch 1 |",
+                "| code release (published) | 48.2 |"):
+        assert row in markdown, row
+
+
+def test_evaluate_run_without_best_and_the_command_line(params, capsys):
+    write_run(params)
+    (params.out_dir / "checkpoints" / "best.pt").unlink()
+    config = params.out_dir.parent / "tiny.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in params.to_dict().items() if k != "published"}))
+    evaluate.main(["--params", str(config), "--emcl", "inference", "--name", "inference",
+                   "--set", "inference_emcl_beta=2", "progress=false"])
+    printed = capsys.readouterr().out
+    assert "| last (epoch 2) |" in printed and "best on val" not in printed
+    written = json.loads((params.out_dir / "inference.json").read_text())
+    assert set(written["results"]) == {"last", "reference_protocol"}
+    assert written["results"]["last"]["emcl_mode"] == "inference"
+    assert written["results"]["last"]["scoring"]["beta"] == 2.0
