@@ -1,0 +1,306 @@
+"""Training engine: optimiser, schedule, precision, the epoch loop, checkpoints and resume.
+
+`fit(params, train_set)` trains in-process (a notebook calls it directly) and under
+`torchrun` (one process per GPU, or gloo processes on CPU). Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from emcl_nb import distributed
+from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
+from emcl_nb.io import atomic_write_json, atomic_write_text
+from emcl_nb.params import Params, save_params
+
+# Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
+# (all 1-D tensors), embeddings and CLIP's logit scale.
+NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class TrainingSetupError(ValueError):
+    """A configuration that cannot train, detected before any work starts."""
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    history: list = field(default_factory=list)     # one dict per epoch
+    log_path: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_torch(params: Params) -> None:
+    """Threads and determinism: the same parameters give the same numbers."""
+    if params.num_threads > 0:
+        torch.set_num_threads(params.num_threads)
+    if params.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def param_groups(model: nn.Module, params: Params) -> list[dict]:
+    """Four groups: CLIP / new modules x decay / no decay. CLIP gets lr * coef_lr.
+    Frozen parameters (the patch embedding, see EMCLNet) are left out."""
+    groups = {(is_clip, decay): [] for is_clip in (True, False) for decay in (True, False)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+        groups[(name.startswith("clip."), decay)].append(param)
+    return [
+        {"params": members, "name": f"{'clip' if is_clip else 'new'}_{'decay' if decay else 'no_decay'}",
+         "lr": params.lr * (params.coef_lr if is_clip else 1.0),
+         "weight_decay": params.weight_decay if decay else 0.0}
+        for (is_clip, decay), members in groups.items() if members
+    ]
+
+
+def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, params), betas=(0.9, 0.98), eps=1e-6)
+
+
+def warmup_cosine(total_steps: int, warmup_proportion: float) -> Callable[[int], float]:
+    """Linear warm-up over the first `warmup_proportion` of steps, then cosine decay to 0."""
+    warmup = max(1, int(total_steps * warmup_proportion))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """fp32 master weights always; autocast to bf16 on CUDA (fp16 where bf16 is missing)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Reshuffle the sampler and re-seed the augmentation for this epoch."""
+    for owner in (loader.sampler, loader.dataset, getattr(loader, "batch_sampler", None)):
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+def check_setup(params: Params, num_samples: int, world_size: int) -> None:
+    if params.batch_size % world_size:
+        raise TrainingSetupError(
+            f"batch_size={params.batch_size} is not divisible by the number of processes "
+            f"({world_size}); set batch_size to a multiple of {world_size}")
+    if num_samples < params.batch_size:
+        raise TrainingSetupError(
+            f"the training set has {num_samples} samples, fewer than one batch "
+            f"(batch_size={params.batch_size}); lower batch_size or add data")
+    if params.epochs < 1:
+        raise TrainingSetupError(f"epochs={params.epochs} must be at least 1")
+
+
+class StepLog:
+    """Per-step losses kept on the device and written in one host sync every `every` steps,
+    as JSON lines (step, epoch, loss, learning rates, clips/s)."""
+
+    def __init__(self, path: Path | None, every: int, clips_per_step: int,
+                 on_log: Callable[[list], None] | None):
+        self.path, self.every, self.clips_per_step, self.on_log = path, max(1, every), clips_per_step, on_log
+        self.pending: list[tuple[int, int, torch.Tensor, dict]] = []
+        self.last_flush = time.perf_counter()
+        self.last_record: dict | None = None
+
+    def add(self, step: int, epoch: int, loss: torch.Tensor, lrs: dict) -> None:
+        self.pending.append((step, epoch, loss.detach(), lrs))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([loss for _, _, loss, _ in self.pending]).float().cpu().tolist()
+        now = time.perf_counter()
+        rate = self.clips_per_step * len(self.pending) / max(now - self.last_flush, 1e-9)
+        records = [{"step": step, "epoch": epoch, "loss": loss, **lrs, "clips_per_s": rate}
+                   for (step, epoch, _, lrs), loss in zip(self.pending, losses)]
+        self.pending, self.last_flush = [], now
+        for record in records:
+            if not math.isfinite(record["loss"]):
+                raise NonFiniteLossError(
+                    f"the loss became {record['loss']} at step {record['step']} "
+                    f"(epoch {record['epoch'] + 1}); training stopped and the last good "
+                    f"checkpoint is kept. Lower lr, check the data, or set precision=fp32.")
+        self.last_record = records[-1]
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+        if self.on_log is not None:
+            self.on_log(records)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we resume from."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= last_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
+        resume: bool = True, on_log: Callable[[list], None] | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+    """Train `params.epochs` epochs on `train_set` (a dataset of batch dicts).
+
+    `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}, "test": ...}` runs after each
+    epoch on rank 0; the best epoch by validation (never test) text-to-video R@1 is kept
+    as `best.pt`. With `resume`, an existing `last.pt` in the run folder is continued.
+    """
+    from emcl_nb.data.dataset import build_loader
+    from emcl_nb.model import build_model
+
+    env = distributed.env_from_torchrun()
+    check_setup(params, len(train_set), env.world_size)
+    device = distributed.resolve_device(params.device, env)
+    distributed.init_distributed(device, env)
+    configure_torch(params)
+
+    out_dir = params.out_dir
+    ckpt_dir = out_dir / "checkpoints"
+    last_path, best_path, log_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "log.jsonl"
+
+    seed_everything(params.seed)
+    model = build_model(params).to(device)
+    loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * params.epochs
+    optimizer = build_optimizer(model, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
+    dtype = autocast_dtype(device, params.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start_epoch, step, history, best_score = 0, 0, [], -math.inf
+    if resume and last_path.exists():
+        state = read_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        history = state["metrics"].get("history", [])
+        best_score = state["metrics"].get("best_score", -math.inf)
+        if env.is_main:
+            print(f"[emcl_nb] resuming {last_path} after epoch {start_epoch} (step {step})")
+            _truncate_log(log_path, step)
+    elif env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():
+            log_path.unlink()
+    if env.is_main:
+        save_params(params, out_dir / "params.yaml")
+
+    if env.world_size > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step_log = StepLog(log_path if env.is_main else None, params.log_every,
+                       params.batch_size, on_log if env.is_main else None)
+
+    for epoch in range(start_epoch, params.epochs):
+        model.train()
+        _set_epoch(loader, epoch)
+        step_log.last_flush = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{params.epochs}", leave=False,
+                   disable=not (params.progress and env.is_main))
+        skipped = 0
+        for batch in bar:
+            skipped += len(batch["skipped"])
+            if len(batch["skipped"]) and env.world_size > 1:
+                raise RuntimeError(
+                    "a clip failed to decode during multi-process training (the warning above "
+                    "names the file): ranks need equal batches. Fix or remove the file.")
+            batch = _to_device(batch, device)
+            with _autocast(device, dtype):
+                loss = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            unwrap(model).clamp_logit_scale()
+            lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
+            step_log.add(step, epoch, loss, lrs)
+            step += 1
+            if not step_log.pending and env.is_main:     # just flushed: no extra host sync
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        step_log.flush()
+        last_loss = step_log.last_record["loss"]
+
+        record = {"epoch": epoch + 1, "step": step, "loss": last_loss, "skipped_samples": skipped}
+        if validate is not None and env.is_main:
+            model.eval()
+            record.update(validate(unwrap(model)))
+        improved = "val" in record and record["val"]["t2v"]["R1"] > best_score
+        if improved:
+            best_score = record["val"]["t2v"]["R1"]
+        history.append(record)
+        if env.is_main:
+            metrics = {"history": history, "best_score": best_score}
+            save_checkpoint(last_path, model=unwrap(model), optimizer=optimizer,
+                            scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
+                            params=params.to_dict(), metrics=metrics)
+            if improved:
+                save_checkpoint(best_path, model=unwrap(model), epoch=epoch + 1, step=step,
+                                params=params.to_dict(), metrics=metrics)
+            atomic_write_json(out_dir / "history.json", history)
+            print(f"[emcl_nb] epoch {epoch + 1}/{params.epochs}: loss {last_loss:.4f}"
+                  + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))
+        distributed.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    return FitResult(out_dir=out_dir, last_checkpoint=last_path,
+                     best_checkpoint=best_path if best_path.exists() else None,
+                     history=history, log_path=log_path)

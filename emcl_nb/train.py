@@ -1,0 +1,70 @@
+"""Train EMCL-Net: `python -m emcl_nb.train --params params/<name>.yaml --set key=value ...`
+
+Several processes (GPUs, or CPU processes with gloo):
+    torchrun --nproc_per_node 8 -m emcl_nb.train --params params/msrvtt.yaml
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
+             --rdzv_endpoint HOST:29500 -m emcl_nb.train --params params/msrvtt.yaml
+From a notebook: `emcl_nb.train.train(load_params("msvd"))`.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from emcl_nb import distributed
+from emcl_nb.engine import FitResult, fit
+from emcl_nb.params import Params, load_params
+
+
+def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
+    """Prepare the data (generating the synthetic set when asked), then train.
+    Each epoch is validated on a split that is not the test set where the layout has one."""
+    from emcl_nb.data.annotations import load_annotations
+    from emcl_nb.data.dataset import TrainDataset
+    from emcl_nb.data.prepare import ensure_data
+    from emcl_nb.evaluate import make_validator
+
+    env = distributed.env_from_torchrun()
+    distributed.init_distributed(distributed.resolve_device(params.device, env), env)
+    if env.is_main:
+        ensure_data(params)
+    distributed.barrier()
+    train_set = TrainDataset(load_annotations(params, "train"), params, train=True)
+    try:
+        return fit(params, train_set, validate=make_validator(params), resume=resume, on_log=on_log)
+    finally:
+        distributed.cleanup()
+
+
+def launch_torchrun(dataset: str, overrides: str = "", *, nproc_per_node: int, nnodes: int = 1,
+                    rdzv_endpoint: str = "") -> None:
+    """Run this module under torchrun as a subprocess (from a notebook); a failed launch raises.
+    Multi-node: call it on every node with the same `rdzv_endpoint` (HOST:PORT)."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+               f"--nnodes={nnodes}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise ValueError("a multi-node launch needs rdzv_endpoint=HOST:PORT (the same on every node)")
+        command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
+    command += ["-m", "emcl_nb.train", "--params", dataset, "--set", *overrides.split()]
+    print("$", " ".join(command))
+    subprocess.run(command, check=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="synthetic",
+                        help="a dataset name (params/<name>.yaml) or a path to a YAML file")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override parameters, e.g. --set epochs=2 batch_size=64")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from scratch even if the run folder has a checkpoint")
+    args = parser.parse_args(argv)
+    result = train(load_params(args.params, args.set), resume=not args.no_resume)
+    if distributed.env_from_torchrun().is_main:
+        print(f"[emcl_nb] checkpoints in {result.last_checkpoint.parent}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Training engine on random tensors: the loss falls, resume is exact, mistakes stop early."""
+import json
+
+import pytest
+import torch
+
+import emcl_nb.model
+from emcl_nb.checkpoint import read_checkpoint
+from emcl_nb.engine import (NonFiniteLossError, TrainingSetupError, build_optimizer, fit,
+                            warmup_cosine)
+from emcl_nb.model import build_model
+from emcl_nb.params import Params
+
+SOT, EOT = 49406, 49407
+
+
+class RandomClips(torch.utils.data.Dataset):
+    """Fixed random (caption, clip) pairs in the batch format of emcl_nb.data.dataset."""
+
+    def __init__(self, n: int, params: Params, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        L, T, S = params.max_words, params.max_frames, params.image_size
+        self.text_ids = torch.zeros(n, L, dtype=torch.int64)
+        self.text_ids[:, 0] = SOT
+        self.text_ids[:, 1:L - 2] = torch.randint(1, 40000, (n, L - 3), generator=g)
+        self.text_ids[:, L - 2] = EOT
+        self.video = torch.randint(0, 256, (n, T, 3, S, S), dtype=torch.uint8, generator=g)
+        self.frame_mask = torch.ones(n, T, dtype=torch.int64)
+        self.frame_mask[::3, -1] = 0                      # some clips are shorter
+
+    def __len__(self):
+        return len(self.text_ids)
+
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key
+        return {"text_ids": self.text_ids[index], "text_mask": (self.text_ids[index] > 0).long(),
+                "video": self.video[index], "frame_mask": self.frame_mask[index],
+                "index": torch.tensor(index), "video_index": torch.tensor(index)}
+
+
+def tiny_params(tmp_path, **changes) -> Params:
+    base = dict(output_root=str(tmp_path), dataset="random", run="r", clip_weights="tiny",
+                tiny_width=64, tiny_layers=1, tiny_patch=16, image_size=32, max_frames=4,
+                max_words=8, num_hidden_layers=1, emcl_bases=4, emcl_stages=3, batch_size=8,
+                epochs=2, lr=1e-3, coef_lr=1.0, num_workers=0, device="cpu", progress=False,
+                log_every=2, num_threads=2)
+    base.update(changes)
+    return Params(**base)
+
+
+def test_smoke_training_lowers_the_loss(tmp_path):
+    params = tiny_params(tmp_path, epochs=8)
+    result = fit(params, RandomClips(32, params))
+    losses = [json.loads(line)["loss"] for line in result.log_path.read_text().splitlines()]
+    assert len(losses) == 8 * 4
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.6 * first, (first, last)
+    assert result.history[-1]["loss"] == losses[-1]
+
+
+def test_resume_after_epoch_one_continues_the_run_exactly(tmp_path):
+    uninterrupted = fit(tiny_params(tmp_path / "a"), RandomClips(24, tiny_params(tmp_path)))
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    params = tiny_params(tmp_path / "b")
+    with pytest.raises(Stop):
+        fit(params, RandomClips(24, params), on_epoch_end=stop)
+    assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    resumed = fit(params, RandomClips(24, params))
+
+    a = read_checkpoint(uninterrupted.last_checkpoint)
+    b = read_checkpoint(resumed.last_checkpoint)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["loss"] for r in uninterrupted.history] == [r["loss"] for r in resumed.history]
+    assert uninterrupted.log_path.read_text().count("\n") == resumed.log_path.read_text().count("\n")
+
+
+def test_too_small_training_set_is_an_error_before_any_work(tmp_path):
+    params = tiny_params(tmp_path, batch_size=16)
+    with pytest.raises(TrainingSetupError, match="fewer than one batch"):
+        fit(params, RandomClips(10, params))
+    assert not params.out_dir.exists()
+
+
+def test_batch_not_divisible_by_processes_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    params = tiny_params(tmp_path, batch_size=8)
+    with pytest.raises(TrainingSetupError, match="not divisible by the number of processes"):
+        fit(params, RandomClips(16, params))
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    params = tiny_params(tmp_path, epochs=3, log_every=1)
+    real_loss, calls = emcl_nb.model.symmetric_infonce, []
+
+    def poisoned(sims, logit_scale):
+        calls.append(1)
+        loss = real_loss(sims, logit_scale)
+        return loss * float("nan") if len(calls) == 5 else loss   # step 4 (epoch 2)
+    monkeypatch.setattr(emcl_nb.model, "symmetric_infonce", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 4 .epoch 2."):
+        fit(params, RandomClips(24, params))
+    assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tmp_path):
+    params = tiny_params(tmp_path)
+    model = build_model(params)
+    groups = {group["name"]: group for group in build_optimizer(model, params).param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
+    assert "clip.logit_scale" in no_decay and "clip.token_embedding.weight" in no_decay
+    assert "clip.ln_final.weight" in no_decay and "frame_position_embeddings.weight" in no_decay
+    assert all(n in no_decay for n in names.values() if n.endswith(".bias"))
+    assert "clip.visual.conv1.weight" not in names.values() or not model.clip.visual.conv1.weight.requires_grad
+    assert groups["clip_decay"]["lr"] == params.lr * params.coef_lr
+    assert groups["new_decay"]["lr"] == params.lr
+
+
+def test_warmup_then_cosine_to_zero():
+    factor = warmup_cosine(100, 0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=1e-6) and factor(100) == pytest.approx(0.0, abs=1e-9)
