@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Notebook checks (nbval) run a smaller synthetic configuration so they stay within minutes.
-NBVAL_OVERRIDES ?= synthetic_train=160 synthetic_test=40 synthetic_val=20 epochs=4 run=nbval progress=false
+NBVAL_OVERRIDES ?= synthetic_train=160 synthetic_test=40 synthetic_val=20 epochs=4 run=nbval \
+  progress=false anno_path=outputs/data/synthetic-nbval video_path=outputs/data/synthetic-nbval/videos
 
-.PHONY: setup demo test test-unit test-notebooks clean
+.PHONY: setup demo test test-unit test-notebooks notebooks clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,11 @@ test-unit: setup
 test-notebooks: setup
 	EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" \
 	  $(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+# Re-execute the notebooks in place with the nbval configuration (refreshes their stored outputs).
+notebooks: setup
+	cd notebooks && EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" ../$(PY) -m jupyter nbconvert \
+	  --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 0*.ipynb
 
 clean:
 	rm -rf $(VENV) outputs/*/ .pytest_cache

@@ -60,6 +60,9 @@ def load_clip(weights: str, cache_dir: str, *, tiny_width: int = 128, tiny_layer
     return model
 
 
+TINY_PATCH_POSITION_STD = 1.0
+
+
 def build_tiny_clip(width: int, layers: int, patch: int, image_size: int) -> CLIP:
     """A random small CLIP: ViT image tower and text transformer of `width` and `layers`,
     embedding dim = width, the real vocabulary and context (so the BPE tokenizer works)."""
@@ -73,6 +76,11 @@ def build_tiny_clip(width: int, layers: int, patch: int, image_size: int) -> CLI
                  vision_width=width, vision_patch_size=patch, context_length=CONTEXT_LENGTH,
                  vocab_size=VOCAB_SIZE, transformer_width=width, transformer_heads=width // 64,
                  transformer_layers=layers)
+    # CLIP draws the patch positions with std width^-0.5: a token's position then carries
+    # ~15 % of its norm, too little for a random tower to learn where things are (and so
+    # which way they move) in a short run. A unit-std table makes position as loud as content.
+    with torch.no_grad():
+        model.visual.positional_embedding.normal_(std=TINY_PATCH_POSITION_STD)
     return model.float()
 
 

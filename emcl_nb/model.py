@@ -118,7 +118,11 @@ class EMCLNet(nn.Module):
                                  f"got max_frames={params.max_frames}")
             self.frame_position_embeddings = nn.Embedding(CONTEXT_LENGTH, D)
             self.transformerClip = TemporalTransformer(D, params.num_hidden_layers, max(1, D // 64))
-            self._copy_from_clip_text()
+            if params.clip_weights != "tiny":
+                # The trick transfers pretrained structure. A random CLIP's text positions are
+                # drawn with std 0.01, 1 % of a frame feature's norm, which would hide the
+                # frame order; the fresh N(0, 1) table keeps it visible.
+                self._copy_from_clip_text()
         elif params.agg_module == "seqLSTM":
             self.lstm_visual = nn.LSTM(input_size=D, hidden_size=D, num_layers=1, batch_first=True)
         elif params.agg_module != "None":

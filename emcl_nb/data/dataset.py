@@ -87,12 +87,23 @@ class _ClipReader:
     def __init__(self, annotations: Annotations, params: Params, train: bool):
         self.annotations, self.params = annotations, params
         self.transform = build_transform(params, annotations.layout, train)
+        self.decoded: dict | None = {} if params.cache_decoded_clips else None
+
+    def _decode(self, video_index: int, start, end):
+        """Sampled frames + mask of a clip, kept in memory when `cache_decoded_clips`."""
+        key = (video_index, start, end)
+        if self.decoded is not None and key in self.decoded:
+            return self.decoded[key]
+        clip = load_clip(self.annotations.video_paths[video_index], self.params.max_frames,
+                         self.params.video_framerate, start, end)
+        if self.decoded is not None:
+            self.decoded[key] = clip
+        return clip
 
     def __call__(self, video_index: int, start, end, seed: int | None):
         path = self.annotations.video_paths[video_index]
         try:
-            frames, mask = load_clip(path, self.params.max_frames, self.params.video_framerate,
-                                     start, end)
+            frames, mask = self._decode(video_index, start, end)
         except VideoReadError as error:
             if self.params.on_bad_sample == "raise":
                 raise
@@ -220,4 +231,5 @@ def build_loader(dataset: Dataset, params: Params, *, train: bool, rank: int = 0
     return DataLoader(dataset, batch_size=total // world_size, sampler=sampler,
                       num_workers=params.num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), drop_last=train,
-                      worker_init_fn=_seed_worker, generator=generator)
+                      worker_init_fn=_seed_worker, generator=generator,
+                      persistent_workers=params.num_workers > 0)

@@ -1,0 +1,115 @@
+"""The paper's ablations as one grid (notebook 04).
+
+Settings that only change the scoring (number of bases, EM iterations, λ, β, block size,
+the basis initialisation) re-score the cached test features of the run's trained model.
+Settings that change training (EMCL off, the non-collapsing bases, momentum) train their
+own run beside it (`<run>-<name>`; a finished run is reused). EMCL as an inference-only
+module is scored on the model trained without EMCL.
+"""
+from __future__ import annotations
+
+from emcl_nb.distributed import DistEnv, resolve_device
+from emcl_nb.emcl import effective_rank
+from emcl_nb.evaluate import (evaluate_features, load_for_evaluation, load_or_encode,
+                              scoring_setup)
+from emcl_nb.io import atomic_write_json, atomic_write_text
+from emcl_nb.params import Params
+from emcl_nb.similarity import score_block
+
+# Re-scoring only: each value is scored on the same cached features.
+SCORING_GRID = {
+    "emcl_bases": (1, 4, 16, 32, 64),
+    "emcl_stages": (1, 3, 9, 15),
+    "emcl_lamd": (0.1, 1.0, 10.0),
+    "emcl_beta": (0.0, 1.0, 3.0, 6.0),
+    "block_size": (8, 32, 128),
+    "emcl_init": ("reference", "distinct"),
+}
+# Trained variants: run-name suffix -> (label, parameter changes).
+TRAINED_VARIANTS = {
+    "emcl-off": ("EMCL off (CLIP4Clip-style baseline)", {"emcl": "off"}),
+    "distinct": ("EMCL, distinct (non-collapsing) bases", {"emcl_init": "distinct"}),
+    "momentum-0.5": ("EMCL, momentum 0.5", {"emcl_momentum": 0.5}),
+}
+
+
+def _row(kind: str, setting: str, value, metrics: dict, rank: int | None = None) -> dict:
+    return {"kind": kind, "setting": setting, "value": value,
+            "t2v_R1": metrics["t2v"]["R1"], "t2v_R5": metrics["t2v"]["R5"],
+            "t2v_MnR": metrics["t2v"]["MnR"], "v2t_R1": metrics["v2t"]["R1"], "rank": rank}
+
+
+def correction_rank(features, model, params: Params, emcl_mode: str | None = None, **overrides) -> int | None:
+    """Effective rank of the EMCL correction β·R on the first evaluation block (None without EMCL)."""
+    scoring = scoring_setup(model, params, emcl_mode, **overrides)
+    if scoring.emcl is None:
+        return None
+    n = scoring.block_size
+    device = model.device
+    score_block(features.text[:n].to(device), features.video[:n].to(device),
+                features.frame_mask[:n].to(device), temp=model.temp, emcl=scoring.emcl,
+                normalize=scoring.normalize)
+    return int(effective_rank(scoring.emcl.beta * scoring.emcl.last.recon))
+
+
+def _load_run(params: Params):
+    """Train `params`' run if it is not finished, then load its last checkpoint."""
+    from emcl_nb.train import train
+    result = train(params)
+    device = resolve_device(params.device, DistEnv())
+    model, run_params, _ = load_for_evaluation(result.last_checkpoint, params, device)
+    return model, run_params
+
+
+def scoring_ablations(params: Params, grid: dict = SCORING_GRID) -> list[dict]:
+    """Re-score the run's trained model on its cached test features for every grid value."""
+    model, run_params = _load_run(params)
+    features = load_or_encode(model, run_params, "test")
+    rows = [_row("trained", "EMCL (trained setting)", run_params.emcl,
+                 evaluate_features(features, run_params, model),
+                 correction_rank(features, model, run_params)),
+            _row("trained", "EMCL switched off at test", "off",
+                 evaluate_features(features, run_params, model, emcl_mode="off"))]
+    for setting, values in grid.items():
+        for value in values:
+            overrides = {setting: value}
+            rows.append(_row("scoring", setting, value,
+                             evaluate_features(features, run_params, model, emcl_mode="on", **overrides),
+                             correction_rank(features, model, run_params, "on", **overrides)))
+    return rows
+
+
+def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list[dict]:
+    """Train each variant as its own run and score its test split; the EMCL-off model is also
+    scored with EMCL as an inference-only module (method.md §7)."""
+    rows = []
+    for suffix, (label, changes) in variants.items():
+        model, run_params = _load_run(params.replace(run=f"{params.run}-{suffix}", **changes))
+        features = load_or_encode(model, run_params, "test")
+        rows.append(_row("trained", label, suffix, evaluate_features(features, run_params, model),
+                         correction_rank(features, model, run_params)))
+        if run_params.emcl == "off":
+            rows.append(_row("trained", "EMCL off + EMCL at inference only", "inference",
+                             evaluate_features(features, run_params, model, emcl_mode="inference"),
+                             correction_rank(features, model, run_params, "inference")))
+    return rows
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """Markdown table of the rows (effective rank of the EMCL correction in the last column)."""
+    lines = ["| setting | value | T2V R@1 | T2V R@5 | T2V MnR | V2T R@1 | rank of β·R |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        rank = "" if row["rank"] is None else str(row["rank"])
+        lines.append(f"| {row['setting']} | {row['value']} | {row['t2v_R1']:.1f} | {row['t2v_R5']:.1f} "
+                     f"| {row['t2v_MnR']:.1f} | {row['v2t_R1']:.1f} | {rank} |")
+    return "\n".join(lines)
+
+
+def run_ablations(params: Params, *, grid: dict = SCORING_GRID,
+                  variants: dict = TRAINED_VARIANTS) -> list[dict]:
+    """Both parts of the grid; writes out_dir/ablations.json and ablations.md."""
+    rows = scoring_ablations(params, grid) + trained_ablations(params, variants)
+    atomic_write_json(params.out_dir / "ablations.json", rows)
+    atomic_write_text(params.out_dir / "ablations.md", ablation_table(rows) + "\n")
+    return rows

@@ -1,0 +1,178 @@
+"""Figures the notebooks show: sampled frames, training curves, recall@K, top-k retrievals.
+
+Every function returns a matplotlib Figure (the notebook shows it and may save it);
+nothing here computes results.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10, 50)
+
+
+def video_frames(params, split: str, video_ids: list[str]) -> np.ndarray:
+    """uint8 [V,T,S,S,3]: the frames the model sees (test sampling and transform) for some
+    videos of `split`; padded or unreadable frames are black."""
+    from emcl_nb.data.annotations import load_annotations
+    from emcl_nb.data.dataset import VideoDataset
+
+    annotations = load_annotations(params, split)
+    dataset = VideoDataset(annotations, params)
+    position = {vid: i for i, vid in enumerate(annotations.video_ids)}
+    S = params.image_size
+    out = np.zeros((len(video_ids), params.max_frames, S, S, 3), dtype=np.uint8)
+    for row, video_id in enumerate(video_ids):
+        item = dataset[position[video_id]]
+        if isinstance(item, dict):
+            out[row] = item["video"].permute(0, 2, 3, 1).numpy()                # [T, S, S, 3]
+    return out
+
+
+def save_figure(fig: plt.Figure, path) -> Path:
+    """Save `fig` as a PNG (creating the folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def frame_grid(frames: np.ndarray, captions: list[str], max_frames: int = 8) -> plt.Figure:
+    """One row per video: its sampled frames [n, T, S, S, 3], under a caption."""
+    n, T = frames.shape[:2]
+    cols = min(T, max_frames)
+    fig = plt.figure(figsize=(1.2 * cols, 1.55 * n), layout="constrained")
+    for row, subfig in enumerate(np.atleast_1d(fig.subfigures(n, 1))):
+        subfig.suptitle(captions[row], x=0.0, ha="left", fontsize=9)
+        for col, ax in enumerate(np.atleast_1d(subfig.subplots(1, cols))):
+            ax.imshow(frames[row, col * T // cols])
+            ax.axis("off")
+    return fig
+
+
+def read_log(log_path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+
+
+def read_history(out_dir: Path) -> list[dict]:
+    """Per-epoch records of a run (loss, validation metrics), from history.json."""
+    return json.loads((Path(out_dir) / "history.json").read_text())
+
+
+def history_table(history: list[dict]) -> str:
+    """Markdown table: epoch, last loss, validation (and reference-protocol test) R@1."""
+    splits = [s for s in ("val", "test") if any(s in record for record in history)]
+    head = "| epoch | loss | " + " | ".join(f"{s} T2V R@1 | {s} V2T R@1" for s in splits) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(splits))]
+    for record in history:
+        cells = [f"{record[s]['t2v']['R1']:.1f} | {record[s]['v2t']['R1']:.1f}" if s in record else " | "
+                 for s in splits]
+        lines.append(f"| {record['epoch']} | {record['loss']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_training(records: list[dict]) -> plt.Figure:
+    """Loss and learning rates per step (from the run's log.jsonl)."""
+    steps = [r["step"] for r in records]
+    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.2))
+    loss_ax.plot(steps, [r["loss"] for r in records], lw=1)
+    loss_ax.set(xlabel="step", ylabel="loss", title="symmetric InfoNCE")
+    for key in sorted(k for k in records[0] if k.startswith("lr_")):
+        lr_ax.plot(steps, [r[key] for r in records], label=key[3:])
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="warm-up + cosine", yscale="log")
+    lr_ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+class LiveTrainingPlot:
+    """`on_log` callback for `train()`: redraws the loss / learning-rate figure in place while
+    a notebook trains (only when `live`; headless runs draw once at the end)."""
+
+    def __init__(self, live: bool, every: int = 5):
+        self.live, self.every, self.records, self.calls, self.handle = live, every, [], 0, None
+
+    def __call__(self, records: list[dict]) -> None:
+        self.records.extend(records)
+        self.calls += 1
+        if self.live and self.calls % self.every == 0:
+            from IPython.display import display
+            fig = plot_training(self.records)
+            if self.handle is None:
+                self.handle = display(fig, display_id=True)
+            else:
+                self.handle.update(fig)
+            plt.close(fig)
+
+
+def plot_recall_at_k(results: dict[str, dict]) -> plt.Figure:
+    """R@1/5/10/50 for each labelled result, text-to-video and video-to-text."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, direction in zip(axes, ("t2v", "v2t")):
+        for label, result in results.items():
+            ax.plot(RECALL_KS, [result[direction][f"R{k}"] for k in RECALL_KS], marker="o", label=label)
+        ax.set(xscale="log", xticks=RECALL_KS, xticklabels=[str(k) for k in RECALL_KS],
+               xlabel="K", title={"t2v": "text → video", "v2t": "video → text"}[direction])
+    axes[0].set_ylabel("recall@K (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_top_k(sim: torch.Tensor, text_video: torch.Tensor, captions: list[str],
+               frames_of: Callable[[list[int]], np.ndarray], queries: list[int],
+               k: int = 5) -> plt.Figure:
+    """For each query caption, its top-k videos (middle sampled frame, score below); the true
+    video is framed in green. `frames_of(video_indices)` -> uint8 [n, T, S, S, 3]."""
+    top = sim[queries].topk(min(k, sim.shape[1]), dim=1).indices                 # [Q, k]
+    frames = frames_of(top.flatten().tolist())                                  # [Q*k, T, S, S, 3]
+    frames = frames[:, frames.shape[1] // 2].reshape(*top.shape, *frames.shape[2:])  # [Q, k, S, S, 3]
+    fig, axes = plt.subplots(len(queries), top.shape[1], figsize=(1.6 * top.shape[1], 1.9 * len(queries)),
+                             squeeze=False, layout="constrained")
+    for row, query in enumerate(queries):
+        for col, video in enumerate(top[row].tolist()):
+            ax = axes[row, col]
+            ax.imshow(frames[row, col])
+            ax.set_xticks([]), ax.set_yticks([])
+            hit = video == int(text_video[query])
+            for spine in ax.spines.values():
+                spine.set(color="tab:green" if hit else "0.7", linewidth=3 if hit else 1)
+            ax.set_xlabel(f"#{col + 1}  {sim[query, video]:.2f}", fontsize=7)
+        axes[row, 0].set_title(captions[query], fontsize=8, loc="left")
+    return fig
+
+
+def plot_ablations(rows: list[dict], metric: str = "t2v_R1") -> plt.Figure:
+    """One panel per scoring setting (metric against the value, effective rank of the EMCL
+    correction annotated), and one panel of the trained variants."""
+    scoring = {}
+    for row in rows:
+        if row["kind"] == "scoring":
+            scoring.setdefault(row["setting"], []).append(row)
+    trained = [row for row in rows if row["kind"] == "trained"]
+    panels = len(scoring) + bool(trained)
+    cols = min(3, panels)
+    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(4.2 * cols, 3.0 * -(-panels // cols)),
+                             squeeze=False)
+    for ax, (setting, group) in zip(axes.flat, scoring.items()):
+        labels = [str(row["value"]) for row in group]
+        ax.plot(range(len(group)), [row[metric] for row in group], marker="o")
+        for i, row in enumerate(group):
+            if row.get("rank") is not None:
+                ax.annotate(f"rank {row['rank']}", (i, row[metric]), fontsize=7,
+                            textcoords="offset points", xytext=(0, 6), ha="center")
+        ax.set(xticks=range(len(group)), xticklabels=labels, title=setting, ylabel=metric)
+    if trained:
+        ax = axes.flat[len(scoring)]
+        ax.barh([row["setting"] for row in trained], [row[metric] for row in trained])
+        ax.set(xlabel=metric, title="trained / scored variants")
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,224 @@
+"""EM attention maps (emcl_nb.attention): the block matches the evaluation scores, its
+invariants hold, the reference recipe collapses and the distinct one does not, the figures
+and the explorer build."""
+import math
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from emcl_nb import attention  # noqa: E402
+from emcl_nb.data.synthetic import generate_synthetic  # noqa: E402
+from emcl_nb.evaluate import Features, encode_split, scoring_setup  # noqa: E402
+from emcl_nb.model import build_model  # noqa: E402
+from emcl_nb.params import Params  # noqa: E402
+from emcl_nb.similarity import score_block  # noqa: E402
+
+N_TEST, A = 6, 4
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory) -> Params:
+    """6 test videos of 6 frames at 3 fps: 2 sampled frames of max_frames 4 (2 padded)."""
+    data = generate_synthetic(tmp_path_factory.mktemp("synthetic"), train=8, val=0, test=N_TEST,
+                              frames=6, fps=3, size=32, workers=1, progress=False)
+    return Params(dataset="tiny", run="r", output_root=str(tmp_path_factory.mktemp("out")),
+                  layout="msrvtt", anno_path=str(data), video_path=str(data / "videos"),
+                  clip_weights="tiny", tiny_width=64, tiny_layers=1, tiny_patch=16, image_size=32,
+                  max_words=16, max_frames=4, num_hidden_layers=1, emcl_bases=8, emcl_stages=9,
+                  batch_size_val=4, inference_emcl_bases=3, num_workers=0, device="cpu",
+                  progress=False)
+
+
+def make_model(params: Params, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(params.replace(**overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def model(params):
+    return make_model(params)
+
+
+@pytest.fixture(scope="module")
+def features(model, params) -> Features:
+    return encode_split(model, params, "test")
+
+
+@pytest.fixture(scope="module")
+def block(model, features) -> attention.EMBlock:
+    return attention.em_block(model, features, range(A))
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def random_features(n: int = 6, frames: int = 4, dim: int = 64, seed: int = 0) -> Features:
+    """Features with a strong common component (like CLIP embeddings); every other video
+    has its second half of frames padded; text i belongs to video i."""
+    g = torch.Generator().manual_seed(seed)
+    common = 2.0 * torch.randn(dim, generator=g)
+    mask = torch.ones(n, frames, dtype=torch.long)
+    mask[::2, frames // 2:] = 0
+    return Features("test", torch.randn(n, dim, generator=g) + common,
+                    torch.randn(n, frames, dim, generator=g) + common, mask, torch.arange(n),
+                    [f"video{i}" for i in range(n)], [f"caption {i}" for i in range(n)])
+
+
+# ---------------------------------------------------------------- the block
+
+def test_block_shapes(block, features):
+    D, K, T = features.text.shape[1], 8, 4
+    V = A                                          # one caption per video: the texts' own videos
+    assert block.video_indices.tolist() == features.text_video[:A].tolist()
+    assert block.positive.tolist() == list(range(A))
+    assert block.w.shape == (A, V, T) and block.frame_mask.shape == (V, T)
+    assert block.z.shape == (D, K)
+    assert block.mu_video.shape == (A, V, K) and block.mu_text.shape == (A, K)
+    assert block.recon.shape == (A * V + A, D)
+    for name in ("text_before", "text_after"):
+        assert getattr(block, name).shape == (A, D)
+    for name in ("video_before", "video_after"):
+        assert getattr(block, name).shape == (A, V, D)
+    assert block.sim.shape == block.sim_plain.shape == (A, V)
+    assert block.captions == features.captions[:A] and len(block.video_ids) == V
+
+
+def test_block_invariants(block):
+    # responsibilities: each column sums to 1 (up to the reference's 1e-6)
+    assert torch.allclose(block.z.sum(0), torch.ones(block.z.shape[1]), atol=1e-4)
+    assert (block.z >= 0).all()
+    # frame weights: zero on padded frames, at most 1 in total over the valid ones
+    padded = block.frame_mask == 0
+    assert padded.any()
+    assert (block.w[:, padded] == 0).all()
+    assert ((block.w.sum(-1) <= 1 + 1e-6) & (block.w.sum(-1) > 0)).all()
+    # the split bases put together again give the reconstruction R = mu Zᵀ
+    mu = torch.cat([block.mu_video.reshape(-1, block.mu_video.shape[-1]), block.mu_text])
+    assert torch.allclose(mu @ block.z.T, block.recon, atol=1e-5)
+    # the embeddings are unit vectors, and S (normalize "after") is their cosine
+    for e in (block.text_before, block.video_before, block.text_after, block.video_after):
+        assert torch.allclose(e.norm(dim=-1), torch.ones(e.shape[:-1]), atol=1e-5)
+    assert torch.allclose(block.sim, torch.einsum("ad,avd->av", block.text_after, block.video_after), atol=1e-5)
+    assert torch.allclose(block.sim_plain, torch.einsum("ad,avd->av", block.text_before, block.video_before),
+                          atol=1e-5)
+    assert not torch.allclose(block.sim, block.sim_plain)          # beta R changed the scores
+
+
+def test_block_scores_are_the_evaluation_scores(block, model, features):
+    vi = block.video_indices
+    t, f, mask = features.text[:A], features.video[vi], features.frame_mask[vi]
+    expected = score_block(t, f, mask, temp=model.temp, emcl=model.emcl)
+    assert torch.allclose(block.sim, expected, atol=1e-6)
+    assert torch.allclose(block.sim_plain, score_block(t, f, mask, temp=model.temp, emcl=None), atol=1e-6)
+    # eval mode: the kept bases did not move
+    before = model.emcl.basis_init.clone()
+    attention.em_block(model, features, range(A))
+    assert torch.equal(model.emcl.basis_init, before)
+
+
+def test_chosen_videos_and_absent_positives(model, features):
+    block = attention.em_block(model, features, [0, 1], [5, 1, 3])
+    assert block.video_ids == [features.video_ids[i] for i in (5, 1, 3)]
+    assert block.positive.tolist() == [-1, 1]                     # video 0 is not in the block
+    assert block.w.shape[:2] == (2, 3) and block.mu_video.shape[:2] == (2, 3)
+
+
+def test_reference_recipe_collapses_and_distinct_bases_do_not(params):
+    features = random_features()
+    reference = attention.em_block(make_model(params, emcl_init="reference"), features, range(6))
+    distinct = attention.em_block(make_model(params, emcl_init="distinct"), features, range(6))
+    assert reference.rank <= 2
+    assert distinct.rank > 2
+    # reference: at most two distinct bases, so at most two distinct responsibility columns
+    columns = {tuple(col) for col in reference.z.T.round(decimals=3).tolist()}
+    assert len(columns) <= 2
+
+
+def test_inference_only_emcl(params, features):
+    """A model trained without EMCL gets the inference-only module (method.md §7):
+    its K, beta, and scores on normalised inputs with no renormalisation afterwards."""
+    model = make_model(params, emcl="off")
+    block = attention.em_block(model, features, range(A))
+    assert block.mode == "inference"
+    assert block.z.shape[1] == params.inference_emcl_bases and block.beta == params.inference_emcl_beta
+    scoring = scoring_setup(model, model.params, "inference")
+    vi = block.video_indices
+    expected = score_block(features.text[:A], features.video[vi], features.frame_mask[vi],
+                           temp=model.temp, emcl=scoring.emcl, normalize="before")
+    assert torch.allclose(block.sim, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="no EM step"):
+        attention.em_block(model, features, range(A), emcl_mode="off")
+
+
+def test_modality_gap_numbers():
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    video = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    assert attention.modality_gap(text, video) == pytest.approx(math.sqrt(2))
+    block = attention.em_block(make_model(Params(clip_weights="tiny", tiny_width=64, tiny_layers=1,
+                                                 image_size=32, num_hidden_layers=1, emcl_bases=8,
+                                                 device="cpu")), random_features(), range(6))
+    for gap in (block.gap_before, block.gap_after):
+        assert math.isfinite(gap) and 0 < gap < 2                  # unit vectors: at most 2 apart
+    assert block.gap_before == pytest.approx(
+        float((block.text_before.mean(0) - block.video_before.reshape(-1, 64).mean(0)).norm()))
+
+
+def test_pca_keeps_distances_of_planar_points():
+    g = torch.Generator().manual_seed(0)
+    plane = torch.linalg.qr(torch.randn(10, 2, generator=g)).Q               # [10, 2] orthonormal
+    x = torch.randn(7, 2, generator=g) @ plane.T + torch.randn(10, generator=g)   # [7, 10] in a plane
+    xy = attention.pca_2d(x)
+    assert xy.shape == (7, 2)
+    assert torch.allclose(torch.cdist(xy, xy), torch.cdist(x, x), atol=1e-4)
+    assert torch.allclose(xy.mean(0), torch.zeros(2), atol=1e-5)
+
+
+# ---------------------------------------------------------------- figures, frames, explorer
+
+def test_plots_return_figures_with_their_axes(block, params, features, tmp_path):
+    frames = attention.video_frames(params, features, block.video_indices)
+    cases = {"responsibilities": (attention.plot_responsibilities(block), 2),     # heat map + colour bar
+             "loadings": (attention.plot_basis_loadings(block), 3),               # videos, texts, colour bar
+             "weights": (attention.plot_frame_weights(block, top=3), 3),          # one bar chart per video
+             "thumbs": (attention.plot_frame_weights(block, frames, top=3), 6),   # + a strip of frames each
+             "gap": (attention.plot_modality_gap(block), 2)}                      # before, after
+    for name, (fig, n_axes) in cases.items():
+        assert isinstance(fig, matplotlib.figure.Figure), name
+        assert len(fig.axes) == n_axes, name
+        assert attention.save_figure(fig, tmp_path / "figures" / f"{name}.png").stat().st_size > 0
+    gap = cases["gap"][0]
+    assert f"{block.gap_before:.3f}" in gap.axes[0].get_title()
+    assert f"{block.gap_after:.3f}" in gap.axes[1].get_title()
+    # the top video is listed first in the frame-weight figure
+    best = int(block.sim[0].argmax())
+    assert cases["weights"][0].axes[0].get_title().startswith(f"#1 {block.video_ids[best]}")
+
+
+def test_video_frames_are_the_sampled_frames(params, features):
+    frames = attention.video_frames(params, features, [2, 0])
+    assert frames.dtype.name == "uint8"
+    assert frames.shape == (2, params.max_frames, params.image_size, params.image_size, 3)
+    mask = features.frame_mask[[2, 0]].bool()
+    assert (frames[~mask.numpy()] == 0).all()                      # padded frames are black
+    assert all(frame.max() > 0 for frame in frames[mask.numpy()])  # real frames are not
+    assert not (frames[0] == frames[1]).all()
+
+
+def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    shown = []
+    real = attention.em_block
+    monkeypatch.setattr(attention, "em_block",
+                        lambda *args, **kw: shown.append(args[2]) or real(*args, **kw))
+    widget = attention.explorer(model, features, top=3)
+    dropdown = widget.children[0]
+    assert len(dropdown.options) == features.n_texts
+    dropdown.value = 4
+    assert shown == [[0], [4]]

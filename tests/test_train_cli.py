@@ -1,0 +1,70 @@
+"""The entry points end to end on a tiny synthetic set: `torchrun` with 2 CPU processes
+(gloo), the evaluation CLI, and the data checks that run before any work."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emcl_nb.data.prepare import DataNotFoundError, ensure_data, split_statistics
+from emcl_nb.params import load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(tmp_path) -> list[str]:
+    return [f"anno_path={tmp_path}/data", f"video_path={tmp_path}/data/videos",
+            f"output_root={tmp_path}/outputs", "synthetic_train=16", "synthetic_val=4",
+            "synthetic_test=6", "synthetic_frames=6", "synthetic_size=32", "image_size=32",
+            "tiny_width=64", "tiny_layers=1", "emcl_bases=4", "emcl_stages=2", "max_frames=2",
+            "max_words=12", "batch_size=8", "batch_size_val=8", "epochs=2", "num_workers=0",
+            "num_threads=1", "progress=false", "run=cli"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("EMCL_NB_OVERRIDES", None)
+    return env
+
+
+def test_torchrun_two_cpu_processes_train_and_only_rank_zero_writes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port=29517", "-m", "emcl_nb.train", "--params", "synthetic",
+               "--set", *tiny_overrides(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "synthetic" / "cli"
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert "val" in history[-1]
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    log = (run_dir / "log.jsonl").read_text().splitlines()
+    assert len(log) == len({json.loads(line)["step"] for line in log})    # one writer: no duplicate steps
+    assert done.stdout.count("epoch 2/2") == 1                             # only rank 0 reports
+
+    evaluated = subprocess.run([sys.executable, "-m", "emcl_nb.evaluate", "--params", "synthetic",
+                                "--set", *tiny_overrides(tmp_path)],
+                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["results"]["last"]["n_videos"] == 6
+    assert "| last (epoch 2) |" in evaluated.stdout
+
+
+def test_missing_real_data_is_named_before_any_work(tmp_path):
+    params = load_params("msvd", [f"anno_path={tmp_path}/anns", f"video_path={tmp_path}/videos"],
+                         use_env=False)
+    with pytest.raises(DataNotFoundError) as error:
+        ensure_data(params)
+    message = str(error.value)
+    assert "raw-captions.pkl" in message and "train_list.txt" in message and "anno_path" in message
+
+
+def test_split_statistics_of_the_synthetic_set(tmp_path):
+    params = load_params("synthetic", tiny_overrides(tmp_path), use_env=False)
+    ensure_data(params, progress=False)
+    table = split_statistics(params)
+    assert "| train | 16 | 112 | 7.0 |" in table          # 7 paraphrases per training video
+    assert "| test | 6 | 6 | 1.0 |" in table
