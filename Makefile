@@ -24,12 +24,15 @@ test: setup test-unit test-notebooks
 test-unit: setup
 	$(PY) -m pytest tests
 
+# nbval re-runs the notebooks from scratch: a run left by an earlier check would be reused.
 test-notebooks: setup
+	rm -rf outputs/synthetic/nbval outputs/synthetic/nbval-* outputs/data/synthetic-nbval
 	EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" \
-	  $(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	  $(PY) -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 # Re-execute the notebooks in place with the nbval configuration (refreshes their stored outputs).
 notebooks: setup
+	rm -rf outputs/synthetic/nbval outputs/synthetic/nbval-* outputs/data/synthetic-nbval
 	cd notebooks && EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" ../$(PY) -m jupyter nbconvert \
 	  --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 0*.ipynb
 

@@ -53,11 +53,10 @@ def correction_rank(features, model, params: Params, emcl_mode: str | None = Non
 
 
 def _load_run(params: Params):
-    """Train `params`' run if it is not finished, then load its last checkpoint."""
-    from emcl_nb.train import train
-    result = train(params)
+    """Train `params`' run if it has no checkpoint, then load its last checkpoint."""
+    from emcl_nb.train import ensure_trained
     device = resolve_device(params.device, DistEnv())
-    model, run_params, _ = load_for_evaluation(result.last_checkpoint, params, device)
+    model, run_params, _ = load_for_evaluation(ensure_trained(params), params, device)
     return model, run_params
 
 
@@ -80,11 +79,18 @@ def scoring_ablations(params: Params, grid: dict = SCORING_GRID) -> list[dict]:
 
 
 def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list[dict]:
-    """Train each variant as its own run and score its test split; the EMCL-off model is also
-    scored with EMCL as an inference-only module (method.md §7)."""
+    """Train each variant as its own run (`ablation_epochs` each) and score its test split; the
+    EMCL-off model is also scored with EMCL as an inference-only module (method.md §7). With
+    a budget other than the main run's, the reference recipe is trained on it too, so that
+    every trained row is compared at the same budget."""
+    epochs = params.ablation_epochs or params.epochs
+    if epochs != params.epochs:
+        variants = {"reference": ("EMCL, reference recipe", {}), **variants}
     rows = []
     for suffix, (label, changes) in variants.items():
-        model, run_params = _load_run(params.replace(run=f"{params.run}-{suffix}", **changes))
+        variant = params.replace(run=f"{params.run}-{suffix}", epochs=epochs, **changes)
+        model, run_params = _load_run(variant)
+        label = f"{label} ({epochs} epochs)"
         features = load_or_encode(model, run_params, "test")
         rows.append(_row("trained", label, suffix, evaluate_features(features, run_params, model),
                          correction_rank(features, model, run_params)))

@@ -83,15 +83,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (for logging), identity for one process."""
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

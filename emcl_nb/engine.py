@@ -177,12 +177,32 @@ class StepLog:
             self.on_log(records)
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint we resume from."""
+def _truncate_log(path: Path, steps_done: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (steps are numbered from 0)."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= last_step]
+                if line.strip() and json.loads(line)["step"] < steps_done]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# Parameters that shape the model, the data order or the optimisation: a run resumes only
+# with the values it was started with (anything else would not continue it exactly).
+RESUME_FIELDS = ("seed", "layout", "msrvtt_train_csv", "msrvtt_val_csv", "max_words", "max_frames",
+                 "video_framerate", "image_size", "train_augment", "clip_weights", "tiny_width",
+                 "tiny_layers", "tiny_patch", "agg_module", "num_hidden_layers", "temp", "emcl",
+                 "emcl_bases", "emcl_stages", "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init",
+                 "epochs", "batch_size", "lr", "coef_lr", "weight_decay", "warmup_proportion",
+                 "grad_clip", "freeze_patch_embedding", "precision")
+
+
+def check_resumable(params: Params, saved: dict, path: Path) -> None:
+    changed = {key: (saved[key], getattr(params, key)) for key in RESUME_FIELDS
+               if key in saved and saved[key] != getattr(params, key)}
+    if changed:
+        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise TrainingSetupError(
+            f"{path} was trained with other parameters ({listed}); resuming would not continue "
+            f"that run. Use another run name (run=...), or --no-resume to start over.")
 
 
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
@@ -221,6 +241,7 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
     start_epoch, step, history, best_score = 0, 0, [], -math.inf
     if resume and last_path.exists():
         state = read_checkpoint(last_path)
+        check_resumable(params, state["params"], last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -236,7 +257,6 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         out_dir.mkdir(parents=True, exist_ok=True)
         if log_path.exists():
             log_path.unlink()
-    if env.is_main:
         save_params(params, out_dir / "params.yaml")
 
     if env.world_size > 1:
@@ -268,9 +288,9 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
             torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
             scheduler.step()
             unwrap(model).clamp_logit_scale()
-            lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
             step_log.add(step, epoch, loss, lrs)
             step += 1
             if not step_log.pending and env.is_main:     # just flushed: no extra host sync

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
 from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from emcl_nb.metrics import DSL, PLAIN, evaluate_similarity, format_table
-from emcl_nb.params import CHOICES, Params, ParamsError, load_params, parse_overrides
+from emcl_nb.params import CHOICES, REPO_ROOT, Params, ParamsError, load_params, parse_overrides
 from emcl_nb.similarity import similarity_matrix
 
 # Settings that change only the scoring, never the features: `score` accepts them as overrides.
@@ -45,7 +45,8 @@ SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_
 EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
                  "emcl_beta": "beta", "emcl_init": "init"}
 # Data / encoding parameters that change the features (part of the cache key).
-FEATURE_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
+FEATURE_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_size",
+                  "on_bad_sample")
 # Parameters that define the trained model: taken from our checkpoints when evaluating them.
 MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
                 "agg_module", "num_hidden_layers", "temp", "emcl", "emcl_bases", "emcl_stages",
@@ -162,15 +163,24 @@ def _drop_videos(features: Features, present: torch.Tensor) -> Features:
 
 def weights_fingerprint(model) -> str:
     """SHA-256 of the encoder weights (names, dtypes, shapes, bytes). The EMCL bases are left
-    out: they act after encoding, so re-scoring with other bases reuses the features."""
+    out: they act after encoding, so re-scoring with other bases reuses the features.
+
+    Cached on the model (`_emcl_nb_fingerprint`) and recomputed only when a tensor is
+    replaced or updated in place (its storage or version counter changes). Writes through
+    `tensor.data` bypass the version counter and are not seen."""
+    encoder = sorted((name, tensor) for name, tensor in model.state_dict(keep_vars=True).items()
+                     if not name.startswith("emcl."))
+    stamp = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in encoder)
+    cached = getattr(model, "_emcl_nb_fingerprint", None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith("emcl."):
-            continue
+    for name, tensor in encoder:
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    model._emcl_nb_fingerprint = (stamp, digest.hexdigest())
+    return model._emcl_nb_fingerprint[1]
 
 
 def annotations_fingerprint(annotations) -> str:
@@ -347,9 +357,13 @@ def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
     """The per-epoch validation for `engine.fit`: {"val": metrics} when the layout has a
     validation split that is not the test set and params.eval_every_epoch, plus
     {"test": metrics} when params.reference_selection (the reference protocol, reported
-    as its own row). None when neither applies. Features are not cached (weights change)."""
+    as its own row). None when neither applies, and on every process but the main one
+    (`engine.fit` validates on rank 0 only). Features are not cached (weights change)."""
     from emcl_nb.data.annotations import has_split, load_annotations
+    from emcl_nb.distributed import env_from_torchrun
 
+    if not env_from_torchrun().is_main:
+        return None
     splits = [split for split, wanted in (("val", params.eval_every_epoch and has_split(params, "val")),
                                           ("test", params.reference_selection)) if wanted]
     if not splits:
@@ -367,12 +381,13 @@ def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
 # 5. Evaluating a run's checkpoints
 # ---------------------------------------------------------------------------------------
 
-def load_for_evaluation(path: Path, params: Params, device: torch.device):
+def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
     """(model, params, load report) for a checkpoint file. Our checkpoints carry their run's
     parameters: the model is built with their MODEL_FIELDS (a note says where they differ
     from `params`); a reference checkpoint is built from `params` as given."""
     from emcl_nb.model import build_model
 
+    path = Path(path)
     state = read_checkpoint(path)
     trained = state.get("params") if isinstance(state, dict) and "format" in state else None
     if trained:
@@ -419,7 +434,7 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
              "- rank = 1 + the number of candidates scored strictly higher than the true one "
              "(ties count in the query's favour).",
              f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
-    if REFERENCE_PROTOCOL in results:
+    if any(label.startswith(REFERENCE_PROTOCOL) for label in results):
         lines.append(f"- '{REFERENCE_PROTOCOL}': the epoch with the best test T2V R@1, as the "
                      "reference code selects; optimistic, only for comparing with the paper.")
     for label, result in results.items():
@@ -429,15 +444,25 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
     return "\n".join(lines) + "\n"
 
 
+def _checkpoint_path(entry: str | Path, params: Params) -> Path:
+    """out_dir/checkpoints/<entry>.pt for "best" / "last"; otherwise the path given, a
+    relative one taken from the repository root (as params paths are)."""
+    if entry in ("best", "last"):
+        return params.out_dir / "checkpoints" / f"{entry}.pt"
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "test",
                  emcl_mode: str | None = None, name: str = "metrics", cache: bool = True,
                  **overrides) -> dict:
     """Evaluate a run's checkpoints on `split` and write out_dir/<name>.json and .md.
 
     `checkpoints`: "best" / "last" (out_dir/checkpoints/<name>.pt; a missing best.pt is
-    skipped) or paths (ours or reference-code files). With history.json holding per-epoch
-    test metrics (params.reference_selection), a "reference protocol (selected on test)"
-    row is added. `overrides`: SCORING_FIELDS, see `score`.
+    skipped) or paths (ours or reference-code files; relative ones from the repository
+    root). With history.json holding per-epoch test metrics (params.reference_selection),
+    a "reference protocol (selected on test)" row is added. `overrides`: SCORING_FIELDS,
+    see `score`.
     """
     from emcl_nb.distributed import DistEnv, resolve_device
     from emcl_nb.engine import configure_torch
@@ -446,8 +471,7 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
     device = resolve_device(params.device, DistEnv())
     results, rows = {}, {}
     for entry in checkpoints:
-        path = Path(entry).expanduser() if entry not in ("best", "last") else \
-            params.out_dir / "checkpoints" / f"{entry}.pt"
+        path = _checkpoint_path(entry, params)
         if entry == "best" and not path.is_file():
             note(f"no {path} (no validation split selected a best epoch); evaluating last only")
             continue
@@ -483,7 +507,8 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default="synthetic",
                         help="a dataset name (params/<name>.yaml) or a path to a YAML file")
     parser.add_argument("--checkpoint", action="append", metavar="PATH",
-                        help="a checkpoint file to evaluate (ours or the reference code's); "
+                        help="a checkpoint file to evaluate (ours or the reference code's; "
+                             "a relative path is taken from the repository root); "
                              "repeatable. Default: the run's best.pt (if any) and last.pt")
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--emcl", choices=CHOICES["emcl"], default=None,

@@ -48,7 +48,11 @@ def query_ranks(sim, target=None) -> torch.Tensor:
     Ties with the true candidate count in the query's favour (a query tied with every
     candidate gets rank 1). Any NaN (true score or not) raises ValueError naming the query.
     """
-    sim = _as_matrix(sim)
+    return _query_ranks(_as_matrix(sim), target)
+
+
+def _query_ranks(sim: torch.Tensor, target) -> torch.Tensor:
+    """`query_ranks` of a matrix already checked by `_as_matrix`."""
     n_queries, n_candidates = sim.shape
     if target is None:
         if n_queries != n_candidates:
@@ -110,7 +114,11 @@ def group_best_scores(sim, text_video) -> torch.Tensor:
     Group g holds the captions of video g, so the true group of video v is g = v
     (a segment max over the text axis, no loop over queries).
     """
-    sim = _as_matrix(sim)
+    return _group_best_scores(_as_matrix(sim), text_video)
+
+
+def _group_best_scores(sim: torch.Tensor, text_video) -> torch.Tensor:
+    """`group_best_scores` of a matrix already checked by `_as_matrix`."""
     n_texts, n_videos = sim.shape
     text_video = _check_text_video(text_video, n_texts, n_videos, sim.device)
     best = sim.new_full((n_videos, n_videos), -math.inf)               # [groups, videos]
@@ -119,18 +127,16 @@ def group_best_scores(sim, text_video) -> torch.Tensor:
     return best.t()                                                    # [videos, groups]
 
 
-def _t2v_metrics(sim, text_video) -> dict:
-    """Text-to-video: rank the rows of `sim` [texts, videos]."""
-    if text_video is None:
-        return retrieval_metrics(sim)
-    return metrics_from_ranks(query_ranks(sim, text_video))
+def _t2v_metrics(sim: torch.Tensor, text_video) -> dict:
+    """Text-to-video: rank the rows of a checked `sim` [texts, videos]."""
+    return metrics_from_ranks(_query_ranks(sim, text_video))
 
 
-def _v2t_metrics(sim, text_video) -> dict:
-    """Video-to-text: rank the rows of `sim`ᵀ, or of the caption-group maxima (MSVD)."""
+def _v2t_metrics(sim: torch.Tensor, text_video) -> dict:
+    """Video-to-text: rank the rows of a checked `sim`ᵀ, or of the caption-group maxima (MSVD)."""
     if text_video is None:
-        return retrieval_metrics(_as_matrix(sim).t())
-    return retrieval_metrics(group_best_scores(sim, text_video))
+        return metrics_from_ranks(_query_ranks(sim.t(), None))
+    return metrics_from_ranks(_query_ranks(_group_best_scores(sim, text_video), None))
 
 
 def multi_sentence_metrics(sim, text_video) -> dict:
@@ -142,6 +148,7 @@ def multi_sentence_metrics(sim, text_video) -> dict:
     v2t: each video ranked against caption groups (best caption score per group), target
     its own group. Same tie and NaN rules as `retrieval_metrics`.
     """
+    sim = _as_matrix(sim)
     return {"t2v": _t2v_metrics(sim, text_video), "v2t": _v2t_metrics(sim, text_video)}
 
 
@@ -155,11 +162,15 @@ def dsl(sim, temp: float = 0.01, dim: int = 0) -> torch.Tensor:
     column underflows to exactly 0 for every score ~1 below the column's best (exp(-104)),
     which would turn distinct scores into ties.
     """
+    return _dsl(_as_matrix(sim), temp, dim)
+
+
+def _dsl(sim: torch.Tensor, temp: float, dim: int) -> torch.Tensor:
+    """`dsl` of a matrix already checked by `_as_matrix`."""
     if temp <= 0:
         raise ValueError(f"DSL temperature must be > 0, got {temp}")
-    sim = _as_matrix(sim).double()
-    n_texts = sim.shape[0]
-    return sim * torch.softmax(sim / temp, dim=dim) * n_texts
+    sim = sim.double()
+    return sim * torch.softmax(sim / temp, dim=dim) * sim.shape[0]
 
 
 def evaluate_similarity(sim, text_video=None, dsl_temps=(0.01, 0.01)) -> dict:
@@ -173,8 +184,9 @@ def evaluate_similarity(sim, text_video=None, dsl_temps=(0.01, 0.01)) -> dict:
     results = {PLAIN: {"t2v": _t2v_metrics(sim, text_video), "v2t": _v2t_metrics(sim, text_video)}}
     if dsl_temps is not None:
         t2v_temp, v2t_temp = dsl_temps
-        results[DSL] = {"t2v": _t2v_metrics(dsl(sim, t2v_temp, dim=0), text_video),
-                        "v2t": _v2t_metrics(dsl(sim, v2t_temp, dim=1), text_video)}
+        # checked again: infinite scores turn into NaN under the softmax
+        t2v, v2t = _as_matrix(_dsl(sim, t2v_temp, 0)), _as_matrix(_dsl(sim, v2t_temp, 1))
+        results[DSL] = {"t2v": _t2v_metrics(t2v, text_video), "v2t": _v2t_metrics(v2t, text_video)}
     return results
 
 

@@ -199,9 +199,8 @@ class EMCLNet(nn.Module):
         return block_logits(t, v, emcl, normalize)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Symmetric InfoNCE over the global batch (t, f, frame_mask gathered over ranks)."""
-        batch = {k: batch[k].to(self.device, non_blocking=True)
-                 for k in ("text_ids", "text_mask", "video", "frame_mask")}
+        """Symmetric InfoNCE over the global batch (t, f, frame_mask gathered over ranks).
+        The batch must already be on the model's device (engine.fit moves it)."""
         t = self.encode_text(batch["text_ids"], batch["text_mask"])               # [B, D]
         f = self.encode_video(batch["video"], batch["frame_mask"])                # [B, T, D]
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
@@ -214,29 +213,6 @@ class EMCLNet(nn.Module):
         """Keep logit_scale <= ln 100 (called after every optimiser step)."""
         with torch.no_grad():
             self.clip.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-
-    # ---- evaluation-time EMCL ----
-
-    def inference_emcl(self, seed: int | None = None) -> EMCL:
-        """EMCL as an inference-only module (method.md §7): reference init with fixed bases
-        drawn from `seed` (params.seed by default), the inference_emcl_* settings, eval mode.
-        Score with normalize="before" (normalised inputs, no renormalisation afterwards)."""
-        p = self.params
-        generator = torch.Generator().manual_seed(p.seed if seed is None else seed)
-        module = EMCL(p.inference_emcl_bases, p.inference_emcl_stages, p.emcl_momentum,
-                      p.inference_emcl_lamd, p.inference_emcl_beta, init="reference",
-                      generator=generator)
-        return module.to(self.device).eval()
-
-    def evaluation_scoring(self) -> tuple[EMCL | None, str]:
-        """(emcl module, normalize) for block_logits at evaluation, from params.emcl:
-        on -> (self.emcl, "after"); off -> (None, "after"); inference -> (inference_emcl(), "before").
-        Call once per evaluation: the inference module is built fresh each time."""
-        if self.params.emcl == "on":
-            return self.emcl, "after"
-        if self.params.emcl == "inference":
-            return self.inference_emcl(), "before"
-        return None, "after"
 
 
 def build_model(params: Params) -> EMCLNet:

@@ -133,7 +133,7 @@ def full_similarity(t, f, frame_mask, *, temp: float, emcl=None, normalize: str 
 def similarity_matrix(t, f, frame_mask, *, temp: float, emcl, block_size: int,
                       normalize: str = "after", max_blocks_per_batch: int | None = None) -> torch.Tensor:
     """The evaluation matrix [A, V]: batched blocks when EMCL is used, a chunked cosine when
-    not. `emcl, normalize` as returned by `EMCLNet.evaluation_scoring()`."""
+    not. `emcl, normalize` as set by `evaluate.scoring_setup`."""
     if emcl is None or block_size >= max(t.shape[0], f.shape[0]):
         return full_similarity(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize)
     return block_similarity(t, f, frame_mask, temp=temp, emcl=emcl, block_size=block_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 from emcl_nb import distributed
 from emcl_nb.engine import FitResult, fit
@@ -37,16 +38,26 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
         distributed.cleanup()
 
 
+def ensure_trained(params: Params) -> Path:
+    """The run's last checkpoint; trains the run first when it has none (a run that has one,
+    finished or not, is used as it is)."""
+    last = params.out_dir / "checkpoints" / "last.pt"
+    return last if last.is_file() else train(params).last_checkpoint
+
+
 def launch_torchrun(dataset: str, overrides: str = "", *, nproc_per_node: int, nnodes: int = 1,
                     rdzv_endpoint: str = "") -> None:
     """Run this module under torchrun as a subprocess (from a notebook); a failed launch raises.
-    Multi-node: call it on every node with the same `rdzv_endpoint` (HOST:PORT)."""
+    One node: `--standalone` (a free local port, no port clash between runs). Multi-node: call
+    it on every node with the same `rdzv_endpoint` (HOST:PORT, c10d rendezvous)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
                f"--nnodes={nnodes}"]
     if nnodes > 1:
         if not rdzv_endpoint:
             raise ValueError("a multi-node launch needs rdzv_endpoint=HOST:PORT (the same on every node)")
         command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
+    else:
+        command.append("--standalone")
     command += ["-m", "emcl_nb.train", "--params", dataset, "--set", *overrides.split()]
     print("$", " ".join(command))
     subprocess.run(command, check=True)

@@ -16,13 +16,14 @@ import torch
 RECALL_KS = (1, 5, 10, 50)
 
 
-def video_frames(params, split: str, video_ids: list[str]) -> np.ndarray:
+def video_frames(params, split: str, video_ids: list[str], *, annotations=None) -> np.ndarray:
     """uint8 [V,T,S,S,3]: the frames the model sees (test sampling and transform) for some
-    videos of `split`; padded or unreadable frames are black."""
+    videos of `split`; padded or unreadable frames are black. Pass the split's
+    `annotations` when already loaded, to skip reading them (and walking the videos) again."""
     from emcl_nb.data.annotations import load_annotations
     from emcl_nb.data.dataset import VideoDataset
 
-    annotations = load_annotations(params, split)
+    annotations = annotations if annotations is not None else load_annotations(params, split)
     dataset = VideoDataset(annotations, params)
     position = {vid: i for i, vid in enumerate(annotations.video_ids)}
     S = params.image_size

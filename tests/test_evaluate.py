@@ -1,6 +1,7 @@
 """Evaluation runner on a tiny synthetic MSR-VTT set and the tiny CLIP: reference-checkpoint
 loading, the feature cache, the three EMCL scoring modes, validation and the run report."""
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from emcl_nb import evaluate
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, save_checkpoint, seeded_emcl
 from emcl_nb.data.synthetic import generate_synthetic
 from emcl_nb.model import build_model
-from emcl_nb.params import Params, ParamsError
+from emcl_nb.params import REPO_ROOT, Params, ParamsError
 from emcl_nb.similarity import similarity_matrix
 
 N_TEST, N_VAL, CAPTIONS_PER_VIDEO = 6, 3, 7     # synthetic: 7 captions per video in MSRVTT_data.json
@@ -205,9 +206,14 @@ def test_inference_only_emcl_on_a_model_trained_without_it(params):
     torch.testing.assert_close(plain, evaluate.score(features, params, model, emcl_mode="off"))
     inference = evaluate.score(features, params, model, emcl_mode="inference")
     assert torch.isfinite(inference).all() and not torch.allclose(inference, plain)
-    # the same module and scoring as the model's own inference_emcl() (method.md §7)
+    # inference-only EMCL (method.md §7): inference_emcl_* settings, reference init drawn
+    # from params.seed, normalised inputs
+    module = seeded_emcl(params.seed, num_bases=params.inference_emcl_bases,
+                         stage_num=params.inference_emcl_stages, momentum=params.emcl_momentum,
+                         lamd=params.inference_emcl_lamd, beta=params.inference_emcl_beta,
+                         init="reference", dim=model.embed_dim)
     oracle = similarity_matrix(features.text, features.video, features.frame_mask, temp=model.temp,
-                               emcl=model.inference_emcl(), block_size=params.inference_block_size,
+                               emcl=module, block_size=params.inference_block_size,
                                normalize="before")
     torch.testing.assert_close(inference, oracle, rtol=0, atol=0)
     # with beta 0 EMCL adds nothing: normalised inputs, no renormalisation -> the plain cosine
@@ -267,8 +273,20 @@ def test_evaluate_run_writes_best_last_and_reference_rows(params):
     for row in ("| best on val (epoch 1) |", "| last (epoch 2) |",
                 "| last (epoch 2) + DSL (whole test query bank) |",
                 "| reference protocol (selected on test), epoch 1 |",
-                "| code release (published) | 48.2 |"):
+                "| code release (published) | 48.2 |",
+                "- 'reference protocol (selected on test)': the epoch with the best test"):
         assert row in markdown, row
+
+
+def test_checkpoint_paths_are_taken_from_the_repository_root(params, tmp_path, monkeypatch):
+    write_run(params)
+    last = params.out_dir / "checkpoints" / "last.pt"
+    relative = os.path.relpath(last, REPO_ROOT)
+    monkeypatch.chdir(tmp_path)
+    assert evaluate._checkpoint_path(relative, params) == REPO_ROOT / relative
+    assert evaluate._checkpoint_path(last, params) == last
+    _, _, report = evaluate.load_for_evaluation(str(REPO_ROOT / relative), params, torch.device("cpu"))
+    assert report.epoch == 2
 
 
 def test_evaluate_run_without_best_and_the_command_line(params, capsys):

@@ -9,10 +9,17 @@ import torch.nn.functional as F
 
 from emcl_nb.clip_backbone import normalize_frames
 from emcl_nb.emcl import EMCL
+from emcl_nb.evaluate import scoring_setup
 from emcl_nb.loss import symmetric_infonce
-from emcl_nb.model import block_logits, pool_frames
+from emcl_nb.model import EMCLNet, block_logits, pool_frames
 
 AGGS = ["None", "seqLSTM", "seqTransf"]
+
+
+def evaluation_scoring(model):
+    """(emcl module, normalize) that evaluation uses for the model's own params.emcl."""
+    scoring = scoring_setup(model, model.params)
+    return scoring.emcl, scoring.normalize
 
 
 def scores(model, batch, emcl="model"):
@@ -87,8 +94,9 @@ def test_temporal_transformer_is_non_causal_and_residual(make_model, make_batch)
     assert torch.allclose(h, 2 * frames + positions, atol=1e-5)
 
 
-def test_init_trick_copies_clip_text_weights(make_model):
-    model = make_model(agg_module="seqTransf")                     # 3 temporal layers, CLIP text has 2
+def test_init_trick_copies_clip_text_weights(tiny_clip, tiny_params):
+    # loaded weights (any clip_weights but "tiny") get the trick; 3 temporal layers, CLIP text has 2
+    model = EMCLNet(tiny_clip, tiny_params.replace(clip_weights="ViT-B-32.pt"))
     assert torch.equal(model.frame_position_embeddings.weight, model.clip.positional_embedding)
     ours, theirs = model.transformerClip.resblocks, model.clip.transformer.resblocks
     for i in range(2):
@@ -100,6 +108,14 @@ def test_init_trick_copies_clip_text_weights(make_model):
                 "transformerClip.resblocks.0.attn.in_proj_weight", "transformerClip.resblocks.2.ln_2.bias",
                 "emcl.basis_init"):
         assert key in keys
+
+
+def test_random_clip_keeps_a_visible_frame_position_table(make_model):
+    """A random CLIP's text positions (std 0.01) would hide the frame order: not copied."""
+    model = make_model(agg_module="seqTransf")
+    table = model.frame_position_embeddings.weight
+    assert not torch.equal(table, model.clip.positional_embedding)
+    assert table.std() > 50 * model.clip.positional_embedding.std()
 
 
 def test_pool_frames_matches_formula():
@@ -168,21 +184,21 @@ def test_emcl_modes(make_model, make_batch):
         f = off.encode_video(batch["video"], batch["frame_mask"])
         want = symmetric_infonce(off.score(t, f, batch["frame_mask"], emcl=None), off.clip.logit_scale)
         assert torch.allclose(off(batch), want, atol=1e-6)
-    assert off.evaluation_scoring() == (None, "after")
+    assert evaluation_scoring(off) == (None, "after")
 
     on = make_model(emcl="on").train()
     m0 = on.emcl.basis_init.clone()
     on(batch)
     assert not torch.equal(on.emcl.basis_init, m0)                  # training updates the bases
-    assert on.evaluation_scoring() == (on.emcl, "after")
+    assert evaluation_scoring(on) == (on.emcl, "after")
 
     inference = make_model(emcl="inference")
-    module, normalize = inference.evaluation_scoring()
+    module, normalize = evaluation_scoring(inference)
     p = inference.params
     assert normalize == "before" and not module.training
     assert (module.num_bases, module.stage_num, module.lamd, module.beta) == (
         p.inference_emcl_bases, p.inference_emcl_stages, p.inference_emcl_lamd, p.inference_emcl_beta)
-    assert torch.equal(module.basis_init, inference.inference_emcl().basis_init)   # fixed by the seed
+    assert torch.equal(module.basis_init, evaluation_scoring(inference)[0].basis_init)   # fixed by the seed
 
 
 def test_optimiser_steps_lower_the_loss(make_model, make_batch):

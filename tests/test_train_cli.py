@@ -31,7 +31,7 @@ def _env():
 
 def test_torchrun_two_cpu_processes_train_and_only_rank_zero_writes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port=29517", "-m", "emcl_nb.train", "--params", "synthetic",
+               "--standalone", "-m", "emcl_nb.train", "--params", "synthetic",
                "--set", *tiny_overrides(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -90,7 +90,10 @@ def split_files(params: Params, split: str) -> list[Path] | None:
         raise AnnotationError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     root = Path(params.anno_path).expanduser()
     names = {
-        "msrvtt": {"train": [params.msrvtt_train_csv, "MSRVTT_data.json"],
+        # MSR-VTT training leaves out the held-out validation ids (MSRVTT_val.full.csv lies
+        # inside the 9k training list): the third file, when a validation list is set.
+        "msrvtt": {"train": [params.msrvtt_train_csv, "MSRVTT_data.json"]
+                            + ([params.msrvtt_val_csv] if params.msrvtt_val_csv else []),
                    "val": [params.msrvtt_val_csv, "MSRVTT_data.json"] if params.msrvtt_val_csv else None,
                    "test": ["MSRVTT_JSFUSION_test.csv"]},
         "msvd": {s: [f"{s}_list.txt", "raw-captions.pkl"] for s in SPLITS},
@@ -167,6 +170,9 @@ def _msrvtt(files: list[Path], split: str):
         rows = _read_csv(files[0], ("video_id", "sentence"))
         return [Sample(row["sentence"], row["video_id"]) for row in rows], []
     listed = [row["video_id"] for row in _read_csv(files[0], ("video_id",))]
+    if len(files) == 3:                                   # train minus the held-out validation ids
+        held_out = {row["video_id"] for row in _read_csv(files[2], ("video_id",))}
+        listed = [video_id for video_id in listed if video_id not in held_out]
     wanted = set(listed)
     sentences = _read_json(files[1], dict).get("sentences")
     if not isinstance(sentences, list):

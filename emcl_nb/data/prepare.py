@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from emcl_nb.data.annotations import SPLITS, split_files
-from emcl_nb.data.synthetic import generate_synthetic
+from emcl_nb.data.synthetic import generate_from_params
 from emcl_nb.params import Params
 
 # Where each benchmark's annotations and videos come from (the release README's sources).
@@ -44,12 +44,7 @@ def ensure_data(params: Params, *, progress: bool | None = None) -> Path:
     """Generate the synthetic set (when `params.synthetic`) or check that the annotation
     files and the video folder exist. Returns the annotation folder."""
     if params.synthetic:
-        return generate_synthetic(
-            params.anno_path, train=params.synthetic_train, val=params.synthetic_val,
-            test=params.synthetic_test, seed=params.seed, frames=params.synthetic_frames,
-            fps=params.synthetic_fps, size=params.synthetic_size,
-            distractors=params.synthetic_distractors,
-            progress=params.progress if progress is None else progress)
+        return generate_from_params(params, progress)
     missing = [f"{split}: {name}" for split, files in annotation_status(params).items()
                if split != "val" for name, present in files.items() if not present]
     if missing:

@@ -238,7 +238,7 @@ def generate_from_params(params, progress: bool | None = None) -> Path:
                          f"anno_path/videos ({anno / 'videos'}); set video_path to it")
     return generate_synthetic(
         anno, train=params.synthetic_train, test=params.synthetic_test, val=params.synthetic_val,
-        seed=params.seed, frames=params.synthetic_frames, fps=params.synthetic_fps,
+        seed=params.synthetic_seed, frames=params.synthetic_frames, fps=params.synthetic_fps,
         size=params.synthetic_size, distractors=params.synthetic_distractors,
         progress=params.progress if progress is None else progress)
 
