@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Notebook checks (nbval) run a smaller synthetic configuration so they stay within minutes.
-NBVAL_OVERRIDES ?= synthetic_train=160 synthetic_test=40 synthetic_val=20 epochs=4 run=nbval \
+NBVAL_OVERRIDES ?= synthetic_train=160 synthetic_test=40 synthetic_val=20 epochs=3 ablation_epochs=1 run=nbval \
   progress=false anno_path=outputs/data/synthetic-nbval video_path=outputs/data/synthetic-nbval/videos
 
 .PHONY: setup demo test test-unit test-notebooks notebooks clean

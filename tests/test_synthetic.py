@@ -123,7 +123,7 @@ def test_distractors_are_drawn_and_bad_arguments_rejected(tmp_path):
 
 def test_generate_from_params_uses_the_synthetic_fields(tiny, tmp_path):
     params = Params(anno_path=str(tmp_path / "p"), video_path=str(tmp_path / "p" / "videos"),
-                    seed=3, synthetic_train=6, synthetic_val=2, synthetic_test=4,
+                    synthetic_seed=3, synthetic_train=6, synthetic_val=2, synthetic_test=4,
                     synthetic_frames=6, synthetic_fps=3, synthetic_size=32, progress=False)
     assert digests(generate_from_params(params)) == digests(tiny)
     with pytest.raises(ValueError, match="video_path"):

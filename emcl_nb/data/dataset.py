@@ -121,6 +121,7 @@ class TrainDataset(Dataset):
     def __init__(self, annotations: Annotations, params: Params, train: bool = True):
         self.annotations, self.params, self.train = annotations, params, train
         self.clips = _ClipReader(annotations, params, train)
+        _tokenizer()                      # built here, so forked loader workers inherit it
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -143,6 +144,7 @@ class TextDataset(Dataset):
 
     def __init__(self, annotations: Annotations, params: Params):
         self.annotations, self.params = annotations, params
+        _tokenizer()                      # built here, so forked loader workers inherit it
 
     def __len__(self) -> int:
         return len(self.annotations)
