@@ -33,15 +33,15 @@ TRAINED_VARIANTS = {
 }
 
 
-def _row(kind: str, setting: str, value, metrics: dict, rank: int | None = None) -> dict:
+def _row(kind: str, setting: str, value, measured: tuple[dict, int | None]) -> dict:
+    metrics, rank = measured
     return {"kind": kind, "setting": setting, "value": value,
             "t2v_R1": metrics["t2v"]["R1"], "t2v_R5": metrics["t2v"]["R5"],
             "t2v_MnR": metrics["t2v"]["MnR"], "v2t_R1": metrics["v2t"]["R1"], "rank": rank}
 
 
-def correction_rank(features, model, params: Params, emcl_mode: str | None = None, **overrides) -> int | None:
+def correction_rank(features, model, scoring) -> int | None:
     """Effective rank of the EMCL correction β·R on the first evaluation block (None without EMCL)."""
-    scoring = scoring_setup(model, params, emcl_mode, **overrides)
     if scoring.emcl is None:
         return None
     n = scoring.block_size
@@ -50,6 +50,14 @@ def correction_rank(features, model, params: Params, emcl_mode: str | None = Non
                 features.frame_mask[:n].to(device), temp=model.temp, emcl=scoring.emcl,
                 normalize=scoring.normalize)
     return int(effective_rank(scoring.emcl.beta * scoring.emcl.last.recon))
+
+
+def measure(features, model, params: Params, emcl_mode: str | None = None,
+            **overrides) -> tuple[dict, int | None]:
+    """(metrics, rank of the EMCL correction) of one scoring setting, set up once."""
+    scoring = scoring_setup(model.eval(), params, emcl_mode, **overrides)
+    metrics = evaluate_features(features, params, model, scoring=scoring, **overrides)
+    return metrics, correction_rank(features, model, scoring)
 
 
 def _load_run(params: Params):
@@ -65,16 +73,14 @@ def scoring_ablations(params: Params, grid: dict = SCORING_GRID) -> list[dict]:
     model, run_params = _load_run(params)
     features = load_or_encode(model, run_params, "test")
     rows = [_row("trained", "EMCL (trained setting)", run_params.emcl,
-                 evaluate_features(features, run_params, model),
-                 correction_rank(features, model, run_params)),
+                 measure(features, model, run_params)),
             _row("trained", "EMCL switched off at test", "off",
-                 evaluate_features(features, run_params, model, emcl_mode="off"))]
+                 measure(features, model, run_params, "off"))]
     for setting, values in grid.items():
         for value in values:
             overrides = {setting: value}
             rows.append(_row("scoring", setting, value,
-                             evaluate_features(features, run_params, model, emcl_mode="on", **overrides),
-                             correction_rank(features, model, run_params, "on", **overrides)))
+                             measure(features, model, run_params, "on", **overrides)))
     return rows
 
 
@@ -92,12 +98,10 @@ def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list
         model, run_params = _load_run(variant)
         label = f"{label} ({epochs} epochs)"
         features = load_or_encode(model, run_params, "test")
-        rows.append(_row("trained", label, suffix, evaluate_features(features, run_params, model),
-                         correction_rank(features, model, run_params)))
+        rows.append(_row("trained", label, suffix, measure(features, model, run_params)))
         if run_params.emcl == "off":
             rows.append(_row("trained", "EMCL off + EMCL at inference only", "inference",
-                             evaluate_features(features, run_params, model, emcl_mode="inference"),
-                             correction_rank(features, model, run_params, "inference")))
+                             measure(features, model, run_params, "inference")))
     return rows
 
 

@@ -293,8 +293,8 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
             unwrap(model).clamp_logit_scale()
             step_log.add(step, epoch, loss, lrs)
             step += 1
-            if not step_log.pending and env.is_main:     # just flushed: no extra host sync
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if not step_log.pending and env.is_main:     # just flushed: shows the logged value
+                bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
         step_log.flush()
         last_loss = step_log.last_record["loss"]
 

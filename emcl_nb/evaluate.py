@@ -321,15 +321,16 @@ def _score(features: Features, model, scoring: Scoring) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 def evaluate_features(features: Features, params: Params, model, *, emcl_mode: str | None = None,
-                      **overrides) -> dict:
+                      scoring: Scoring | None = None, **overrides) -> dict:
     """Plain and DSL metrics of `features` scored with `model` (see `score`).
 
     One caption per video: ranks against the diagonal; several (MSVD, MSR-VTT val):
     multi-sentence metrics with each text's video. Returns {"t2v", "v2t", "dsl_t2v",
     "dsl_v2t" (the DSL ones use the whole test query bank: transductive), "n_texts",
     "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", ...}.
+    `scoring`: a `scoring_setup` result to reuse (it must match `emcl_mode` and `overrides`).
     """
-    scoring = scoring_setup(model.eval(), params, emcl_mode, **overrides)
+    scoring = scoring or scoring_setup(model.eval(), params, emcl_mode, **overrides)
     sim = _score(features, model, scoring)
     text_video = None if features.single_sentence else features.text_video
     metrics = evaluate_similarity(sim, text_video, dsl_temps=scoring.dsl_temps)
