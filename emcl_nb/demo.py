@@ -2,13 +2,18 @@
 
     python -m emcl_nb.demo [--dataset synthetic] [--run demo] [--set key=value ...]
 
-Executed notebooks go to outputs/<dataset>/<run>/notebooks/, never into notebooks/.
+Executed notebooks go to outputs/<dataset>/<run>/notebooks/, never into notebooks/. The
+kernels' printed lines (one per epoch while training) stream to this terminal.
+
+Progress bars are off unless `--set progress=true`: in a headless kernel every bar update
+is a message the CPU cores pay for (a synthetic epoch took 50 s with them, 33 s without).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +42,7 @@ def run_notebooks(dataset: str = "synthetic", run: str = "demo", overrides: str 
         print(f"[emcl_nb] running {path.name} ...", flush=True)
         papermill.execute_notebook(str(path), str(out_dir / path.name), cwd=str(NOTEBOOK_DIR),
                                    parameters={"dataset": dataset, "run": run, "overrides": overrides},
-                                   progress_bar=False)
+                                   progress_bar=False, stdout_file=sys.stdout)
         print(f"[emcl_nb] {path.name} done in {time.perf_counter() - start:.0f} s", flush=True)
     return out_dir
 
@@ -57,7 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--run", default="demo")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    overrides = " ".join(args.set)
+    overrides = " ".join(["progress=false", *args.set])     # later keys win
     start = time.perf_counter()
     out_dir = run_notebooks(args.dataset, args.run, overrides)
     run_dir = out_dir.parent

@@ -54,7 +54,13 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_torch(params: Params) -> None:
-    """Threads and determinism: the same parameters give the same numbers."""
+    """Threads, denormals and determinism: the same parameters give the same numbers.
+
+    Denormal floats (below 1.2e-38) flush to zero: the EM softmax produces many, and CPU
+    arithmetic on them is 10-20x slower (the EMCL step of a training batch took 15 ms
+    instead of 1.5 ms); no value above float32 resolution changes.
+    """
+    torch.set_flush_denormal(True)
     if params.num_threads > 0:
         torch.set_num_threads(params.num_threads)
     if params.deterministic:

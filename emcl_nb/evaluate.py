@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
@@ -101,17 +102,26 @@ def _autocast(device: torch.device, params: Params):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def split_loaders(annotations, params: Params) -> tuple[DataLoader, DataLoader]:
+    """(texts, videos) loaders of one split for `encode_split`. Kept across calls (as the
+    per-epoch validation does), their workers and decoded-clip caches persist."""
+    from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader
+    return (build_loader(TextDataset(annotations, params), params, train=False),
+            build_loader(VideoDataset(annotations, params), params, train=False))
+
+
 def encode_split(model, params: Params, split: str, device: torch.device | None = None, *,
-                 annotations=None) -> Features:
+                 annotations=None, loaders: tuple[DataLoader, DataLoader] | None = None) -> Features:
     """Encode every text and every video of `split` once (batch_size_val per batch).
 
+    `loaders`: `split_loaders(annotations, params)` to reuse (built here when None).
     Videos that cannot be read are skipped when params.on_bad_sample == "skip": they and
     their texts are left out with a warning, and listed in `skipped_videos`.
     """
     from emcl_nb.data.annotations import load_annotations
-    from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader
 
     annotations = annotations if annotations is not None else load_annotations(params, split)
+    text_loader, video_loader = loaders or split_loaders(annotations, params)
     device = device or model.device
     model.eval()
     n_texts, n_videos, T = len(annotations), annotations.num_videos, params.max_frames
@@ -122,12 +132,10 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
     bar = dict(disable=not params.progress, leave=False, unit="batch")
 
     with torch.no_grad(), _autocast(device, params):
-        for batch in tqdm(build_loader(TextDataset(annotations, params), params, train=False),
-                          desc=f"encode {split} texts", **bar):
+        for batch in tqdm(text_loader, desc=f"encode {split} texts", **bar):
             features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
             text[batch["index"]] = features.float().cpu()                                 # [B, D]
-        for batch in tqdm(build_loader(VideoDataset(annotations, params), params, train=False),
-                          desc=f"encode {split} videos", **bar):
+        for batch in tqdm(video_loader, desc=f"encode {split} videos", **bar):
             features = model.encode_video(batch["video"].to(device), batch["frame_mask"].to(device))
             index = batch["video_index"]
             video[index] = features.float().cpu()                                         # [B, T, D]
@@ -359,7 +367,8 @@ def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
     validation split that is not the test set and params.eval_every_epoch, plus
     {"test": metrics} when params.reference_selection (the reference protocol, reported
     as its own row). None when neither applies, and on every process but the main one
-    (`engine.fit` validates on rank 0 only). Features are not cached (weights change)."""
+    (`engine.fit` validates on rank 0 only). Features are not cached (weights change); the
+    loaders are built once, so their workers and decoded clips last across epochs."""
     from emcl_nb.data.annotations import has_split, load_annotations
     from emcl_nb.distributed import env_from_torchrun
 
@@ -370,10 +379,11 @@ def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
     if not splits:
         return None
     annotations = {split: load_annotations(params, split) for split in splits}
+    loaders = {split: split_loaders(annotations[split], params) for split in splits}
 
     def validate(model) -> dict:
-        return {split: evaluate_features(encode_split(model, params, split, annotations=annotations[split]),
-                                         params, model)
+        return {split: evaluate_features(encode_split(model, params, split, annotations=annotations[split],
+                                                      loaders=loaders[split]), params, model)
                 for split in splits}
     return validate
 

@@ -7,8 +7,8 @@ import torch
 
 import emcl_nb.model
 from emcl_nb.checkpoint import read_checkpoint
-from emcl_nb.engine import (NonFiniteLossError, TrainingSetupError, build_optimizer, fit,
-                            warmup_cosine)
+from emcl_nb.engine import (NonFiniteLossError, TrainingSetupError, build_optimizer,
+                            configure_torch, fit, warmup_cosine)
 from emcl_nb.model import build_model
 from emcl_nb.params import Params
 
@@ -141,3 +141,14 @@ def test_warmup_then_cosine_to_zero():
     factor = warmup_cosine(100, 0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.5, abs=1e-6) and factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_configure_torch_flushes_denormals_that_slow_the_em_step():
+    torch.set_flush_denormal(False)                 # earlier tests may have configured torch
+    denormal = torch.tensor([1e-39])                # below float32's smallest normal, 1.2e-38
+    assert (denormal * 1.0).item() > 0.0
+    try:
+        configure_torch(Params(num_threads=0))
+        assert (denormal * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -236,6 +236,20 @@ def test_validator_scores_val_and_test_only_when_asked(params):
     assert both["val"]["t2v"] == evaluate.evaluate_model(model, params, "val", cache=False)["t2v"]
 
 
+def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
+    """The validation loaders are built once: with cache_decoded_clips, the second epoch
+    reads no video file and gives the same numbers."""
+    from emcl_nb.data import dataset
+    reads = []
+    real_load_clip = dataset.load_clip
+    monkeypatch.setattr(dataset, "load_clip", lambda path, *a: reads.append(path) or real_load_clip(path, *a))
+    model = make_model(params)
+    validate = evaluate.make_validator(params.replace(cache_decoded_clips=True))
+    first = validate(model)
+    assert len(reads) == N_VAL
+    assert validate(model) == first and len(reads) == N_VAL
+
+
 # ---------------------------------------------------------------- run report
 
 def write_run(params: Params) -> dict:

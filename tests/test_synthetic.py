@@ -121,6 +121,23 @@ def test_distractors_are_drawn_and_bad_arguments_rejected(tmp_path):
         generate_synthetic(tmp_path, test=0, progress=False)
 
 
+@pytest.mark.parametrize("scale", [0.5, 2.5])
+def test_shape_scale_sizes_shapes_that_stay_inside_and_move(scale, tmp_path):
+    size, frames = 64, 8
+    base = plan_videos(train=40, val=0, test=0, seed=0, frames=frames, size=size, distractors=1)
+    scaled = plan_videos(train=40, val=0, test=0, seed=0, frames=frames, size=size, distractors=1,
+                         shape_scale=scale)
+    for a, b in zip(base, scaled):
+        assert b["radius"] == pytest.approx(a["radius"] * scale, abs=2e-3)   # radii are rounded to 1e-3
+        for item in (b, *b["distractors"]):
+            assert item["travel"] > 0
+            for t in (0, frames - 1):               # the whole shape inside the frame
+                x, y = _position(item, t, frames)
+                assert item["radius"] <= min(x, y, size - x, size - y) + 1e-6
+    with pytest.raises(ValueError, match="shape_scale"):
+        generate_synthetic(tmp_path, shape_scale=3.0, progress=False)
+
+
 def test_generate_from_params_uses_the_synthetic_fields(tiny, tmp_path):
     params = Params(anno_path=str(tmp_path / "p"), video_path=str(tmp_path / "p" / "videos"),
                     synthetic_seed=3, synthetic_train=6, synthetic_val=2, synthetic_test=4,

@@ -1,14 +1,16 @@
 """A small procedural text-video dataset in the MSR-VTT layout, for quick runs on a CPU.
 
     python -m emcl_nb.data.synthetic --out DIR [--train N --val V --test M --seed S
-                                                --frames F --fps R --size P --distractors K]
+                                                --frames F --fps R --size P --distractors K
+                                                --shape_scale X]
 
 Each video shows one shape (circle / square / triangle) of one colour moving in one
 direction (left / right / up / down) that switches to a second colour part-way through,
 so a caption is only matched by getting both the appearance and the time order right
 ("a red circle moves left and then turns blue" is not "a blue circle ... turns red").
 Positions, sizes, speeds and the moment of the switch vary per video; `distractors`
-adds moving shapes that no caption mentions (a harder variant).
+adds moving shapes that no caption mentions (a harder variant), and `shape_scale` sets
+the shapes' size (a radius of 10-14 % of the frame side times the scale; smaller is harder).
 
 Written files (the `msrvtt` layout of datasets.md):
     DIR/videos/videoN.mp4          H.264, `frames` frames at `fps`, `size`x`size`
@@ -71,10 +73,10 @@ def _moving_shape(rng: np.random.Generator, size: int, shape: str, direction: st
                   scale: float) -> dict:
     """Random radius, start point and travel for a shape that stays inside the frame."""
     radius = float(rng.uniform(0.10, 0.14) * size * scale)
-    travel = float(rng.uniform(0.45, 0.60) * size)
-    (dx, dy), _, _ = DIRECTIONS[direction]
     low, high = radius + 1, size - radius - 1
-    along = float(rng.uniform(low, high - travel))          # start on the motion axis
+    travel = min(float(rng.uniform(0.45, 0.60) * size), high - low)   # large shapes travel less
+    (dx, dy), _, _ = DIRECTIONS[direction]
+    along = float(rng.uniform(low, max(low, high - travel)))          # start on the motion axis
     across = float(rng.uniform(low, high))
     x, y = (along, across) if dx else (across, along)
     if dx < 0 or dy < 0:                                      # moving towards 0: start at the far end
@@ -84,7 +86,7 @@ def _moving_shape(rng: np.random.Generator, size: int, shape: str, direction: st
 
 
 def plan_videos(train: int, val: int, test: int, seed: int, frames: int, size: int,
-                distractors: int) -> list[dict]:
+                distractors: int, shape_scale: float = 1.0) -> list[dict]:
     """Every video's id, split and drawn parameters, in id order (train, val, test).
 
     Test (and validation) videos get distinct combinations where possible; training
@@ -100,11 +102,11 @@ def plan_videos(train: int, val: int, test: int, seed: int, frames: int, size: i
     for index, (split, (shape, c1, c2, direction)) in enumerate(splits):
         video = dict(video_id=f"video{index}", id=index, split=split, colour=c1, second_colour=c2,
                      change_frame=int(rng.integers(round(0.35 * frames), round(0.65 * frames) + 1)),
-                     **_moving_shape(rng, size, shape, direction, scale=1.0))
+                     **_moving_shape(rng, size, shape, direction, scale=shape_scale))
         video["distractors"] = [
             dict(colour=str(rng.choice(list(COLOURS))),
                  **_moving_shape(rng, size, str(rng.choice(SHAPES)),
-                                 str(rng.choice(list(DIRECTIONS))), scale=0.7))
+                                 str(rng.choice(list(DIRECTIONS))), scale=0.7 * shape_scale))
             for _ in range(distractors)]
         videos.append(video)
     return videos
@@ -179,7 +181,7 @@ def _annotation_files(videos: list[dict], seed: int) -> dict[str, str]:
 
 def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0,
                        frames: int = 24, fps: int = 3, size: int = 64, val: int = 50,
-                       distractors: int = 0, workers: int | None = None,
+                       distractors: int = 0, shape_scale: float = 1.0, workers: int | None = None,
                        progress: bool = True) -> Path:
     """Write the synthetic dataset to `out_dir` (see the module docstring); returns the folder.
 
@@ -191,15 +193,19 @@ def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0
                                ("distractors", distractors, 0)):
         if not isinstance(value, int) or value < least:
             raise ValueError(f"generate_synthetic: {name} must be an integer >= {least}, got {value!r}")
+    if not 0.25 <= shape_scale <= 2.5:     # 2.5: the largest shapes still fit and can move
+        raise ValueError(f"generate_synthetic: shape_scale must be in [0.25, 2.5], got {shape_scale!r}")
     if size % 2:
         raise ValueError(f"generate_synthetic: size must be even (H.264 yuv420p), got {size}")
     out_dir = Path(out_dir)
     manifest_path, video_dir = out_dir / "synthetic.json", out_dir / "videos"
     settings = dict(format=FORMAT_VERSION, train=train, val=val, test=test, seed=seed,
                     frames=frames, fps=fps, size=size, distractors=distractors)
+    if shape_scale != 1.0:       # only when set, so sets made before the knob stay valid
+        settings["shape_scale"] = shape_scale
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     same_settings = previous.get("settings") == settings
-    videos = plan_videos(train, val, test, seed, frames, size, distractors)
+    videos = plan_videos(train, val, test, seed, frames, size, distractors, shape_scale)
     wanted = {video_dir / f"{v['video_id']}.mp4": v for v in videos}
     if same_settings and previous.get("complete") and all(path.exists() for path in wanted):
         return out_dir
@@ -240,6 +246,7 @@ def generate_from_params(params, progress: bool | None = None) -> Path:
         anno, train=params.synthetic_train, test=params.synthetic_test, val=params.synthetic_val,
         seed=params.synthetic_seed, frames=params.synthetic_frames, fps=params.synthetic_fps,
         size=params.synthetic_size, distractors=params.synthetic_distractors,
+        shape_scale=params.synthetic_shape_scale,
         progress=params.progress if progress is None else progress)
 
 
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("distractors", 0, "uncaptioned moving shapes per video (harder)"),
                                 ("workers", os.cpu_count(), "parallel processes")):
         parser.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
+    parser.add_argument("--shape_scale", type=float, default=1.0,
+                        help="shape size factor, 0.25-2.5 (default 1.0; smaller is harder)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     args = vars(parser.parse_args(argv))
     args["out_dir"], args["progress"] = args.pop("out"), not args.pop("no_progress")
