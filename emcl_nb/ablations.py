@@ -8,10 +8,8 @@ module is scored on the model trained without EMCL.
 """
 from __future__ import annotations
 
-from emcl_nb.distributed import DistEnv, resolve_device
 from emcl_nb.emcl import effective_rank
-from emcl_nb.evaluate import (evaluate_features, load_for_evaluation, load_or_encode,
-                              scoring_setup)
+from emcl_nb.evaluate import evaluate_features, load_split, scoring_setup
 from emcl_nb.io import atomic_write_json, atomic_write_text
 from emcl_nb.params import Params
 from emcl_nb.similarity import score_block
@@ -61,17 +59,16 @@ def measure(features, model, params: Params, emcl_mode: str | None = None,
 
 
 def _load_run(params: Params):
-    """Train `params`' run if it has no checkpoint, then load its last checkpoint."""
+    """Train `params`' run if it has no checkpoint; (model, run params, test features) of its
+    last checkpoint."""
     from emcl_nb.train import ensure_trained
-    device = resolve_device(params.device, DistEnv())
-    model, run_params, _ = load_for_evaluation(ensure_trained(params), params, device)
-    return model, run_params
+    model, run_params, _, features = load_split(ensure_trained(params), params, "test")
+    return model, run_params, features
 
 
 def scoring_ablations(params: Params, grid: dict = SCORING_GRID) -> list[dict]:
     """Re-score the run's trained model on its cached test features for every grid value."""
-    model, run_params = _load_run(params)
-    features = load_or_encode(model, run_params, "test")
+    model, run_params, features = _load_run(params)
     rows = [_row("trained", "EMCL (trained setting)", run_params.emcl,
                  measure(features, model, run_params)),
             _row("trained", "EMCL switched off at test", "off",
@@ -95,9 +92,8 @@ def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list
     rows = []
     for suffix, (label, changes) in variants.items():
         variant = params.replace(run=f"{params.run}-{suffix}", epochs=epochs, **changes)
-        model, run_params = _load_run(variant)
+        model, run_params, features = _load_run(variant)
         label = f"{label} ({epochs} epochs)"
-        features = load_or_encode(model, run_params, "test")
         rows.append(_row("trained", label, suffix, measure(features, model, run_params)))
         if run_params.emcl == "off":
             rows.append(_row("trained", "EMCL off + EMCL at inference only", "inference",

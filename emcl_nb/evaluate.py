@@ -26,7 +26,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -411,6 +411,25 @@ def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
     model = build_model(params)
     report = load_model_weights(model, state, source=str(path))
     return model.to(device).eval(), params, report
+
+
+class LoadedSplit(NamedTuple):
+    """A checkpoint ready to score one split: the model, the parameters it was built with,
+    its load report and the split's features (from the feature cache)."""
+    model: torch.nn.Module
+    params: Params
+    report: object
+    features: Features
+
+
+def load_split(path: str | Path, params: Params, split: str = "test") -> LoadedSplit:
+    """Load a checkpoint on params.device and encode `split` through the feature cache (what
+    the evaluation, ablation and attention notebooks start from)."""
+    from emcl_nb.distributed import DistEnv, resolve_device
+
+    device = resolve_device(params.device, DistEnv())
+    model, run_params, report = load_for_evaluation(path, params, device)
+    return LoadedSplit(model, run_params, report, load_or_encode(model, run_params, split, device))
 
 
 def reference_protocol_row(out_dir: Path, split: str = "test") -> dict | None:

@@ -299,7 +299,8 @@ def test_checkpoint_paths_are_taken_from_the_repository_root(params, tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert evaluate._checkpoint_path(relative, params) == REPO_ROOT / relative
     assert evaluate._checkpoint_path(last, params) == last
-    _, _, report = evaluate.load_for_evaluation(str(REPO_ROOT / relative), params, torch.device("cpu"))
+    _, _, report = evaluate.load_for_evaluation(evaluate._checkpoint_path(relative, params), params,
+                                                torch.device("cpu"))
     assert report.epoch == 2
 
 
