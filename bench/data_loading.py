@@ -7,9 +7,10 @@ temporary folder, then loads the same training samples through
 
 - `project`: emcl_nb's TrainDataset + build_loader (uint8 frames, normalised later on
   the device; no augmentation unless --augment);
-- `reference`: what the reference's workers do per frame: decord read -> PIL bicubic
-  resize of the short side + centre crop -> ToTensor -> Normalize -> float64 numpy.
-  Without decord the frames are read with emcl_nb.data.video (PyAV) instead.
+- `reference`: what the reference's workers do per frame: decord read (emcl_nb's
+  `load_clip` with the decord backend, the same frame indices) -> PIL bicubic resize of
+  the short side + centre crop -> ToTensor -> Normalize -> float64 numpy. Without decord
+  the frames are read with PyAV instead.
 
 Both read the same frame indices with the same DataLoader settings, and the script
 prints clips/s, bytes per batch and the ratios. Not a test: the numbers depend on the
@@ -31,13 +32,14 @@ from torchvision import transforms
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
 from emcl_nb.data.synthetic import generate_synthetic
-from emcl_nb.data.video import read_frames, sample_indices, video_info
+from emcl_nb.data.video import load_clip
 from emcl_nb.params import load_params
 
 try:
-    import decord
-except ImportError:          # the reference pipeline reads with emcl_nb's PyAV reader
-    decord = None
+    import decord  # noqa: F401
+    BACKEND = "decord"       # the reference reads with decord
+except ImportError:
+    BACKEND = None           # emcl_nb's automatic choice (PyAV)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,21 +59,11 @@ class ReferenceStyleDataset(Dataset):
     def __len__(self):
         return len(self.annotations)
 
-    def read(self, path, start, end) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 frames [n,H,W,3], frame mask): decord as in the reference, else PyAV."""
-        p = self.params
-        if decord is None:
-            indices, mask = sample_indices(*video_info(path), p.max_frames, p.video_framerate, start, end)
-            return read_frames(path, indices), mask
-        reader = decord.VideoReader(str(path), num_threads=1)
-        indices, mask = sample_indices(len(reader), reader.get_avg_fps(), p.max_frames,
-                                       p.video_framerate, start, end)
-        return reader.get_batch(list(indices)).asnumpy(), mask
-
     def __getitem__(self, index):
         sample = self.annotations.samples[index]
         path = self.annotations.video_paths[int(self.annotations.video_index[index])]
-        frames, mask = self.read(path, sample.start, sample.end)
+        frames, mask = load_clip(path, self.params.max_frames, self.params.video_framerate,
+                                 sample.start, sample.end, backend=BACKEND)
         size = self.params.image_size
         video = np.zeros((self.params.max_frames, 3, size, size), dtype=np.float64)
         for slot, frame in enumerate(frames):
@@ -126,7 +118,7 @@ def main() -> None:
 
     print(f"{len(annotations)} training pairs, batch {args.batch}, {args.workers} workers, "
           f"{params.max_frames} frames of {params.image_size}px, augment={args.augment}, "
-          f"reference reader: {'decord' if decord is not None else 'PyAV (decord missing)'}")
+          f"reference reader: {BACKEND or 'PyAV (decord missing)'}")
     for name, (rate, size) in results.items():
         print(f"{name:>9}: {rate:7.1f} clips/s  {size / 2**20:8.1f} MiB per batch")
     (p_rate, p_size), (r_rate, r_size) = results["project"], results["reference"]

@@ -8,11 +8,11 @@ module is scored on the model trained without EMCL.
 """
 from __future__ import annotations
 
+from emcl_nb.attention import em_block
 from emcl_nb.emcl import effective_rank
 from emcl_nb.evaluate import evaluate_features, load_split, scoring_setup
 from emcl_nb.io import atomic_write_json, atomic_write_text
 from emcl_nb.params import Params
-from emcl_nb.similarity import score_block
 
 # Re-scoring only: each value is scored on the same cached features.
 SCORING_GRID = {
@@ -39,15 +39,13 @@ def _row(kind: str, setting: str, value, measured: tuple[dict, int | None]) -> d
 
 
 def correction_rank(features, model, scoring) -> int | None:
-    """Effective rank of the EMCL correction β·R on the first evaluation block (None without EMCL)."""
+    """Effective rank of the EMCL correction β·R actually added on the first evaluation block
+    (0 when β = 0; None without EMCL)."""
     if scoring.emcl is None:
         return None
-    n = scoring.block_size
-    device = model.device
-    score_block(features.text[:n].to(device), features.video[:n].to(device),
-                features.frame_mask[:n].to(device), temp=model.temp, emcl=scoring.emcl,
-                normalize=scoring.normalize)
-    return int(effective_rank(scoring.emcl.beta * scoring.emcl.last.recon))
+    first = range(min(scoring.block_size, features.n_texts, features.n_videos))
+    block = em_block(model, features, first, first, scoring=scoring)
+    return int(effective_rank(block.beta * block.recon))
 
 
 def measure(features, model, params: Params, emcl_mode: str | None = None,

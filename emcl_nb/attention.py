@@ -12,7 +12,7 @@ evaluation scores a block, and keeps everything worth looking at:
 
 Plots (each returns a matplotlib Figure): `plot_responsibilities`, `plot_basis_loadings`,
 `plot_frame_weights`, `plot_modality_gap`. `explorer` is an ipywidgets browser over the
-captions (ipywidgets is imported only there). `video_frames` fetches the sampled frames
+captions (ipywidgets is imported only there). `frame_reader` fetches the sampled frames
 the model saw, for thumbnails.
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ from matplotlib.figure import Figure
 from emcl_nb.emcl import effective_rank
 from emcl_nb import viz
 from emcl_nb.model import block_logits, pool_frames
-from emcl_nb.viz import save_figure  # noqa: F401  (re-exported for the notebook)
 
 TEXT_COLOUR, VIDEO_COLOUR = "tab:orange", "tab:blue"
 
@@ -83,22 +82,25 @@ def videos_of(features, text_indices) -> torch.Tensor:
 
 @torch.no_grad()
 def em_block(model, features, text_indices, video_indices=None, *,
-             emcl_mode: str | None = None) -> EMBlock:
+             emcl_mode: str | None = None, scoring=None) -> EMBlock:
     """Pooling + EMCL on the block of `text_indices` x `video_indices` (default: the videos
     of those texts) of `features`, with the scoring evaluation uses (evaluate.scoring_setup):
     emcl_mode "on" (the trained module) or "inference" (method.md §7). Default: the model's
-    own mode; a model trained with EMCL off gets the inference-only module.
+    own mode; a model trained with EMCL off gets the inference-only module. A `scoring`
+    set up by the caller (with EMCL) is used as it is.
     The result depends on the block (N = A*V + A rows), as the evaluation scores do."""
     from emcl_nb.evaluate import note, scoring_setup
 
-    params = model.params
-    mode = emcl_mode or params.emcl
-    if mode == "off":
-        if emcl_mode is not None:
-            raise ValueError("emcl_mode='off' has no EM step to show; use 'on' or 'inference'")
-        note("the model was trained with emcl=off: showing EMCL as an inference-only module")
-        mode = "inference"
-    scoring = scoring_setup(model.eval(), params, mode)
+    if scoring is None:
+        mode = emcl_mode or model.params.emcl
+        if mode == "off":
+            if emcl_mode is not None:
+                raise ValueError("emcl_mode='off' has no EM step to show; use 'on' or 'inference'")
+            note("the model was trained with emcl=off: showing EMCL as an inference-only module")
+            mode = "inference"
+        scoring = scoring_setup(model.eval(), model.params, mode)
+    if scoring.emcl is None:
+        raise ValueError("em_block needs a scoring with EMCL (mode 'on' or 'inference')")
     emcl, normalize = scoring.emcl, scoring.normalize
 
     ti = torch.as_tensor(text_indices, dtype=torch.long)
@@ -276,15 +278,24 @@ def plot_modality_gap(block: EMBlock) -> Figure:
 # Frames and the interactive explorer
 # ---------------------------------------------------------------------------------------
 
-def video_frames(params, features, video_indices) -> np.ndarray:
-    """uint8 [V,T,S,S,3]: the frames the model saw for the given rows of `features.video`."""
-    return viz.video_frames(params, features.split, [features.video_ids[int(i)] for i in video_indices])
+def frame_reader(params, features):
+    """A function: rows of `features.video` -> the frames the model saw, uint8 [V,T,S,S,3].
+    The split's annotations are read once, here, not on every call."""
+    from emcl_nb.data.annotations import load_annotations
+
+    annotations = load_annotations(params, features.split)
+
+    def frames(video_indices) -> np.ndarray:
+        video_ids = [features.video_ids[int(i)] for i in video_indices]
+        return viz.video_frames(params, features.split, video_ids, annotations=annotations)
+    return frames
 
 
 def explorer(model, features, frames_fn=None, *, top: int = 5):
     """An ipywidgets browser: pick a caption, see its `top` videos (ranked by the evaluation
     scores of the whole split) with its frame weights and the basis loadings of the block
-    (that caption x those videos). `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None."""
+    (that caption x those videos). `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None
+    (see `frame_reader`)."""
     import ipywidgets as widgets
     from IPython.display import display
 

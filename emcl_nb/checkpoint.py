@@ -57,8 +57,9 @@ def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler
     atomic_torch_save(state, Path(path))
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint file on the CPU, with a clear error when it is missing or broken."""
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
+    """Load a checkpoint file on the CPU, with a clear error when it is missing or broken.
+    `mmap` maps the tensors instead of reading them: cheap when only the metadata is needed."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
@@ -66,7 +67,7 @@ def read_checkpoint(path: Path) -> dict:
             f"--params params/<dataset>.yaml) or pass the path of an existing .pt file.")
     try:
         # Our checkpoints hold plain Python state (RNG tuples, params): trusted local files.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"checkpoint {path} cannot be read ({error}); "
                               f"the file is corrupt or not a torch checkpoint") from error

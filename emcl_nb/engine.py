@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from emcl_nb.io import atomic_write_json, atomic_write_text
-from emcl_nb.params import Params, save_params
+from emcl_nb.params import RESUME_FIELDS, Params, save_params
 
 # Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
@@ -191,24 +191,16 @@ def _truncate_log(path: Path, steps_done: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-# Parameters that shape the model, the data order or the optimisation: a run resumes only
-# with the values it was started with (anything else would not continue it exactly).
-RESUME_FIELDS = ("seed", "layout", "msrvtt_train_csv", "msrvtt_val_csv", "max_words", "max_frames",
-                 "video_framerate", "image_size", "train_augment", "clip_weights", "tiny_width",
-                 "tiny_layers", "tiny_patch", "agg_module", "num_hidden_layers", "temp", "emcl",
-                 "emcl_bases", "emcl_stages", "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init",
-                 "epochs", "batch_size", "lr", "coef_lr", "weight_decay", "warmup_proportion",
-                 "grad_clip", "freeze_patch_embedding", "precision")
-
-
 def check_resumable(params: Params, saved: dict, path: Path) -> None:
+    """A TrainingSetupError naming every RESUME_FIELDS value that `params` changes."""
     changed = {key: (saved[key], getattr(params, key)) for key in RESUME_FIELDS
                if key in saved and saved[key] != getattr(params, key)}
     if changed:
         listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
         raise TrainingSetupError(
-            f"{path} was trained with other parameters ({listed}); resuming would not continue "
-            f"that run. Use another run name (run=...), or --no-resume to start over.")
+            f"{path} was trained with other parameters ({listed}); it can neither be continued "
+            f"nor used for these. Use another run name (run=...), or delete its run folder "
+            f"(or train with --no-resume) to start over.")
 
 
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
@@ -308,7 +300,8 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         if validate is not None and env.is_main:
             model.eval()
             record.update(validate(unwrap(model)))
-        improved = "val" in record and record["val"]["t2v"]["R1"] > best_score
+        # ties go to the later epoch, as in the reference (`best_score <= R1`)
+        improved = "val" in record and record["val"]["t2v"]["R1"] >= best_score
         if improved:
             best_score = record["val"]["t2v"]["R1"]
         history.append(record)

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
 from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from emcl_nb.metrics import DSL, PLAIN, evaluate_similarity, format_table
-from emcl_nb.params import CHOICES, REPO_ROOT, Params, ParamsError, load_params, parse_overrides
+from emcl_nb.params import (CHOICES, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT, Params,
+                            ParamsError, load_params, parse_overrides)
 from emcl_nb.similarity import similarity_matrix
 
 # Settings that change only the scoring, never the features: `score` accepts them as overrides.
@@ -45,13 +46,6 @@ SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_
 # Params field -> EMCL attribute, for re-scoring a trained model with other EMCL settings.
 EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
                  "emcl_beta": "beta", "emcl_init": "init"}
-# Data / encoding parameters that change the features (part of the cache key).
-FEATURE_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_size",
-                  "on_bad_sample")
-# Parameters that define the trained model: taken from our checkpoints when evaluating them.
-MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
-                "agg_module", "num_hidden_layers", "temp", "emcl", "emcl_bases", "emcl_stages",
-                "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
 REFERENCE_PROTOCOL = "reference protocol (selected on test)"
 CACHE_VERSION = 1
 
@@ -434,14 +428,15 @@ def load_split(path: str | Path, params: Params, split: str = "test") -> LoadedS
 
 def reference_protocol_row(out_dir: Path, split: str = "test") -> dict | None:
     """The reference's model selection from history.json: the epoch with the best test
-    T2V R@1 (selection on the test set, reference-defects.md #7). None without such history."""
+    T2V R@1, the later one on ties (selection on the test set, reference-defects.md #7).
+    None without such history."""
     path = out_dir / "history.json"
     if split != "test" or not path.is_file():
         return None
     records = [r for r in json.loads(path.read_text()) if isinstance(r.get("test"), dict)]
     if not records:
         return None
-    best = max(records, key=lambda r: r["test"]["t2v"]["R1"])
+    best = max(records, key=lambda r: (r["test"]["t2v"]["R1"], r["epoch"]))
     return {**best["test"], "epoch": best["epoch"]}
 
 

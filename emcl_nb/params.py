@@ -55,6 +55,7 @@ class Params:
     synthetic: bool = False             # anno_path holds a generated synthetic set, made on first use
     synthetic_distractors: int = 0      # extra moving shapes not named by the captions (harder task)
     synthetic_shape_scale: float = 1.0  # shape size factor (radius 10-14 % of the side x this)
+    synthetic_templates: int = 3        # caption paraphrases per video, 1-7 (more is harder)
     synthetic_seed: int = 0             # draws the synthetic videos (independent of the training seed)
     synthetic_train: int = 500
     synthetic_test: int = 100
@@ -138,6 +139,24 @@ CHOICES = {
 _TYPES = typing.get_type_hints(Params)
 FIELDS = tuple(f.name for f in dataclasses.fields(Params))
 PATH_FIELDS = ("anno_path", "video_path", "output_root")
+# Field groups, each listed once: the feature cache, checkpoint loading and resuming use them.
+# What a video or caption becomes as model input:
+DATA_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
+# Change the encoded features (the feature cache key):
+FEATURE_FIELDS = DATA_FIELDS + ("on_bad_sample",)
+# Define the trained model (taken from our checkpoints when evaluating them):
+MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
+                "agg_module", "num_hidden_layers", "temp", "emcl", "emcl_bases", "emcl_stages",
+                "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
+# Set the data order and the optimisation:
+TRAINING_FIELDS = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
+                   "batch_size", "lr", "coef_lr", "weight_decay", "warmup_proportion", "grad_clip",
+                   "freeze_patch_embedding", "precision")
+# Draw the synthetic set (a run trained on another set must not be reused for this one):
+SYNTHETIC_FIELDS = tuple(name for name in FIELDS if name.startswith("synthetic"))
+# A run resumes (or is reused) only with the values it was started with; on_bad_sample may
+# change, so that a run stopped by a bad video can go on.
+RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS + SYNTHETIC_FIELDS))
 
 
 def available_datasets() -> list[str]:

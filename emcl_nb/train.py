@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from emcl_nb import distributed
-from emcl_nb.engine import FitResult, fit
+from emcl_nb.checkpoint import read_checkpoint
+from emcl_nb.engine import FitResult, check_resumable, fit
 from emcl_nb.params import Params, load_params
 
 
@@ -39,10 +40,14 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
 
 
 def ensure_trained(params: Params) -> Path:
-    """The run's last checkpoint; trains the run first when it has none (a run that has one,
-    finished or not, is used as it is)."""
+    """The run's last checkpoint; trains the run first when it has none. A run that has one,
+    finished or not, is used as it is, if it was trained with these parameters (else a
+    TrainingSetupError names the differences)."""
     last = params.out_dir / "checkpoints" / "last.pt"
-    return last if last.is_file() else train(params).last_checkpoint
+    if not last.is_file():
+        return train(params).last_checkpoint
+    check_resumable(params, read_checkpoint(last, mmap=True)["params"], last)
+    return last
 
 
 def launch_torchrun(dataset: str, overrides: str = "", *, nproc_per_node: int, nnodes: int = 1,

@@ -6,12 +6,15 @@ nothing here computes results.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from emcl_nb.params import REPO_ROOT
 
 RECALL_KS = (1, 5, 10, 50)
 
@@ -40,6 +43,18 @@ def save_figure(fig: plt.Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def repo_relative(path) -> str:
+    """`path` relative to the repository root: notebook output that reads the same on every machine."""
+    return os.path.relpath(path, REPO_ROOT)
+
+
+def save_run_figure(fig: plt.Figure, params, name: str) -> Path:
+    """Save `fig` as <run folder>/figures/<name>.png and print where it went."""
+    path = save_figure(fig, params.out_dir / "figures" / f"{name}.png")
+    print("saved", repo_relative(path))
     return path
 
 

@@ -4,13 +4,14 @@ and the explorer build."""
 import math
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from emcl_nb import attention  # noqa: E402
+from emcl_nb import attention, viz  # noqa: E402
 from emcl_nb.data.synthetic import generate_synthetic  # noqa: E402
 from emcl_nb.evaluate import Features, encode_split, scoring_setup  # noqa: E402
 from emcl_nb.model import build_model  # noqa: E402
@@ -161,13 +162,18 @@ def test_modality_gap_numbers():
     text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     video = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
     assert attention.modality_gap(text, video) == pytest.approx(math.sqrt(2))
-    block = attention.em_block(make_model(Params(clip_weights="tiny", tiny_width=64, tiny_layers=1,
-                                                 image_size=32, num_hidden_layers=1, emcl_bases=8,
-                                                 device="cpu")), random_features(), range(6))
+    model = make_model(Params(clip_weights="tiny", tiny_width=64, tiny_layers=1, image_size=32,
+                              num_hidden_layers=1, emcl_bases=8, device="cpu"))
+    features = random_features()
+    block = attention.em_block(model, features, range(6))
     for gap in (block.gap_before, block.gap_after):
         assert math.isfinite(gap) and 0 < gap < 2                  # unit vectors: at most 2 apart
-    assert block.gap_before == pytest.approx(
-        float((block.text_before.mean(0) - block.video_before.reshape(-1, 64).mean(0)).norm()))
+    # before EMCL: the normalised texts and their text-conditioned pooled videos, built here
+    weights = torch.softmax(torch.einsum("ad,vtd->avt", features.text, features.video) / model.temp, -1)
+    pooled = torch.einsum("avt,vtd->avd", weights * features.frame_mask, features.video)
+    text_mean = torch.nn.functional.normalize(features.text, dim=-1).mean(0)
+    video_mean = torch.nn.functional.normalize(pooled, dim=-1).reshape(-1, 64).mean(0)
+    assert block.gap_before == pytest.approx(float((text_mean - video_mean).norm()), abs=1e-5)
 
 
 def test_pca_keeps_distances_of_planar_points():
@@ -183,7 +189,7 @@ def test_pca_keeps_distances_of_planar_points():
 # ---------------------------------------------------------------- figures, frames, explorer
 
 def test_plots_return_figures_with_their_axes(block, params, features, tmp_path):
-    frames = attention.video_frames(params, features, block.video_indices)
+    frames = attention.frame_reader(params, features)(block.video_indices)
     cases = {"responsibilities": (attention.plot_responsibilities(block), 2),     # heat map + colour bar
              "loadings": (attention.plot_basis_loadings(block), 3),               # videos, texts, colour bar
              "weights": (attention.plot_frame_weights(block, top=3), 3),          # one bar chart per video
@@ -192,7 +198,7 @@ def test_plots_return_figures_with_their_axes(block, params, features, tmp_path)
     for name, (fig, n_axes) in cases.items():
         assert isinstance(fig, matplotlib.figure.Figure), name
         assert len(fig.axes) == n_axes, name
-        assert attention.save_figure(fig, tmp_path / "figures" / f"{name}.png").stat().st_size > 0
+        assert viz.save_figure(fig, tmp_path / "figures" / f"{name}.png").stat().st_size > 0
     gap = cases["gap"][0]
     assert f"{block.gap_before:.3f}" in gap.axes[0].get_title()
     assert f"{block.gap_after:.3f}" in gap.axes[1].get_title()
@@ -201,8 +207,16 @@ def test_plots_return_figures_with_their_axes(block, params, features, tmp_path)
     assert cases["weights"][0].axes[0].get_title().startswith(f"#1 {block.video_ids[best]}")
 
 
-def test_video_frames_are_the_sampled_frames(params, features):
-    frames = attention.video_frames(params, features, [2, 0])
+def test_frame_reader_gives_the_sampled_frames_and_reads_annotations_once(params, features,
+                                                                          monkeypatch):
+    from emcl_nb.data import annotations
+
+    reads = []
+    real = annotations.load_annotations
+    monkeypatch.setattr(annotations, "load_annotations", lambda *a, **k: reads.append(a) or real(*a, **k))
+    read = attention.frame_reader(params, features)
+    frames = read([2, 0])
+    assert np.array_equal(read([0])[0], frames[1]) and len(reads) == 1
     assert frames.dtype.name == "uint8"
     assert frames.shape == (2, params.max_frames, params.image_size, params.image_size, 3)
     mask = features.frame_mask[[2, 0]].bool()
@@ -222,3 +236,15 @@ def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
     assert len(dropdown.options) == features.n_texts
     dropdown.value = 4
     assert shown == [[0], [4]]
+
+
+# ---------------------------------------------------------------- the ablations' rank column
+
+def test_correction_rank_is_the_rank_of_the_correction_added(model, params, features):
+    from emcl_nb.ablations import correction_rank
+
+    on = scoring_setup(model, params, "on", block_size=4)
+    block = attention.em_block(model, features, range(4), range(4), scoring=on)
+    assert correction_rank(features, model, on) == block.rank >= 1
+    assert correction_rank(features, model, scoring_setup(model, params, "on", emcl_beta=0.0)) == 0
+    assert correction_rank(features, model, scoring_setup(model, params, "off")) is None

@@ -152,3 +152,9 @@ def test_configure_torch_flushes_denormals_that_slow_the_em_step():
         assert (denormal * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_validation_ties_go_to_the_later_epoch_as_in_the_reference(tmp_path):
+    params = tiny_params(tmp_path, epochs=2)
+    result = fit(params, RandomClips(16, params), validate=lambda model: {"val": {"t2v": {"R1": 50.0}}})
+    assert read_checkpoint(result.best_checkpoint)["epoch"] == 2

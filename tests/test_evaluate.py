@@ -14,7 +14,7 @@ from emcl_nb.model import build_model
 from emcl_nb.params import REPO_ROOT, Params, ParamsError
 from emcl_nb.similarity import similarity_matrix
 
-N_TEST, N_VAL, CAPTIONS_PER_VIDEO = 6, 3, 7     # synthetic: 7 captions per video in MSRVTT_data.json
+N_TEST, N_VAL, CAPTIONS_PER_VIDEO = 6, 3, 3     # synthetic: 3 captions per video in MSRVTT_data.json
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +317,10 @@ def test_evaluate_run_without_best_and_the_command_line(params, capsys):
     assert set(written["results"]) == {"last", "reference_protocol"}
     assert written["results"]["last"]["emcl_mode"] == "inference"
     assert written["results"]["last"]["scoring"]["beta"] == 2.0
+
+
+def test_reference_protocol_ties_go_to_the_later_epoch(tmp_path):
+    history = [{"epoch": epoch, "test": {"t2v": {"R1": r1}}} for epoch, r1 in ((1, 40.0), (2, 60.0),
+                                                                             (3, 60.0), (4, 50.0))]
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    assert evaluate.reference_protocol_row(tmp_path)["epoch"] == 3

@@ -7,9 +7,9 @@ import decord
 import numpy as np
 import pytest
 
-from emcl_nb.data.synthetic import (CAPTION_TEMPLATES, COLOURS, DIRECTIONS, _position,
-                                    captions, generate_from_params, generate_synthetic,
-                                    plan_videos, render)
+from emcl_nb.data.synthetic import (CAPTION_TEMPLATES, COLOURS, DEFAULT_TEMPLATES, DIRECTIONS,
+                                    _position, captions, generate_from_params,
+                                    generate_synthetic, plan_videos, render)
 from emcl_nb.params import Params
 
 TINY = dict(train=6, val=2, test=4, frames=6, fps=3, size=32, progress=False)
@@ -45,7 +45,7 @@ def test_layout(tiny):
     for s in data["sentences"]:
         assert set(s) == {"video_id", "caption", "sen_id"}
         per_video.setdefault(s["video_id"], []).append(s["caption"])
-    assert all(len(c) == len(CAPTION_TEMPLATES) >= 5 for c in per_video.values())
+    assert all(len(c) == DEFAULT_TEMPLATES == 3 for c in per_video.values())
     assert len({s["sen_id"] for s in data["sentences"]}) == len(data["sentences"])
     for row in test_rows:                      # the test sentence is one of that video's captions
         assert row["sentence"] in per_video[row["video_id"]]
@@ -95,7 +95,7 @@ def test_captions_and_pixels_follow_the_metadata():
                    for v in videos if v["split"] == "test"}
     assert len(test_combos) == 20                       # test videos are distinguishable
     for video in videos[:8]:
-        for text in captions(video):
+        for text in captions(video, templates=len(CAPTION_TEMPLATES)):
             assert video["shape"] in text
             assert text.index(video["colour"]) < text.index(video["second_colour"])  # time order
             assert any(word in text for word in DIRECTIONS[video["direction"]][1:])
@@ -136,6 +136,23 @@ def test_shape_scale_sizes_shapes_that_stay_inside_and_move(scale, tmp_path):
                 assert item["radius"] <= min(x, y, size - x, size - y) + 1e-6
     with pytest.raises(ValueError, match="shape_scale"):
         generate_synthetic(tmp_path, shape_scale=3.0, progress=False)
+
+
+def test_more_templates_add_paraphrases_and_keep_the_videos(tiny, tmp_path):
+    every = generate_synthetic(tmp_path / "all", seed=3, workers=1, templates=len(CAPTION_TEMPLATES),
+                               **TINY)
+    sentences = json.loads((every / "MSRVTT_data.json").read_text())["sentences"]
+    default = json.loads((tiny / "MSRVTT_data.json").read_text())["sentences"]
+    per_video = {}
+    for s in sentences:
+        per_video.setdefault(s["video_id"], []).append(s["caption"])
+    assert all(len(set(c)) == len(CAPTION_TEMPLATES) == 7 for c in per_video.values())
+    for video_id, texts in per_video.items():   # the default's captions are the first three
+        assert texts[:3] == [s["caption"] for s in default if s["video_id"] == video_id]
+    same_videos = {k: v for k, v in digests(every).items() if k.startswith("videos/")}
+    assert same_videos == {k: v for k, v in digests(tiny).items() if k.startswith("videos/")}
+    with pytest.raises(ValueError, match="templates must be at most 7"):
+        generate_synthetic(tmp_path / "x", templates=8, progress=False)
 
 
 def test_generate_from_params_uses_the_synthetic_fields(tiny, tmp_path):

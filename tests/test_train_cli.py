@@ -66,5 +66,17 @@ def test_split_statistics_of_the_synthetic_set(tmp_path):
     params = load_params("synthetic", tiny_overrides(tmp_path), use_env=False)
     ensure_data(params, progress=False)
     table = split_statistics(params)
-    assert "| train | 16 | 112 | 7.0 |" in table          # 7 paraphrases per training video
+    assert "| train | 16 | 48 | 3.0 |" in table           # 3 paraphrases per training video
     assert "| test | 6 | 6 | 1.0 |" in table
+
+
+def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
+    from emcl_nb.engine import TrainingSetupError
+    from emcl_nb.train import ensure_trained
+
+    params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
+    last = ensure_trained(params)                       # trains
+    stamp = last.stat().st_mtime_ns
+    assert ensure_trained(params) == last and last.stat().st_mtime_ns == stamp   # reused as is
+    with pytest.raises(TrainingSetupError, match="synthetic_train: 16 -> 24"):
+        ensure_trained(params.replace(synthetic_train=24))   # drawn from another synthetic set

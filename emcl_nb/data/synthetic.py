@@ -2,15 +2,17 @@
 
     python -m emcl_nb.data.synthetic --out DIR [--train N --val V --test M --seed S
                                                 --frames F --fps R --size P --distractors K
-                                                --shape_scale X]
+                                                --shape_scale X --templates C]
 
 Each video shows one shape (circle / square / triangle) of one colour moving in one
 direction (left / right / up / down) that switches to a second colour part-way through,
 so a caption is only matched by getting both the appearance and the time order right
 ("a red circle moves left and then turns blue" is not "a blue circle ... turns red").
 Positions, sizes, speeds and the moment of the switch vary per video; `distractors`
-adds moving shapes that no caption mentions (a harder variant), and `shape_scale` sets
-the shapes' size (a radius of 10-14 % of the frame side times the scale; smaller is harder).
+adds moving shapes that no caption mentions (a harder variant), `shape_scale` sets the
+shapes' size (a radius of 10-14 % of the frame side times the scale; smaller is harder) and
+`templates` how many caption paraphrases each video gets (the first C of CAPTION_TEMPLATES;
+more is harder: the text encoder must learn more ways of saying the same thing).
 
 Written files (the `msrvtt` layout of datasets.md):
     DIR/videos/videoN.mp4          H.264, `frames` frames at `fps`, `size`x`size`
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 from ..io import atomic_write_json, atomic_write_text
 from .ffmpeg import remove_partials, write_video
 
-FORMAT_VERSION = 2     # bump when the drawing or captions change, so old folders are redone
+FORMAT_VERSION = 3     # bump when the drawing or captions change, so old folders are redone
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (225, 35, 35), "green": (40, 200, 60), "blue": (50, 90, 240),
            "yellow": (240, 220, 40), "white": (245, 245, 245)}
@@ -54,19 +56,24 @@ CAPTION_TEMPLATES = (
     "{c1} then {c2}: a {shape} moving {adv}",
     "a {shape} drifts {phrase} while switching from {c1} to {c2}",
 )
+DEFAULT_TEMPLATES = 3   # as the prototype in datasets.md; all 7 make a harder variant
 # Every (shape, first colour, second colour, direction): 3 x 5 x 4 x 4 = 240.
 COMBOS = tuple((shape, c1, c2, direction) for shape in SHAPES for c1 in COLOURS
                for c2 in COLOURS if c2 != c1 for direction in DIRECTIONS)
+# Half the square's side, x radius: every shape fills the same 2r x 2r box. (0.85, which gave
+# circle and square the same area, left only a few corner pixels between them: most of the
+# tiny model's test errors were circle <-> square.)
+SQUARE_HALF_SIDE = 1.0
 BACKGROUND = 30        # dark grey, plus mild per-pixel noise (the same in every frame)
 NOISE_STD = 6.0
 
 
-def captions(video: dict) -> list[str]:
-    """All paraphrased captions of a planned video (one per template)."""
+def captions(video: dict, templates: int = DEFAULT_TEMPLATES) -> list[str]:
+    """The paraphrased captions of a planned video, one per template of the first `templates`."""
     _, adv, phrase = DIRECTIONS[video["direction"]]
     words = dict(shape=video["shape"], c1=video["colour"], c2=video["second_colour"],
                  adv=adv, phrase=phrase)
-    return [template.format(**words) for template in CAPTION_TEMPLATES]
+    return [template.format(**words) for template in CAPTION_TEMPLATES[:templates]]
 
 
 def _moving_shape(rng: np.random.Generator, size: int, shape: str, direction: str,
@@ -116,7 +123,7 @@ def _mask(shape: str, cx: float, cy: float, radius: float, xs: np.ndarray, ys: n
     if shape == "circle":
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= radius ** 2
     if shape == "square":
-        half = radius * 0.85
+        half = radius * SQUARE_HALF_SIDE
         return (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
     if shape == "triangle":          # apex up, base at the bottom
         top = cy - radius
@@ -159,16 +166,16 @@ def _csv(header: list[str], rows) -> str:
     return buffer.getvalue()
 
 
-def _annotation_files(videos: list[dict], seed: int) -> dict[str, str]:
+def _annotation_files(videos: list[dict], seed: int, templates: int) -> dict[str, str]:
     """File name -> text of the MSR-VTT annotation files."""
     sentences = []
     for video in videos:
         sentences += [dict(video_id=video["video_id"], caption=text, sen_id=len(sentences) + i)
-                      for i, text in enumerate(captions(video))]
+                      for i, text in enumerate(captions(video, templates))]
     pick = np.random.default_rng([seed, len(videos)])      # which caption each test video keeps
     tests = [v for v in videos if v["split"] == "test"]
     test_rows = [(f"ret{i}", f"msr{v['id']}", v["video_id"],
-                  captions(v)[pick.integers(len(CAPTION_TEMPLATES))]) for i, v in enumerate(tests)]
+                  captions(v, templates)[pick.integers(templates)]) for i, v in enumerate(tests)]
     def id_list(split):
         return _csv(["video_id"], [(v["video_id"],) for v in videos if v["split"] == split])
     return {
@@ -181,7 +188,8 @@ def _annotation_files(videos: list[dict], seed: int) -> dict[str, str]:
 
 def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0,
                        frames: int = 24, fps: int = 3, size: int = 64, val: int = 50,
-                       distractors: int = 0, shape_scale: float = 1.0, workers: int | None = None,
+                       distractors: int = 0, shape_scale: float = 1.0,
+                       templates: int = DEFAULT_TEMPLATES, workers: int | None = None,
                        progress: bool = True) -> Path:
     """Write the synthetic dataset to `out_dir` (see the module docstring); returns the folder.
 
@@ -190,9 +198,12 @@ def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0
     """
     for name, value, least in (("train", train, 1), ("test", test, 1), ("val", val, 0),
                                ("frames", frames, 2), ("fps", fps, 1), ("size", size, 16),
-                               ("distractors", distractors, 0)):
+                               ("distractors", distractors, 0), ("templates", templates, 1)):
         if not isinstance(value, int) or value < least:
             raise ValueError(f"generate_synthetic: {name} must be an integer >= {least}, got {value!r}")
+    if templates > len(CAPTION_TEMPLATES):
+        raise ValueError(f"generate_synthetic: templates must be at most {len(CAPTION_TEMPLATES)} "
+                         f"(the caption templates there are), got {templates}")
     if not 0.25 <= shape_scale <= 2.5:     # 2.5: the largest shapes still fit and can move
         raise ValueError(f"generate_synthetic: shape_scale must be in [0.25, 2.5], got {shape_scale!r}")
     if size % 2:
@@ -200,7 +211,7 @@ def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0
     out_dir = Path(out_dir)
     manifest_path, video_dir = out_dir / "synthetic.json", out_dir / "videos"
     settings = dict(format=FORMAT_VERSION, train=train, val=val, test=test, seed=seed,
-                    frames=frames, fps=fps, size=size, distractors=distractors)
+                    frames=frames, fps=fps, size=size, distractors=distractors, templates=templates)
     if shape_scale != 1.0:       # only when set, so sets made before the knob stay valid
         settings["shape_scale"] = shape_scale
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -227,7 +238,7 @@ def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 for _ in pool.map(_write_one, jobs, chunksize=8):
                     bar.update(1)
-    for name, text in _annotation_files(videos, seed).items():
+    for name, text in _annotation_files(videos, seed, templates).items():
         atomic_write_text(out_dir / name, text)
     atomic_write_json(manifest_path, dict(settings=settings, complete=True))
     return out_dir
@@ -246,7 +257,7 @@ def generate_from_params(params, progress: bool | None = None) -> Path:
         anno, train=params.synthetic_train, test=params.synthetic_test, val=params.synthetic_val,
         seed=params.synthetic_seed, frames=params.synthetic_frames, fps=params.synthetic_fps,
         size=params.synthetic_size, distractors=params.synthetic_distractors,
-        shape_scale=params.synthetic_shape_scale,
+        shape_scale=params.synthetic_shape_scale, templates=params.synthetic_templates,
         progress=params.progress if progress is None else progress)
 
 
@@ -258,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("seed", 0, "random seed"), ("frames", 24, "frames per video"),
                                 ("fps", 3, "frames per second"), ("size", 64, "frame side, pixels (even)"),
                                 ("distractors", 0, "uncaptioned moving shapes per video (harder)"),
+                                ("templates", DEFAULT_TEMPLATES,
+                                 f"caption paraphrases per video, 1-{len(CAPTION_TEMPLATES)} (more is harder)"),
                                 ("workers", os.cpu_count(), "parallel processes")):
         parser.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
     parser.add_argument("--shape_scale", type=float, default=1.0,
