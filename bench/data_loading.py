@@ -31,7 +31,7 @@ from torchvision import transforms
 
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
-from emcl_nb.data.synthetic import generate_synthetic
+from emcl_nb.data.synthetic import CAPTION_TEMPLATES, generate_synthetic
 from emcl_nb.data.video import load_clip
 from emcl_nb.params import load_params
 
@@ -101,6 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="emcl-bench-") as tmp:
         start = time.perf_counter()
         folder = generate_synthetic(Path(tmp), train=args.videos, val=0, test=1, frames=36,
+                                    templates=len(CAPTION_TEMPLATES),   # 7 pairs per video
                                     fps=3, size=224, progress=False)
         print(f"generated {args.videos} videos of 224x224, 36 frames at 3 fps "
               f"in {time.perf_counter() - start:.1f} s")

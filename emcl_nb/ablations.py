@@ -3,7 +3,8 @@
 Settings that only change the scoring (number of bases, EM iterations, λ, β, block size,
 the basis initialisation) re-score the cached test features of the run's trained model.
 Settings that change training (EMCL off, the non-collapsing bases, momentum) train their
-own run beside it (`<run>-<name>`; a finished run is reused). EMCL as an inference-only
+own run beside it (`<run>-<name>`; a finished run is reused if it was trained on the same
+data with the same recipe, train.ensure_trained). EMCL as an inference-only
 module is scored on the model trained without EMCL.
 """
 from __future__ import annotations

@@ -91,6 +91,8 @@ def em_block(model, features, text_indices, video_indices=None, *,
     The result depends on the block (N = A*V + A rows), as the evaluation scores do."""
     from emcl_nb.evaluate import note, scoring_setup
 
+    if scoring is not None and emcl_mode is not None:
+        raise ValueError("em_block takes emcl_mode or scoring, not both")
     if scoring is None:
         mode = emcl_mode or model.params.emcl
         if mode == "off":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from emcl_nb.io import atomic_write_json, atomic_write_text
-from emcl_nb.params import RESUME_FIELDS, Params, save_params
+from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, save_params
 
 # Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
@@ -191,10 +191,12 @@ def _truncate_log(path: Path, steps_done: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def check_resumable(params: Params, saved: dict, path: Path) -> None:
-    """A TrainingSetupError naming every RESUME_FIELDS value that `params` changes."""
-    changed = {key: (saved[key], getattr(params, key)) for key in RESUME_FIELDS
-               if key in saved and saved[key] != getattr(params, key)}
+def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELDS) -> None:
+    """A TrainingSetupError naming every one of `fields` that `params` changes from the
+    `saved` parameters of the run at `path` (synthetic_* fields only for synthetic data)."""
+    changed = {key: (saved[key], getattr(params, key)) for key in fields
+               if key in saved and saved[key] != getattr(params, key)
+               and (params.synthetic or key not in SYNTHETIC_FIELDS)}
     if changed:
         listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
         raise TrainingSetupError(

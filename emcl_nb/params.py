@@ -152,11 +152,16 @@ MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "imag
 TRAINING_FIELDS = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
                    "batch_size", "lr", "coef_lr", "weight_decay", "warmup_proportion", "grad_clip",
                    "freeze_patch_embedding", "precision")
-# Draw the synthetic set (a run trained on another set must not be reused for this one):
+# Draw the synthetic set (checked only when params.synthetic is set):
 SYNTHETIC_FIELDS = tuple(name for name in FIELDS if name.startswith("synthetic"))
-# A run resumes (or is reused) only with the values it was started with; on_bad_sample may
-# change, so that a run stopped by a bad video can go on.
+# A run resumes only with the values it was started with; on_bad_sample may change, so
+# that a run stopped by a bad video can go on.
 RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS + SYNTHETIC_FIELDS))
+# A finished run is reused for evaluation only if it was trained on this data with this
+# recipe; settings evaluation may change (max_frames, precision, the seed of inference-only
+# bases) and the model fields (taken from the checkpoint) are not checked.
+REUSE_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("seed", "precision")) \
+    + SYNTHETIC_FIELDS
 
 
 def available_datasets() -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint
 from emcl_nb.engine import FitResult, check_resumable, fit
-from emcl_nb.params import Params, load_params
+from emcl_nb.params import REUSE_FIELDS, Params, load_params
 
 
 def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
@@ -41,12 +41,12 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
 
 def ensure_trained(params: Params) -> Path:
     """The run's last checkpoint; trains the run first when it has none. A run that has one,
-    finished or not, is used as it is, if it was trained with these parameters (else a
-    TrainingSetupError names the differences)."""
+    finished or not, is used as it is if it was trained on this data with this recipe
+    (params.REUSE_FIELDS; else a TrainingSetupError names the differences)."""
     last = params.out_dir / "checkpoints" / "last.pt"
     if not last.is_file():
         return train(params).last_checkpoint
-    check_resumable(params, read_checkpoint(last, mmap=True)["params"], last)
+    check_resumable(params, read_checkpoint(last, mmap=True)["params"], last, REUSE_FIELDS)
     return last
 
 

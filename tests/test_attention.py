@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from emcl_nb import attention, viz  # noqa: E402
 from emcl_nb.data.synthetic import generate_synthetic  # noqa: E402
 from emcl_nb.evaluate import Features, encode_split, scoring_setup  # noqa: E402
-from emcl_nb.model import build_model  # noqa: E402
+from emcl_nb.model import build_model, pool_frames  # noqa: E402
 from emcl_nb.params import Params  # noqa: E402
+from emcl_nb.emcl import effective_rank  # noqa: E402
 from emcl_nb.similarity import score_block  # noqa: E402
 
 N_TEST, A = 6, 4
@@ -168,9 +169,8 @@ def test_modality_gap_numbers():
     block = attention.em_block(model, features, range(6))
     for gap in (block.gap_before, block.gap_after):
         assert math.isfinite(gap) and 0 < gap < 2                  # unit vectors: at most 2 apart
-    # before EMCL: the normalised texts and their text-conditioned pooled videos, built here
-    weights = torch.softmax(torch.einsum("ad,vtd->avt", features.text, features.video) / model.temp, -1)
-    pooled = torch.einsum("avt,vtd->avd", weights * features.frame_mask, features.video)
+    # before EMCL: the normalised texts and their text-conditioned pooled videos
+    pooled, _ = pool_frames(features.text, features.video, features.frame_mask, model.temp)
     text_mean = torch.nn.functional.normalize(features.text, dim=-1).mean(0)
     video_mean = torch.nn.functional.normalize(pooled, dim=-1).reshape(-1, 64).mean(0)
     assert block.gap_before == pytest.approx(float((text_mean - video_mean).norm()), abs=1e-5)
@@ -243,8 +243,11 @@ def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
 def test_correction_rank_is_the_rank_of_the_correction_added(model, params, features):
     from emcl_nb.ablations import correction_rank
 
-    on = scoring_setup(model, params, "on", block_size=4)
-    block = attention.em_block(model, features, range(4), range(4), scoring=on)
-    assert correction_rank(features, model, on) == block.rank >= 1
+    on = scoring_setup(model, params, "on", block_size=4, emcl_beta=2.0)
+    rank = correction_rank(features, model, on)
+    # the same block scored the way evaluation scores it, and the correction it added
+    score_block(features.text[:4], features.video[:4], features.frame_mask[:4], temp=model.temp,
+                emcl=on.emcl, normalize=on.normalize)
+    assert rank == int(effective_rank(2.0 * on.emcl.last.recon)) >= 1
     assert correction_rank(features, model, scoring_setup(model, params, "on", emcl_beta=0.0)) == 0
     assert correction_rank(features, model, scoring_setup(model, params, "off")) is None

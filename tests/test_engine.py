@@ -158,3 +158,12 @@ def test_validation_ties_go_to_the_later_epoch_as_in_the_reference(tmp_path):
     params = tiny_params(tmp_path, epochs=2)
     result = fit(params, RandomClips(16, params), validate=lambda model: {"val": {"t2v": {"R1": 50.0}}})
     assert read_checkpoint(result.best_checkpoint)["epoch"] == 2
+
+
+def test_synthetic_fields_are_checked_only_for_synthetic_data(tmp_path):
+    from emcl_nb.engine import check_resumable
+
+    saved = Params(synthetic_train=16).to_dict()
+    check_resumable(Params(synthetic=False, synthetic_train=24), saved, tmp_path / "last.pt")
+    with pytest.raises(TrainingSetupError, match="synthetic_train: 16 -> 24"):
+        check_resumable(Params(synthetic=True, synthetic_train=24), saved, tmp_path / "last.pt")

@@ -80,3 +80,7 @@ def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
     assert ensure_trained(params) == last and last.stat().st_mtime_ns == stamp   # reused as is
     with pytest.raises(TrainingSetupError, match="synthetic_train: 16 -> 24"):
         ensure_trained(params.replace(synthetic_train=24))   # drawn from another synthetic set
+    with pytest.raises(TrainingSetupError, match="lr: 0.0005 -> 0.001"):
+        ensure_trained(params.replace(lr=1e-3))               # another recipe
+    # what evaluation may change, and the model fields (taken from the checkpoint)
+    assert ensure_trained(params.replace(max_frames=4, precision="fp32", seed=5, emcl_bases=8)) == last

@@ -60,9 +60,9 @@ DEFAULT_TEMPLATES = 3   # as the prototype in datasets.md; all 7 make a harder v
 # Every (shape, first colour, second colour, direction): 3 x 5 x 4 x 4 = 240.
 COMBOS = tuple((shape, c1, c2, direction) for shape in SHAPES for c1 in COLOURS
                for c2 in COLOURS if c2 != c1 for direction in DIRECTIONS)
-# Half the square's side, x radius: every shape fills the same 2r x 2r box. (0.85, which gave
-# circle and square the same area, left only a few corner pixels between them: most of the
-# tiny model's test errors were circle <-> square.)
+# Half the square's side as a multiple of the radius: every shape fills the same 2r x 2r box.
+# (0.85, about the circle's area, left only a few corner pixels between circle and square:
+# most of the tiny model's test errors were circle <-> square.)
 SQUARE_HALF_SIDE = 1.0
 BACKGROUND = 30        # dark grey, plus mild per-pixel noise (the same in every frame)
 NOISE_STD = 6.0
