@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from emcl_nb.data.synthetic import (CAPTION_TEMPLATES, COLOURS, DEFAULT_TEMPLATES, DIRECTIONS,
-                                    _position, captions, generate_from_params,
+                                    _mask, _position, captions, generate_from_params,
                                     generate_synthetic, plan_videos, render)
 from emcl_nb.params import Params
 
@@ -121,6 +121,20 @@ def test_distractors_are_drawn_and_bad_arguments_rejected(tmp_path):
         generate_synthetic(tmp_path, test=0, progress=False)
 
 
+def test_every_shape_fills_the_same_box():
+    """Circle, square and triangle span the same 2r x 2r box, so that a circle and a square
+    differ by more than a few corner pixels; only the square fills its corners."""
+    size, radius, cx, cy = 64, 10.0, 32.0, 32.0
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    for shape in ("circle", "square", "triangle"):
+        painted = _mask(shape, cx, cy, radius, xs, ys)
+        width, height = np.ptp(xs[painted]) + 1, np.ptp(ys[painted]) + 1   # pixels, centres + 1
+        assert abs(width - 2 * radius) <= 1 and abs(height - 2 * radius) <= 1, shape
+        corner = painted[int(cy + 0.9 * radius), int(cx + 0.9 * radius)]   # bottom right
+        assert corner == (shape in ("square", "triangle")), shape
+        assert painted[int(cy - 0.9 * radius), int(cx - 0.9 * radius)] == (shape == "square"), shape
+
+
 @pytest.mark.parametrize("scale", [0.5, 2.5])
 def test_shape_scale_sizes_shapes_that_stay_inside_and_move(scale, tmp_path):
     size, frames = 64, 8
@@ -160,5 +174,9 @@ def test_generate_from_params_uses_the_synthetic_fields(tiny, tmp_path):
                     synthetic_seed=3, synthetic_train=6, synthetic_val=2, synthetic_test=4,
                     synthetic_frames=6, synthetic_fps=3, synthetic_size=32, progress=False)
     assert digests(generate_from_params(params)) == digests(tiny)
+    five = generate_from_params(params.replace(anno_path=str(tmp_path / "q"), synthetic_templates=5,
+                                               video_path=str(tmp_path / "q" / "videos")))
+    sentences = json.loads((five / "MSRVTT_data.json").read_text())["sentences"]
+    assert len(sentences) == 5 * 12                               # 12 videos, 5 paraphrases each
     with pytest.raises(ValueError, match="video_path"):
         generate_from_params(params.replace(video_path=str(tmp_path / "elsewhere")))
