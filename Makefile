@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Notebook checks (nbval) run a smaller synthetic configuration so they stay within minutes.
-NBVAL_OVERRIDES ?= synthetic_train=160 synthetic_test=40 synthetic_val=20 epochs=3 ablation_epochs=1 run=nbval \
-  progress=false anno_path=outputs/data/synthetic-nbval video_path=outputs/data/synthetic-nbval/videos
+# Notebook checks (nbval) run a smaller synthetic configuration so they stay within minutes;
+# it still learns (tests/check_nbval_run.py bounds what it reaches).
+NBVAL_OVERRIDES ?= synthetic_train=400 synthetic_test=50 synthetic_val=50 epochs=6 ablation_epochs=1 \
+  run=nbval progress=false anno_path=outputs/data/synthetic-nbval video_path=outputs/data/synthetic-nbval/videos
 
 .PHONY: setup demo test test-unit test-notebooks notebooks clean
 
@@ -24,17 +25,20 @@ test: setup test-unit test-notebooks
 test-unit: setup
 	$(PY) -m pytest tests
 
-# nbval re-runs the notebooks from scratch: a run left by an earlier check would be reused.
+# nbval re-runs every cell (any error fails) but compares stored outputs only in cells
+# tagged nbval-check-output, with digits and run names masked (tests/nbval_sanitize.cfg):
+# the stored outputs come from the demo configuration, and floats differ between CPUs.
+# Then check_nbval_run.py bounds what the nbval run learned.
 test-notebooks: setup
 	rm -rf outputs/synthetic/nbval outputs/synthetic/nbval-* outputs/data/synthetic-nbval
 	EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" \
-	  $(PY) -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	  $(PY) -m pytest --nbval-lax notebooks tests/check_nbval_run.py --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
-# Re-execute the notebooks in place with the nbval configuration (refreshes their stored outputs).
+# Refresh what the repository shows from one demo run: the stored notebook outputs, the
+# seed study and the README's results section (about 20 minutes on 2 cores).
 notebooks: setup
-	rm -rf outputs/synthetic/nbval outputs/synthetic/nbval-* outputs/data/synthetic-nbval
-	cd notebooks && EMCL_NB_OVERRIDES="$(NBVAL_OVERRIDES)" ../$(PY) -m jupyter nbconvert \
-	  --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 0*.ipynb
+	$(PY) -m emcl_nb.demo --refresh
 
 clean:
 	rm -rf $(VENV) outputs/*/ .pytest_cache

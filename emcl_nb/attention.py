@@ -192,10 +192,12 @@ def plot_basis_loadings(block: EMBlock) -> Figure:
     left.imshow(video, **style)
     for a in range(1, A):
         left.axhline(a * V - 0.5, color="k", linewidth=0.6)
-    left.set_yticks(np.arange(A) * V + (V - 1) / 2, [f"caption {a}" for a in range(A)])
+    caption_numbers = block.text_indices.tolist()                      # rows of features.text
+    left.set_yticks(np.arange(A) * V + (V - 1) / 2, [f"caption {a}" for a in caption_numbers])
     left.set(xlabel="basis k", title=f"video rows: each caption's {V} pooled videos")
     image = right.imshow(text, **style)
-    right.set_yticks(range(A), [f"{a}: {_short(c)}" for a, c in enumerate(block.captions)], fontsize=8)
+    right.set_yticks(range(A), [f"{a}: {_short(c)}" for a, c in zip(caption_numbers, block.captions)],
+                     fontsize=8)
     right.set(xlabel="basis k", title="caption rows")
     fig.colorbar(image, ax=(left, right), label="loading mu[n, k] (unit columns)")
     fig.suptitle(f"Basis loadings ({block.mode}, init {block.init}, effective rank of R = {block.rank})")
@@ -297,7 +299,10 @@ def explorer(model, features, frames_fn=None, *, top: int = 5):
     """An ipywidgets browser: pick a caption, see its `top` videos (ranked by the evaluation
     scores of the whole split) with its frame weights and the basis loadings of the block
     (that caption x those videos). `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None
-    (see `frame_reader`)."""
+    (see `frame_reader`). The controls stay above a height-limited output, and say when
+    an update is running."""
+    import html
+
     import ipywidgets as widgets
     from IPython.display import display
 
@@ -307,22 +312,43 @@ def explorer(model, features, frames_fn=None, *, top: int = 5):
     top = min(top, features.n_videos)
     options = [(f"{a}: {_short(c, 70)}", a) for a, c in enumerate(features.captions)]
     dropdown = widgets.Dropdown(options=options, value=0, description="caption",
-                                layout=widgets.Layout(width="90%"))
-    output = widgets.Output()
+                                layout=widgets.Layout(width="70%"))
+    status = widgets.HTML()
+    scores = widgets.HTML()
+    output = widgets.Output(layout=widgets.Layout(max_height="720px", overflow="auto"))
 
     def show(change) -> None:
         a = change["new"]
-        videos = sim[a].topk(top).indices
-        block = em_block(model, features, [a], videos)
-        figures = [plot_frame_weights(block, frames_fn(videos.tolist()) if frames_fn else None, top=top),
-                   plot_basis_loadings(block)]
-        with output:
-            output.clear_output(wait=True)
+        dropdown.disabled = True
+        status.value = "<i>updating…</i>"
+        try:
+            videos = sim[a].topk(top).indices
+            block = em_block(model, features, [a], videos)
+            scores.value = _score_table(block, sim[a, videos])
+            figures = [plot_frame_weights(block, frames_fn(videos.tolist()) if frames_fn else None,
+                                          top=top),
+                       plot_basis_loadings(block)]
+            with output:
+                output.clear_output(wait=True)
+                for fig in figures:
+                    display(fig)
             for fig in figures:
-                display(fig)
-        for fig in figures:
-            plt.close(fig)
+                plt.close(fig)
+            status.value = f"caption {a}: “{html.escape(_short(features.captions[a], 60))}”"
+        finally:
+            dropdown.disabled = False
 
     dropdown.observe(show, names="value")
     show({"new": dropdown.value})
-    return widgets.VBox([dropdown, output])
+    return widgets.VBox([widgets.HBox([dropdown, status]), scores, output])
+
+
+def _score_table(block: EMBlock, evaluation: torch.Tensor) -> str:
+    """HTML: each video of a one-caption block with its evaluation score (the split scored
+    in `block_size` blocks) and its score S in this block (EM depends on the block)."""
+    rows = "".join(
+        f"<tr><td>{b + 1}</td><td>{video_id}{' (its video)' if int(block.positive[0]) == b else ''}</td>"
+        f"<td>{float(evaluation[b]):.3f}</td><td>{float(block.sim[0, b]):.3f}</td></tr>"
+        for b, video_id in enumerate(block.video_ids))
+    return ("<table><tr><th>#</th><th>video</th><th>evaluation score</th>"
+            "<th>S in this block</th></tr>" + rows + "</table>")

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from emcl_nb.io import atomic_write_json, atomic_write_text
-from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, save_params
+from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
+from emcl_nb.progress import progress_bar
 
 # Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
@@ -251,8 +251,13 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         history = state["metrics"].get("history", [])
         best_score = state["metrics"].get("best_score", -math.inf)
         if env.is_main:
-            print(f"[emcl_nb] resuming {last_path} after epoch {start_epoch} (step {step})")
             _truncate_log(log_path, step)
+            if start_epoch >= params.epochs:
+                print(f"[emcl_nb] run {params.run} is complete: {start_epoch}/{params.epochs} epochs; "
+                      f"delete {repo_relative(out_dir)} (or train with --no-resume) to retrain")
+            else:
+                print(f"[emcl_nb] resuming {repo_relative(last_path)} after epoch {start_epoch} "
+                      f"(step {step} of {total_steps})")
     elif env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if log_path.exists():
@@ -270,7 +275,7 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         model.train()
         _set_epoch(loader, epoch)
         step_log.last_flush = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{params.epochs}", leave=False,
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{params.epochs}", leave=False,
                    disable=not (params.progress and env.is_main))
         skipped = 0
         for batch in bar:

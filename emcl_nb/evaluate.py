@@ -30,13 +30,13 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
 from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from emcl_nb.metrics import DSL, PLAIN, evaluate_similarity, format_table
 from emcl_nb.params import (CHOICES, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT, Params,
                             ParamsError, load_params, parse_overrides)
+from emcl_nb.progress import progress_bar
 from emcl_nb.similarity import similarity_matrix
 
 # Settings that change only the scoring, never the features: `score` accepts them as overrides.
@@ -126,10 +126,10 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
     bar = dict(disable=not params.progress, leave=False, unit="batch")
 
     with torch.no_grad(), _autocast(device, params):
-        for batch in tqdm(text_loader, desc=f"encode {split} texts", **bar):
+        for batch in progress_bar(text_loader, desc=f"encode {split} texts", **bar):
             features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
             text[batch["index"]] = features.float().cpu()                                 # [B, D]
-        for batch in tqdm(video_loader, desc=f"encode {split} videos", **bar):
+        for batch in progress_bar(video_loader, desc=f"encode {split} videos", **bar):
             features = model.encode_video(batch["video"].to(device), batch["frame_mask"].to(device))
             index = batch["video_index"]
             video[index] = features.float().cpu()                                         # [B, T, D]

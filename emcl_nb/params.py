@@ -21,6 +21,11 @@ PARAMS_DIR = Path(os.environ.get("EMCL_NB_PARAMS_DIR", REPO_ROOT / "params"))
 ENV_OVERRIDES = "EMCL_NB_OVERRIDES"
 
 
+def repo_relative(path) -> str:
+    """`path` relative to the repository root: output that reads the same on every machine."""
+    return os.path.relpath(path, REPO_ROOT)
+
+
 class ParamsError(ValueError):
     """A parameter file or override that cannot be used; the message says how to fix it."""
 

@@ -23,7 +23,7 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     """Prepare the data (generating the synthetic set when asked), then train.
     Each epoch is validated on a split that is not the test set where the layout has one."""
     from emcl_nb.data.annotations import load_annotations
-    from emcl_nb.data.dataset import TrainDataset
+    from emcl_nb.data.dataset import TrainDataset, shutdown_workers
     from emcl_nb.data.prepare import ensure_data
     from emcl_nb.evaluate import make_validator
 
@@ -36,6 +36,7 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     try:
         return fit(params, train_set, validate=make_validator(params), resume=resume, on_log=on_log)
     finally:
+        shutdown_workers()          # no loader worker outlives train(), even on an error
         distributed.cleanup()
 
 

@@ -6,7 +6,6 @@ nothing here computes results.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from emcl_nb.params import REPO_ROOT
+from emcl_nb.params import repo_relative
 
 RECALL_KS = (1, 5, 10, 50)
 
@@ -44,11 +43,6 @@ def save_figure(fig: plt.Figure, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
-
-
-def repo_relative(path) -> str:
-    """`path` relative to the repository root: notebook output that reads the same on every machine."""
-    return os.path.relpath(path, REPO_ROOT)
 
 
 def save_run_figure(fig: plt.Figure, params, name: str) -> Path:
@@ -93,14 +87,22 @@ def history_table(history: list[dict]) -> str:
 
 
 def plot_training(records: list[dict]) -> plt.Figure:
-    """Loss and learning rates per step (from the run's log.jsonl)."""
+    """Loss and the two learning rates (CLIP's, lr x coef_lr, and the new modules') per step,
+    from the run's log.jsonl. Decay and no-decay groups share a rate, so each is drawn once."""
     steps = [r["step"] for r in records]
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.2))
     loss_ax.plot(steps, [r["loss"] for r in records], lw=1)
     loss_ax.set(xlabel="step", ylabel="loss", title="symmetric InfoNCE")
-    for key in sorted(k for k in records[0] if k.startswith("lr_")):
-        lr_ax.plot(steps, [r[key] for r in records], label=key[3:])
-    lr_ax.set(xlabel="step", ylabel="learning rate", title="warm-up + cosine", yscale="log")
+    rates = {}
+    for label, prefix in (("CLIP", "lr_clip"), ("new modules", "lr_new")):
+        key = next((k for k in records[0] if k.startswith(prefix)), None)
+        if key is not None:
+            rates[label] = [r[key] for r in records]
+    same = len(rates) == 2 and np.allclose(*rates.values())
+    for (label, values), style in zip(rates.items(), (dict(lw=3, alpha=0.5), dict(lw=1, ls="--"))):
+        lr_ax.plot(steps, values, label=label, **style)
+    lr_ax.set(xlabel="step", ylabel="learning rate", yscale="log",
+              title="warm-up + cosine" + (" (CLIP's rate = the new modules')" if same else ""))
     lr_ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -108,7 +110,8 @@ def plot_training(records: list[dict]) -> plt.Figure:
 
 class LiveTrainingPlot:
     """`on_log` callback for `train()`: redraws the loss / learning-rate figure in place while
-    a notebook trains (only when `live`; headless runs draw once at the end)."""
+    a notebook trains (only when `live`). `show(fig)` then puts the finished figure in the
+    same place (or shows it once, when nothing was drawn live)."""
 
     def __init__(self, live: bool, every: int = 5):
         self.live, self.every, self.records, self.calls, self.handle = live, every, [], 0, None
@@ -117,13 +120,15 @@ class LiveTrainingPlot:
         self.records.extend(records)
         self.calls += 1
         if self.live and self.calls % self.every == 0:
-            from IPython.display import display
-            fig = plot_training(self.records)
-            if self.handle is None:
-                self.handle = display(fig, display_id=True)
-            else:
-                self.handle.update(fig)
-            plt.close(fig)
+            self.show(plot_training(self.records))
+
+    def show(self, fig: plt.Figure) -> None:
+        from IPython.display import display
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)
+        plt.close(fig)
 
 
 def plot_recall_at_k(results: dict[str, dict]) -> plt.Figure:

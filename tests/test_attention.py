@@ -232,10 +232,21 @@ def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
     monkeypatch.setattr(attention, "em_block",
                         lambda *args, **kw: shown.append(args[2]) or real(*args, **kw))
     widget = attention.explorer(model, features, top=3)
-    dropdown = widget.children[0]
+    controls, scores, _ = widget.children                  # the controls stay above the output
+    dropdown, status = controls.children
     assert len(dropdown.options) == features.n_texts
     dropdown.value = 4
     assert shown == [[0], [4]]
+    assert status.value.startswith("caption 4:") and not dropdown.disabled
+    assert "evaluation score" in scores.value and "S in this block" in scores.value
+
+
+def test_basis_loadings_label_rows_with_the_caption_numbers_of_the_split(model, features):
+    block = attention.em_block(model, features, [4, 2])
+    fig = attention.plot_basis_loadings(block)
+    left, right = fig.axes[:2]
+    assert [label.get_text() for label in left.get_yticklabels()] == ["caption 4", "caption 2"]
+    assert [label.get_text().split(":")[0] for label in right.get_yticklabels()] == ["4", "2"]
 
 
 # ---------------------------------------------------------------- the ablations' rank column

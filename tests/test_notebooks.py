@@ -7,6 +7,8 @@ from pathlib import Path
 import papermill
 import pytest
 
+from emcl_nb import demo
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
 TINY = ("synthetic_train=8 synthetic_val=2 synthetic_test=4 synthetic_frames=6 synthetic_size=32 "
@@ -61,3 +63,101 @@ def test_data_prep_runs_from_the_root_and_from_notebooks(tmp_path, where, monkey
     outputs = "".join(o.get("text", "") for c in result["cells"] for o in c.get("outputs", []))
     assert "annotations in outputs/data/papermill-test" in outputs
     assert (ROOT / "outputs/synthetic/papermill-test/figures/01_sampled_frames.png").is_file()
+
+
+def test_a_parameter_the_notebook_does_not_declare_fails_the_run(tmp_path):
+    """papermill itself only warns ("Passed unknown parameter") and runs the defaults."""
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        _run(tmp_path, ROOT, epochs=1)
+    assert "unknown notebook parameter(s): epochs" in str(error.value)
+    assert 'overrides "epochs=1"' in str(error.value)
+
+
+def test_unknown_parameters_are_found_in_the_kernel_history():
+    from emcl_nb.notebook import unknown_parameters
+
+    history = ["", "import x", 'dataset: str = "synthetic"\nrun: str = "demo"  # comment',
+               '# Parameters\ndataset = "msvd"\nepochs = 1\n', "P = 1"]
+    assert unknown_parameters(history) == (["epochs"], ["dataset", "run"])
+    assert unknown_parameters(history[:3]) == ([], [])          # no papermill: nothing to check
+
+
+# ---- the committed notebooks are the demo's documents ----------------------------------
+
+def _outputs(path: Path) -> list[dict]:
+    return [output for cell in json.loads(path.read_text())["cells"] for output in cell.get("outputs", [])]
+
+
+def _text(output: dict) -> str:
+    text = output.get("text", "")
+    data = output.get("data", {})
+    return "".join(text) + "".join("".join(data.get(kind, "")) for kind in ("text/plain", "text/markdown", "text/html"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebooks_open_unmodified_and_show_no_test_configuration(path):
+    notebook = json.loads(path.read_text())
+    assert notebook["metadata"]["kernelspec"] == demo.KERNELSPEC      # what JupyterLab writes on open
+    assert "papermill" not in notebook["metadata"]
+    assert not any("injected-parameters" in cell.get("metadata", {}).get("tags", [])
+                   for cell in notebook["cells"])
+    for output in _outputs(path):
+        assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {})
+        text = _text(output)
+        for leak in ("EMCL_NB_OVERRIDES", "nbval", str(ROOT), "/root/", "/home/", "MISSING"):
+            assert leak not in text, (leak, text[:300])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_figures_are_sized_for_reading(path):
+    import base64
+    sizes = [len(base64.b64decode("".join(output["data"]["image/png"])))
+             for output in _outputs(path) if "image/png" in output.get("data", {})]
+    assert all(size <= 150_000 for size in sizes), sizes
+    assert path.stat().st_size <= 2_000_000
+
+
+def test_committed_evaluation_shows_the_demo_result():
+    lines = [line for output in _outputs(ROOT / "notebooks" / "03_evaluate.ipynb")
+             for line in _text(output).splitlines() if line.startswith("best: text->video R@1")]
+    assert len(lines) == 1
+    assert float(lines[0].split("R@1 ")[1].split(",")[0]) >= 80.0
+
+
+def test_clean_notebook_drops_what_papermill_adds():
+    executed = {"metadata": {"kernelspec": {"display_name": "Python 3", "name": "python3"},
+                             "papermill": {"duration": 1.0}},
+                "cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "outputs": []},
+                          {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "outputs": []},
+                          {"cell_type": "code", "metadata": {"papermill": {}, "execution": {}},
+                           "outputs": [{"output_type": "stream", "text": "ok"}]}],
+                "nbformat": 4, "nbformat_minor": 5}
+    cleaned = demo.clean_notebook(executed)
+    assert [cell["metadata"] for cell in cleaned["cells"]] == [{"tags": ["parameters"]}, {}]
+    assert cleaned["metadata"] == {"kernelspec": demo.KERNELSPEC}
+    widget = {"output_type": "display_data", "data": {"application/vnd.jupyter.widget-view+json": {}}}
+    executed["cells"][2]["outputs"].append(widget)
+    with pytest.raises(ValueError, match="widget"):
+        demo.clean_notebook(executed)
+
+
+def test_results_section_is_written_from_the_run_files(tmp_path):
+    def result(r1, epoch):
+        recall = {"R1": r1, "R5": 100.0, "R10": 100.0, "MdR": 1.0, "MnR": 1.1}
+        return {"t2v": recall, "v2t": {**recall, "R1": r1 - 2}, "n_texts": 100, "n_videos": 100,
+                "chance_R1": 1.0, "epoch": epoch}
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"results": {"best": result(86.0, 9), "last": result(91.0, 12)}}))
+    study = {"seeds": {0: {"best": result(86.0, 9), "last": result(91.0, 12)},
+                       1: {"best": result(80.0, 8), "last": result(85.0, 12)},
+                       2: {"best": result(83.0, 7), "last": result(88.0, 12)}}}
+    section = demo.results_markdown(run_dir, study, {"01_data_prep": 20.0, "02_train": 220.0})
+    assert "| best on validation (epoch 9) | 86 | 100 | 84 | 83 ± 3 | 81 ± 3 |" in section
+    assert "| last epoch (epoch 12) | 91 | 100 | 89 | 88 ± 3 | 86 ± 3 |" in section
+    assert "01: 20 s, 02: 220 s" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{demo.RESULTS_BEGIN}\nold\n{demo.RESULTS_END}\nrest\n")
+    demo.update_readme(section, readme)
+    assert readme.read_text() == f"# x\n{demo.RESULTS_BEGIN}\n{section}\n{demo.RESULTS_END}\nrest\n"

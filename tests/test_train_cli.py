@@ -84,3 +84,52 @@ def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
         ensure_trained(params.replace(lr=1e-3))               # another recipe
     # what evaluation may change, and the model fields (taken from the checkpoint)
     assert ensure_trained(params.replace(max_frames=4, precision="fp32", seed=5, emcl_bases=8)) == last
+
+
+@pytest.fixture
+def loaders_kept_alive(monkeypatch):
+    """Something in the kernel keeps the loaders referenced after train() returns, as
+    tqdm's notebook widget did (its widget model, alive in the kernel, held the loader)."""
+    from emcl_nb import engine
+    kept, original = [], engine.progress_bar
+
+    def holding_bar(iterable=None, **kwargs):
+        kept.append(iterable)
+        return original(iterable, **kwargs)
+    monkeypatch.setattr(engine, "progress_bar", holding_bar)
+    return kept
+
+
+def _in_process_params(tmp_path, *extra):
+    return load_params("synthetic", tiny_overrides(tmp_path) + ["num_workers=2", "epochs=1", *extra],
+                       use_env=False)
+
+
+def test_train_leaves_no_worker_processes_behind(tmp_path, capsys, loaders_kept_alive):
+    """A notebook kernel calls train() in-process: its loader workers (training and the
+    per-epoch validation) must be gone when it returns, not at some garbage collection."""
+    import multiprocessing
+
+    from emcl_nb.train import train
+
+    params = _in_process_params(tmp_path)
+    train(params)
+    assert multiprocessing.active_children() == []
+    train(params)                               # a finished run: nothing to do, and says so
+    run_dir = os.path.relpath(params.out_dir, ROOT)             # paths printed repository-relative
+    assert f"run cli is complete: 1/1 epochs; delete {run_dir} " in capsys.readouterr().out
+
+
+def test_train_leaves_no_worker_processes_behind_after_an_error(tmp_path, monkeypatch,
+                                                                loaders_kept_alive):
+    import multiprocessing
+
+    from emcl_nb import engine
+    from emcl_nb.train import train
+
+    def fail(*args, **kwargs):
+        raise OSError("disk gone")
+    monkeypatch.setattr(engine, "save_checkpoint", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        train(_in_process_params(tmp_path))
+    assert multiprocessing.active_children() == []

@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from ..progress import progress_bar
 from .ffmpeg import FFmpegError, encode_mp4, remove_partials
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp",
@@ -105,7 +104,7 @@ def compress_videos(input_root, output_root, workers: int | None = None,
 
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(todo), desc="compress", unit="video", disable=not progress) as bar:
+            progress_bar(total=len(todo), desc="compress", unit="video", disable=not progress) as bar:
         jobs = {pool.submit(compress_one, input_root / rel, dest): rel for dest, rel in todo.items()}
         for job in as_completed(jobs):
             relative = jobs[job]

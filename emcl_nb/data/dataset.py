@@ -21,6 +21,7 @@ import functools
 import logging
 import random
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -230,8 +231,25 @@ def build_loader(dataset: Dataset, params: Params, *, train: bool, rank: int = 0
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
                            seed=params.seed, drop_last=train)
     generator = torch.Generator().manual_seed(params.seed + rank)
-    return DataLoader(dataset, batch_size=total // world_size, sampler=sampler,
-                      num_workers=params.num_workers, collate_fn=collate,
-                      pin_memory=torch.cuda.is_available(), drop_last=train,
-                      worker_init_fn=_seed_worker, generator=generator,
-                      persistent_workers=params.num_workers > 0)
+    loader = DataLoader(dataset, batch_size=total // world_size, sampler=sampler,
+                        num_workers=params.num_workers, collate_fn=collate,
+                        pin_memory=torch.cuda.is_available(), drop_last=train,
+                        worker_init_fn=_seed_worker, generator=generator,
+                        persistent_workers=params.num_workers > 0)
+    _LOADERS.add(loader)
+    return loader
+
+
+# Every loader `build_loader` made that is still alive, for `shutdown_workers`.
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def shutdown_workers() -> None:
+    """Stop the worker processes of every loader `build_loader` made. Persistent workers
+    otherwise live until their loader is garbage-collected, which in a notebook kernel
+    (reference cycles, a kept traceback) can be never. A loader stays usable: iterating it
+    again starts new workers."""
+    for loader in list(_LOADERS):
+        iterator, loader._iterator = loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()

@@ -35,9 +35,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..io import atomic_write_json, atomic_write_text
+from ..progress import progress_bar
 from .ffmpeg import remove_partials, write_video
 
 FORMAT_VERSION = 3     # bump when the drawing or captions change, so old folders are redone
@@ -228,7 +228,7 @@ def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0
     atomic_write_json(manifest_path, dict(settings=settings, complete=False))
     jobs = [(v, path, frames, fps, size, seed) for path, v in wanted.items() if not path.exists()]
     workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
-    bar = tqdm(total=len(jobs), desc="synthetic videos", unit="video", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="synthetic videos", unit="video", disable=not progress)
     with bar:
         if workers == 1:
             for job in jobs:

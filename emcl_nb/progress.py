@@ -1,0 +1,46 @@
+"""Progress bars that read the same in a terminal and in a saved notebook.
+
+In a terminal this is tqdm's text bar on stderr. In a Jupyter kernel the same text bar is
+drawn into one display output updated in place and stored as plain text, so a notebook
+saved and reopened shows the bar's last line. (tqdm's widget bars reopen as "Error
+displaying widget: model not found", since their widget models die with the kernel.)
+"""
+from __future__ import annotations
+
+import io
+
+from tqdm.std import tqdm
+
+
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (not a terminal IPython, not plain Python)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class DisplayLine(io.TextIOBase):
+    """A file-like target for tqdm: every redraw replaces one plain-text notebook output."""
+
+    def __init__(self):
+        from IPython.display import display
+        self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+
+    def write(self, text: str) -> int:
+        if "\r" in text or text.strip():           # tqdm redraws a line as "\r<bar>"
+            self._handle.update({"text/plain": text.rsplit("\r", 1)[-1].strip()}, raw=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """`tqdm(iterable, **kwargs)`, drawn as an in-place text line in a Jupyter kernel
+    (redrawn at most twice a second there: every redraw is a message to the browser)."""
+    if in_kernel() and not kwargs.get("disable"):
+        kwargs = {"file": DisplayLine(), "mininterval": 0.5, "ncols": 100, **kwargs}
+    return tqdm(iterable, **kwargs)
