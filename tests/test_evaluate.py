@@ -9,6 +9,7 @@ import yaml
 
 from emcl_nb import evaluate
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, save_checkpoint, seeded_emcl
+from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.synthetic import generate_synthetic
 from emcl_nb.model import build_model
 from emcl_nb.params import REPO_ROOT, Params, ParamsError
@@ -324,3 +325,28 @@ def test_reference_protocol_ties_go_to_the_later_epoch(tmp_path):
                                                                              (3, 60.0), (4, 50.0))]
     (tmp_path / "history.json").write_text(json.dumps(history))
     assert evaluate.reference_protocol_row(tmp_path)["epoch"] == 3
+
+
+def test_a_foreign_checkpoint_gets_no_reference_protocol_row(params, tmp_path):
+    write_run(params)
+    other = tmp_path / "elsewhere" / "other.pt"
+    save_checkpoint(other, model=make_model(params, seed=3), epoch=5, step=50, params=params.to_dict())
+    summary = evaluate.evaluate_run(params, [str(other)])
+    assert set(summary["results"]) == {"other.pt"}
+    assert "reference protocol" not in summary["table"]
+
+
+def test_report_states_the_tie_rule_and_the_dropped_queries(params):
+    write_run(params)
+    test_ids = load_annotations(params, "test").video_ids
+    video = os.path.join(params.video_path, f"{test_ids[0]}.mp4")     # one test video goes missing
+    hidden = os.path.join(params.video_path, f".{test_ids[0]}.mp4")
+    os.rename(video, hidden)
+    try:
+        summary = evaluate.evaluate_run(params, ["last"])
+    finally:
+        os.rename(hidden, video)
+    assert summary["results"]["last"]["dropped_queries"] == {"no video file": 1}
+    markdown = (params.out_dir / "metrics.md").read_text()
+    assert f"{N_TEST - 1} of {N_TEST} test queries scored; 1 dropped (1 no video file" in markdown
+    assert "ties never help" in markdown
