@@ -350,3 +350,32 @@ def test_report_states_the_tie_rule_and_the_dropped_queries(params):
     markdown = (params.out_dir / "metrics.md").read_text()
     assert f"{N_TEST - 1} of {N_TEST} test queries scored; 1 dropped (1 no video file" in markdown
     assert "ties never help" in markdown
+
+
+class _Payload:
+    """Unpickling it would create a file: what a malicious "checkpoint" could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.mark.parametrize("wrap", [lambda p: p, lambda p: {"state_dict": {"w": p}}])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(params, tmp_path, wrap):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "reference_model.bin"
+    torch.save(wrap(_Payload(marker)), path)
+    with pytest.raises(CheckpointError, match="was not loaded.*weights_only=True.*re-save"):
+        load_model_weights(make_model(params), path)
+    assert not marker.exists()
+
+
+def test_our_checkpoints_load_with_weights_only(params, tmp_path):
+    from emcl_nb.checkpoint import read_checkpoint
+
+    save_checkpoint(tmp_path / "c.pt", model=make_model(params), epoch=1, step=1, params=params.to_dict())
+    state = read_checkpoint(tmp_path / "c.pt")                  # RNG state (numpy) allow-listed
+    assert state["epoch"] == 1 and state["rng"]["numpy"][0] == "MT19937"
