@@ -29,8 +29,6 @@ from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, save_params
 
 # Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
 COLLAPSE_GAP = 25.0
-# Similarity rows whose scores span less than this are constant (float32 cosines).
-CONSTANT_SPREAD = 1e-5
 
 # Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.

@@ -379,3 +379,12 @@ def test_our_checkpoints_load_with_weights_only(params, tmp_path):
     save_checkpoint(tmp_path / "c.pt", model=make_model(params), epoch=1, step=1, params=params.to_dict())
     state = read_checkpoint(tmp_path / "c.pt")                  # RNG state (numpy) allow-listed
     assert state["epoch"] == 1 and state["rng"]["numpy"][0] == "MT19937"
+
+
+def test_collapsed_video_features_score_chance_and_are_flagged(params):
+    model = make_model(params)
+    features = evaluate.encode_split(model, params, "test")
+    features.video[:] = features.video[:1]                      # every video embedding the same
+    result = evaluate.evaluate_features(features, params, model, emcl_mode="off")
+    assert result["constant_rows"] == result["n_texts"] == N_TEST
+    assert result["t2v"]["R1"] == pytest.approx(100 / N_TEST)   # chance, not 100
