@@ -243,7 +243,7 @@ def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
     from emcl_nb.data import dataset
     reads = []
     real_load_clip = dataset.load_clip
-    monkeypatch.setattr(dataset, "load_clip", lambda path, *a: reads.append(path) or real_load_clip(path, *a))
+    monkeypatch.setattr(dataset, "load_clip", lambda path, *a, **kw: reads.append(path) or real_load_clip(path, *a, **kw))
     model = make_model(params)
     validate = evaluate.make_validator(params.replace(cache_decoded_clips=True))
     first = validate(model)
