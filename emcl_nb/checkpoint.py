@@ -3,9 +3,14 @@
 A checkpoint is a dict with the model and optimiser states, the schedule, the loss scaler,
 the epoch and step it was taken after, the parameters of the run and the RNG states.
 It is written atomically, so a killed run never leaves a truncated file.
+
+Every checkpoint, ours and the reference code's, is read with `weights_only=True`: tensors,
+plain containers and numbers, and the few globals in `CHECKPOINT_GLOBALS` (numpy's RNG
+state); anything else is refused before it is unpickled, so a file cannot run code.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import warnings
 from dataclasses import dataclass
@@ -17,6 +22,19 @@ import torch
 from emcl_nb.io import atomic_torch_save
 
 FORMAT = "emcl-nb/1"
+
+
+def _numpy_rng_globals() -> list:
+    """What numpy.random.get_state() pickles to besides plain data: an ndarray of uint32."""
+    try:
+        from numpy._core.multiarray import _reconstruct          # numpy >= 2
+    except ImportError:                                           # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+# The globals beyond torch's defaults that our checkpoints need (the allow-list).
+CHECKPOINT_GLOBALS = _numpy_rng_globals()
 
 
 class CheckpointError(RuntimeError):
@@ -66,11 +84,37 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
             f"checkpoint {path} does not exist. Train first (python -m emcl_nb.train "
             f"--params params/<dataset>.yaml) or pass the path of an existing .pt file.")
     try:
-        # Our checkpoints hold plain Python state (RNG tuples, params): trusted local files.
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path)
+        reason = (f"it holds Python objects besides tensors ({_listed(unsafe)})" if unsafe
+                  else f"its pickle has content only code could rebuild ({_unpickler_reason(error)})")
+        raise CheckpointError(
+            f"checkpoint {path} was not loaded: {reason}. Checkpoints are read with "
+            f"weights_only=True (tensors, numbers, strings, containers) so that a file cannot "
+            f"run code. If you trust the file, re-save its tensors alone, e.g. "
+            f"torch.save(model.state_dict(), 'weights.pt') in the code that made it.") from None
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"checkpoint {path} cannot be read ({error}); "
                               f"the file is corrupt or not a torch checkpoint") from error
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The unpickler's own reason from torch's long weights-only message."""
+    text = str(error)
+    reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    return " ".join(reason.split())
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals in the file outside torch's and our allow-list, read without unpickling."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: the caller reports it as corrupt
+        return []
+    return [name for name in found if name not in allowed]
 
 
 # ---------------------------------------------------------------------------------------

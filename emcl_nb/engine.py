@@ -10,6 +10,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
-from emcl_nb.io import atomic_write_json, atomic_write_text
+from emcl_nb.io import (atomic_write_json, atomic_write_text, folder_lock, naming_full_disk,
+                        sweep_temp_files)
 from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
 from emcl_nb.progress import progress_bar
+
+# Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
+COLLAPSE_GAP = 25.0
 
 # Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
@@ -177,18 +182,45 @@ class StepLog:
                     f"checkpoint is kept. Lower lr, check the data, or set precision=fp32.")
         self.last_record = records[-1]
         if self.path is not None:
-            with open(self.path, "a") as handle:
+            with naming_full_disk(self.path), open(self.path, "a") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in records)
         if self.on_log is not None:
             self.on_log(records)
 
 
 def _truncate_log(path: Path, steps_done: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (steps are numbered from 0)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < steps_done]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    """On resume, drop log lines of steps after the checkpoint (steps are numbered from 0).
+    A torn last line (the run was killed while appending it) is dropped with a note."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise TrainingSetupError(
+                    f"{path} line {number} is not JSON ({error}); it is only the step log: "
+                    f"delete that line (or the file) and resume") from error
+            print(f"[emcl_nb] note: dropped the torn last line {number} of {path} (the run "
+                  f"stopped while writing it)")
+            continue
+        if record["step"] < steps_done:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def collapse_signs(val: dict) -> str | None:
+    """Why validation metrics (`evaluate_features` output) look like a collapsed model, or
+    None: every text scores all videos alike, or T2V and V2T R@1 disagree wildly."""
+    if val.get("constant_rows") and val["constant_rows"] == val.get("n_texts"):
+        return "every validation text scores all videos alike (the embeddings have collapsed)"
+    t2v, v2t = ((val.get(direction) or {}).get("R1") for direction in ("t2v", "v2t"))
+    if t2v is not None and v2t is not None and abs(t2v - v2t) > COLLAPSE_GAP:
+        return (f"validation T2V R@1 {t2v:.1f} and V2T R@1 {v2t:.1f} differ by more than "
+                f"{COLLAPSE_GAP:g} points (one side of the model may have collapsed)")
+    return None
 
 
 def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELDS) -> None:
@@ -212,13 +244,21 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
 
     `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}, "test": ...}` runs after each
     epoch on rank 0; the best epoch by validation (never test) text-to-video R@1 is kept
-    as `best.pt`. With `resume`, an existing `last.pt` in the run folder is continued.
+    as `best.pt`, written before `last.pt` so that every resume point has its best. With
+    `resume`, an existing `last.pt` in the run folder is continued. Rank 0 holds the run
+    folder's lock throughout: a second run into the same folder fails at once.
     """
+    env = distributed.env_from_torchrun()
+    check_setup(params, len(train_set), env.world_size)
+    with folder_lock(params.out_dir) if env.is_main else contextlib.nullcontext():
+        return _fit(params, train_set, env, validate, resume, on_log, on_epoch_end)
+
+
+def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end) -> FitResult:
+    """`fit` once the run folder is locked."""
     from emcl_nb.data.dataset import build_loader
     from emcl_nb.model import build_model
 
-    env = distributed.env_from_torchrun()
-    check_setup(params, len(train_set), env.world_size)
     device = distributed.resolve_device(params.device, env)
     distributed.init_distributed(device, env)
     configure_torch(params)
@@ -226,6 +266,9 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
     out_dir = params.out_dir
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, log_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "log.jsonl"
+    if env.is_main:
+        for stale in sweep_temp_files(out_dir) + sweep_temp_files(ckpt_dir):
+            print(f"[emcl_nb] removed {repo_relative(stale)}, left by a write that was killed")
 
     seed_everything(params.seed)
     model = build_model(params).to(device)
@@ -238,7 +281,7 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    start_epoch, step, history, best_score = 0, 0, [], -math.inf
+    start_epoch, step, history, best_score, collapse_warned = 0, 0, [], -math.inf, False
     if resume and last_path.exists():
         state = read_checkpoint(last_path)
         check_resumable(params, state["params"], last_path)
@@ -252,6 +295,7 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         best_score = state["metrics"].get("best_score", -math.inf)
         if env.is_main:
             _truncate_log(log_path, step)
+            atomic_write_json(out_dir / "history.json", history)   # killed before it was written
             if start_epoch >= params.epochs:
                 print(f"[emcl_nb] run {params.run} is complete: {start_epoch}/{params.epochs} epochs; "
                       f"delete {repo_relative(out_dir)} (or train with --no-resume) to retrain")
@@ -307,6 +351,11 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         if validate is not None and env.is_main:
             model.eval()
             record.update(validate(unwrap(model)))
+            signs = collapse_signs(record["val"]) if "val" in record else None
+            if signs and not collapse_warned:
+                warnings.warn(f"epoch {epoch + 1}: {signs}. Check lr (a negative or too large "
+                              f"one), the data and the loss curve.", stacklevel=2)
+                collapse_warned = True
         # ties go to the later epoch, as in the reference (`best_score <= R1`)
         improved = "val" in record and record["val"]["t2v"]["R1"] >= best_score
         if improved:
@@ -314,12 +363,13 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         history.append(record)
         if env.is_main:
             metrics = {"history": history, "best_score": best_score}
-            save_checkpoint(last_path, model=unwrap(model), optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
-                            params=params.to_dict(), metrics=metrics)
+            # best first: a run killed in between resumes before this epoch and redoes it
             if improved:
                 save_checkpoint(best_path, model=unwrap(model), epoch=epoch + 1, step=step,
                                 params=params.to_dict(), metrics=metrics)
+            save_checkpoint(last_path, model=unwrap(model), optimizer=optimizer,
+                            scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
+                            params=params.to_dict(), metrics=metrics)
             atomic_write_json(out_dir / "history.json", history)
             print(f"[emcl_nb] epoch {epoch + 1}/{params.epochs}: loss {last_loss:.4f}"
                   + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))

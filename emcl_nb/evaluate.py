@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
 from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from emcl_nb.metrics import DSL, PLAIN, evaluate_similarity, format_table
+from emcl_nb.metrics import DSL, PLAIN, TIE_RULE, evaluate_similarity, format_table
 from emcl_nb.params import (CHOICES, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT, Params,
                             ParamsError, load_params, parse_overrides)
 from emcl_nb.progress import progress_bar
@@ -47,7 +47,10 @@ SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_
 EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
                  "emcl_beta": "beta", "emcl_init": "init"}
 REFERENCE_PROTOCOL = "reference protocol (selected on test)"
-CACHE_VERSION = 1
+# A text whose scores over all videos span less than this scores them alike (float32 cosines).
+CONSTANT_SPREAD = 1e-5
+CACHE_VERSION = 2                # 2: Features.dropped
+UNREADABLE_VIDEO = "unreadable video"
 
 
 def note(text: str, notes: list | None = None) -> None:
@@ -72,6 +75,7 @@ class Features:
     video_ids: list[str]
     captions: list[str]
     skipped_videos: list[str] = field(default_factory=list)   # unreadable, left out with their texts
+    dropped: dict = field(default_factory=dict)   # reason -> texts (queries) left out of the split
 
     @property
     def n_texts(self) -> int:
@@ -138,7 +142,8 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
 
     text_video = torch.from_numpy(annotations.video_index).long()
     result = Features(split, text, video, frame_mask, text_video, list(annotations.video_ids),
-                      [sample.caption for sample in annotations.samples])
+                      [sample.caption for sample in annotations.samples],
+                      dropped=dict(annotations.dropped))
     return result if present.all() else _drop_videos(result, present)
 
 
@@ -156,7 +161,8 @@ def _drop_videos(features: Features, present: torch.Tensor) -> Features:
         features.split, features.text[keep_text], features.video[present],
         features.frame_mask[present], new_index[features.text_video[keep_text]],
         [vid for vid, ok in zip(features.video_ids, present.tolist()) if ok],
-        [c for c, ok in zip(features.captions, keep_text.tolist()) if ok], skipped)
+        [c for c, ok in zip(features.captions, keep_text.tolist()) if ok], skipped,
+        {**features.dropped, UNREADABLE_VIDEO: int((~keep_text).sum())})
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +335,9 @@ def evaluate_features(features: Features, params: Params, model, *, emcl_mode: s
     One caption per video: ranks against the diagonal; several (MSVD, MSR-VTT val):
     multi-sentence metrics with each text's video. Returns {"t2v", "v2t", "dsl_t2v",
     "dsl_v2t" (the DSL ones use the whole test query bank: transductive), "n_texts",
-    "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", ...}.
+    "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", "dropped_queries"
+    (reason -> texts left out before scoring), "constant_rows" (texts scoring every video
+    alike: a collapsed model), ...}.
     `scoring`: a `scoring_setup` result to reuse (it must match `emcl_mode` and `overrides`).
     """
     scoring = scoring or scoring_setup(model.eval(), params, emcl_mode, **overrides)
@@ -344,7 +352,8 @@ def evaluate_features(features: Features, params: Params, model, *, emcl_mode: s
         "chance_R1": 100.0 / features.n_videos,
         "protocol": "single-sentence" if text_video is None else "multi-sentence",
         "emcl_mode": scoring.mode, "scoring": scoring.settings, "notes": scoring.notes,
-        "skipped_videos": features.skipped_videos,
+        "skipped_videos": features.skipped_videos, "dropped_queries": features.dropped,
+        "constant_rows": int((sim.amax(dim=1) - sim.amin(dim=1) <= CONSTANT_SPREAD).sum()),
     }
 
 
@@ -451,21 +460,32 @@ def _table_rows(results: dict) -> dict:
     return rows
 
 
+def dropped_statement(result: dict, split: str) -> str:
+    """How many of the split's queries (texts) were scored, and why the others were not."""
+    dropped = result.get("dropped_queries") or {}
+    total = result["n_texts"] + sum(dropped.values())
+    if not dropped:
+        return f"all {total} {split} queries scored, none dropped"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+    return (f"{result['n_texts']} of {total} {split} queries scored; {sum(dropped.values())} "
+            f"dropped ({reasons}; see the warnings of the run for the ids)")
+
+
 def _report_markdown(params: Params, split: str, results: dict, table: str) -> str:
     first = next(iter(results.values()))
     lines = [f"# {params.dataset} / {params.run}: {split} split", "", table, "",
              f"- {first['n_texts']} texts, {first['n_videos']} videos ({first['protocol']}); "
              f"chance R@1 = {first['chance_R1']:.2f} %.",
-             "- rank = 1 + the number of candidates scored strictly higher than the true one "
-             "(ties count in the query's favour).",
+             f"- {dropped_statement(first, split)}",
+             f"- {TIE_RULE}.",
              f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
     if any(label.startswith(REFERENCE_PROTOCOL) for label in results):
         lines.append(f"- '{REFERENCE_PROTOCOL}': the epoch with the best test T2V R@1, as the "
                      "reference code selects; optimistic, only for comparing with the paper.")
     for label, result in results.items():
         lines += [f"- {label}: {text}" for text in result.get("notes", [])]
-        if result.get("skipped_videos"):
-            lines.append(f"- {label}: {len(result['skipped_videos'])} unreadable video(s) left out")
+        if "n_texts" in result and result["dropped_queries"] != first["dropped_queries"]:
+            lines.append(f"- {label}: {dropped_statement(result, split)}")
     return "\n".join(lines) + "\n"
 
 
@@ -486,7 +506,8 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
     `checkpoints`: "best" / "last" (out_dir/checkpoints/<name>.pt; a missing best.pt is
     skipped) or paths (ours or reference-code files; relative ones from the repository
     root). With history.json holding per-epoch test metrics (params.reference_selection),
-    a "reference protocol (selected on test)" row is added. `overrides`: SCORING_FIELDS,
+    a "reference protocol (selected on test)" row is added, but only when every evaluated
+    checkpoint is this run's own (out_dir/checkpoints): the row describes this run. `overrides`: SCORING_FIELDS,
     see `score`.
     """
     from emcl_nb.distributed import DistEnv, resolve_device
@@ -494,12 +515,13 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
 
     configure_torch(params)
     device = resolve_device(params.device, DistEnv())
-    results, rows = {}, {}
+    results, rows, evaluated = {}, {}, []
     for entry in checkpoints:
         path = _checkpoint_path(entry, params)
         if entry == "best" and not path.is_file():
             note(f"no {path} (no validation split selected a best epoch); evaluating last only")
             continue
+        evaluated.append(path)
         model, run_params, report = load_for_evaluation(path, params, device)
         result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,
                                 device=device, **overrides)
@@ -512,7 +534,12 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
     if not results:
         raise CheckpointError(f"no checkpoint to evaluate among {list(checkpoints)}")
     reference = reference_protocol_row(params.out_dir, split)
-    if reference is not None:
+    own_folder = (params.out_dir / "checkpoints").resolve()
+    foreign = [str(path) for path in evaluated if path.resolve().parent != own_folder]
+    if reference is not None and foreign:
+        note(f"no '{REFERENCE_PROTOCOL}' row: its epochs are those of run {params.run!r}, and "
+             f"{', '.join(foreign)} is not one of that run's checkpoints")
+    elif reference is not None:
         results["reference_protocol"] = reference
         rows[f"{REFERENCE_PROTOCOL}, epoch {reference['epoch']}"] = reference
 

@@ -1,8 +1,11 @@
 """Retrieval metrics (R@K, median / mean rank), multi-sentence (MSVD) metrics and DSL.
 
 Conventions (evaluation.md, reference-defects.md #8, #9):
-- a query's rank is 1 + the number of candidates scored *strictly higher* than its true
-  candidate, so ties count in the query's favour, and every query gets exactly one rank;
+- ties never help: a query whose true candidate is tied with `ties` others and beaten by
+  `higher` is ranked as under random tie-breaking, where the true candidate is equally
+  likely at each of the ties + 1 positions. R@K = clamp((K - higher) / (ties + 1), 0, 1)
+  (the probability that it lands in the top K) and the rank used by MdR / MnR is the
+  expected one, 1 + higher + ties / 2. A constant similarity matrix scores chance;
 - a NaN anywhere in the similarity matrix is an error (a NaN true score would make the query
   unrankable, a NaN elsewhere would silently count as "not higher"), reported with its
   query index so the broken row can be found;
@@ -40,19 +43,26 @@ def _as_matrix(sim, name: str = "sim") -> torch.Tensor:
     return sim
 
 
+TIE_RULE = ("ties never help: the true candidate is placed at random among the candidates tied "
+            "with it, so R@K = clamp((K - higher) / (ties + 1), 0, 1) per query and MdR / MnR use "
+            "the expected rank 1 + higher + ties / 2 (higher: candidates scored strictly above it)")
+
+
 def query_ranks(sim, target=None) -> torch.Tensor:
-    """One rank per query: 1 + the number of candidates scored strictly above the target.
+    """One expected rank per query (float64): 1 + higher + ties / 2 (see `TIE_RULE`).
 
     sim:    [Q, C] scores, queries x candidates (torch or numpy).
     target: [Q] index of each query's true candidate; None means the diagonal (Q == C).
-    Ties with the true candidate count in the query's favour (a query tied with every
-    candidate gets rank 1). Any NaN (true score or not) raises ValueError naming the query.
+    A query tied with every one of C candidates gets (C + 1) / 2, not 1. Any NaN (true
+    score or not) raises ValueError naming the query.
     """
-    return _query_ranks(_as_matrix(sim), target)
+    higher, ties = _rank_counts(_as_matrix(sim), target)
+    return expected_rank(higher, ties)
 
 
-def _query_ranks(sim: torch.Tensor, target) -> torch.Tensor:
-    """`query_ranks` of a matrix already checked by `_as_matrix`."""
+def _rank_counts(sim: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """(higher, ties) per query of a matrix already checked by `_as_matrix`: the number of
+    candidates scored strictly above the true one, and the number scored equal to it."""
     n_queries, n_candidates = sim.shape
     if target is None:
         if n_queries != n_candidates:
@@ -68,28 +78,42 @@ def _query_ranks(sim: torch.Tensor, target) -> torch.Tensor:
         raise ValueError(f"target indices must lie in [0, {n_candidates}), got "
                          f"[{int(target.min())}, {int(target.max())}]")
     true_score = sim.gather(1, target[:, None])                        # [Q, 1]
-    return 1 + (sim > true_score).sum(dim=1)                           # [Q]
+    higher = (sim > true_score).sum(dim=1)                             # [Q]
+    ties = (sim == true_score).sum(dim=1) - 1                          # [Q], the true one left out
+    return higher, ties
 
 
-def metrics_from_ranks(ranks) -> dict:
-    """R@1/5/10/50 (percent of queries with rank <= K), MdR (median rank), MnR (mean rank)."""
-    ranks = torch.as_tensor(ranks).double()
-    if ranks.numel() == 0:
+def expected_rank(higher, ties) -> torch.Tensor:
+    """Expected rank under random tie-breaking: 1 + higher + ties / 2 (float64)."""
+    return 1 + torch.as_tensor(higher).double() + torch.as_tensor(ties).double() / 2
+
+
+def metrics_from_counts(higher, ties) -> dict:
+    """R@1/5/10/50 (percent; each query counts clamp((K - higher) / (ties + 1), 0, 1)),
+    MdR (median expected rank) and MnR (mean expected rank), by `TIE_RULE`."""
+    higher, ties = torch.as_tensor(higher).double(), torch.as_tensor(ties).double()
+    if higher.numel() == 0:
         raise ValueError("no queries to score: the similarity matrix has no rows")
-    out = {f"R{k}": float((ranks <= k).double().mean() * 100) for k in RECALL_AT}
-    out["MdR"] = float(np.median(ranks.cpu().numpy()))                # mean of the middle two when even
+    out = {f"R{k}": float(((k - higher) / (ties + 1)).clamp(0, 1).mean() * 100) for k in RECALL_AT}
+    ranks = expected_rank(higher, ties).cpu().numpy()
+    out["MdR"] = float(np.median(ranks))                              # mean of the middle two when even
     out["MnR"] = float(ranks.mean())
     return out
+
+
+def _metrics(sim: torch.Tensor, target) -> dict:
+    """Metrics of the rows of a checked `sim` against their `target` columns."""
+    return metrics_from_counts(*_rank_counts(sim, target))
 
 
 def retrieval_metrics(sim) -> dict:
     """Metrics of a square [queries, candidates] matrix whose true pairs are on the diagonal.
 
-    Rank = 1 + number of candidates scored strictly higher than the true one: ties are
-    counted in the query's favour, one rank per query. Any NaN in `sim` raises ValueError
-    naming the query. Returns {"R1", "R5", "R10", "R50" (percent), "MdR", "MnR"}.
+    Ties are broken at random in expectation (`TIE_RULE`): they never help a query. Any NaN
+    in `sim` raises ValueError naming the query. Returns {"R1", "R5", "R10", "R50"
+    (percent), "MdR", "MnR"}.
     """
-    return metrics_from_ranks(query_ranks(sim))
+    return _metrics(_as_matrix(sim), None)
 
 
 def _check_text_video(text_video, n_texts: int, n_videos: int, device) -> torch.Tensor:
@@ -129,14 +153,14 @@ def _group_best_scores(sim: torch.Tensor, text_video) -> torch.Tensor:
 
 def _t2v_metrics(sim: torch.Tensor, text_video) -> dict:
     """Text-to-video: rank the rows of a checked `sim` [texts, videos]."""
-    return metrics_from_ranks(_query_ranks(sim, text_video))
+    return _metrics(sim, text_video)
 
 
 def _v2t_metrics(sim: torch.Tensor, text_video) -> dict:
     """Video-to-text: rank the rows of a checked `sim`ᵀ, or of the caption-group maxima (MSVD)."""
     if text_video is None:
-        return metrics_from_ranks(_query_ranks(sim.t(), None))
-    return metrics_from_ranks(_query_ranks(_group_best_scores(sim, text_video), None))
+        return _metrics(sim.t(), None)
+    return _metrics(_group_best_scores(sim, text_video), None)
 
 
 def multi_sentence_metrics(sim, text_video) -> dict:

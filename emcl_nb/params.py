@@ -141,6 +141,24 @@ CHOICES = {
     "emcl_init": ("reference", "distinct"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
 }
+
+
+def _single_folder_name(value: str) -> bool:
+    return value not in ("", ".", "..") and not any(sep in value for sep in ("/", "\\", "\0"))
+
+
+# Values that cannot be meant: field -> (test, what the value must be). Checked with the type,
+# so a bad value is refused before any work starts and the message blames the setting.
+LIMITS = {
+    "lr": (lambda v: v >= 0, "at least 0"),
+    "grad_clip": (lambda v: v >= 0, "at least 0 (the largest gradient norm kept)"),
+    "warmup_proportion": (lambda v: 0 <= v < 1, "in [0, 1) (the share of steps spent warming up)"),
+    "max_frames": (lambda v: v >= 1, "at least 1 (frames sampled per video)"),
+    "video_framerate": (lambda v: v >= 1, "at least 1 (frames sampled per second)"),
+    "run": (_single_folder_name, "a single folder name (no '/', not '.' or '..'): "
+                                 "outputs go to <output_root>/<dataset>/<run>/"),
+    "dataset": (_single_folder_name, "a single folder name (no '/', not '.' or '..')"),
+}
 _TYPES = typing.get_type_hints(Params)
 FIELDS = tuple(f.name for f in dataclasses.fields(Params))
 PATH_FIELDS = ("anno_path", "video_path", "output_root")
@@ -199,6 +217,8 @@ def _coerce(key: str, value, source: str):
     if key in CHOICES and value not in CHOICES[key]:
         raise ParamsError(f"parameter {key!r} (from {source}) must be one of "
                           f"{', '.join(CHOICES[key])}; got {value!r}")
+    if key in LIMITS and not LIMITS[key][0](value):
+        raise ParamsError(f"parameter {key!r} (from {source}) must be {LIMITS[key][1]}; got {value!r}")
     return value
 
 

@@ -333,3 +333,71 @@ def test_unknown_split_and_all_dropped(tmp_path):
         has_split(params, "dev")
     with pytest.raises(AnnotationError, match="no usable samples"):
         load_annotations(params, "train")
+
+
+# ---------------------------------------------------------------- errors that name the file
+
+def msrvtt_params(tmp_path, test_rows=(("video7", "a man sings"),)):
+    write_msrvtt(tmp_path / "anno", ["video0"], list(test_rows), captions_per_video=1)
+    make_videos(tmp_path / "videos", ["video0", "video7", "video8"])
+    return params_for("msrvtt", tmp_path)
+
+
+def test_a_caption_that_is_not_utf8_names_the_file_line_and_encoding(tmp_path):
+    params = msrvtt_params(tmp_path)
+    test_csv = tmp_path / "anno" / "MSRVTT_JSFUSION_test.csv"
+    test_csv.write_bytes(test_csv.read_bytes().replace(b"a man sings", "a café".encode("latin1")))
+    with pytest.raises(AnnotationError, match=r"MSRVTT_JSFUSION_test.csv:2: not valid utf-8.*iconv"):
+        load_annotations(params, "test")
+
+
+def test_a_truncated_json_names_the_file_and_line(tmp_path):
+    params = msrvtt_params(tmp_path)
+    data = tmp_path / "anno" / "MSRVTT_data.json"
+    data.write_text(json.dumps(json.loads(data.read_text()), indent=1)[:-20])
+    with pytest.raises(AnnotationError, match=r"MSRVTT_data.json:\d+: not valid JSON.*download"):
+        load_annotations(params, "train")
+
+
+def test_a_sentence_without_caption_names_the_record(tmp_path):
+    params = msrvtt_params(tmp_path)
+    data = tmp_path / "anno" / "MSRVTT_data.json"
+    content = json.loads(data.read_text())
+    del content["sentences"][0]["caption"]
+    data.write_text(json.dumps(content))
+    with pytest.raises(AnnotationError, match="MSRVTT_data.json: sentence 0 of 'sentences' has no 'caption'"):
+        load_annotations(params, "train")
+
+
+def test_records_of_other_layouts_name_their_field(tmp_path):
+    anno = tmp_path / "anno"
+    write_lines(anno / "test_list.txt", ["111@222.mov"])
+    (anno / "test_data.json").write_text(json.dumps([{"video": "111@222.mov", "descr": "x"}]))
+    make_videos(tmp_path / "videos", ["111@222.mov"])
+    with pytest.raises(AnnotationError, match="test_data.json: record 0 has no 'description'"):
+        load_annotations(params_for("didemo", tmp_path), "test")
+    (anno / "val_ids.json").write_text(json.dumps(["v_a"]))
+    (anno / "val_1.json").write_text(json.dumps({"v_a": {"duration": "long", "sentences": ["x"]}}))
+    with pytest.raises(AnnotationError, match="val_1.json: entry 'v_a' has 'duration' = 'long', not a int or float"):
+        load_annotations(params_for("activity", tmp_path), "test")
+
+
+def test_a_damaged_msvd_pickle_is_named(tmp_path):
+    write_msvd(tmp_path / "anno", {"test": ["a"]}, {"a": ["x y"]})
+    pkl = tmp_path / "anno" / "raw-captions.pkl"
+    pkl.write_bytes(pkl.read_bytes()[:10])
+    make_videos(tmp_path / "videos", ["a"])
+    with pytest.raises(AnnotationError, match="raw-captions.pkl: cannot be unpickled"):
+        load_annotations(params_for("msvd", tmp_path), "test")
+
+
+def test_a_duplicate_test_id_in_a_single_sentence_layout_is_an_error(tmp_path):
+    params = msrvtt_params(tmp_path, [("video7", "a man sings"), ("video8", "x"),
+                                      ("video7", "a man sings again")])
+    with pytest.raises(AnnotationError, match=r"MSRVTT_JSFUSION_test.csv: 1 test video id.*'video7' \(2 times\)"):
+        load_annotations(params, "test")
+    # MSVD's test split is multi-sentence: several captions per video are its protocol
+    write_msvd(tmp_path / "msvd", {"test": ["a"]}, {"a": ["x y", "z w"]})
+    make_videos(tmp_path / "videos", ["a"])
+    msvd = params.replace(layout="msvd", anno_path=str(tmp_path / "msvd"))
+    assert load_annotations(msvd, "test").caption_groups == [[0, 1]]

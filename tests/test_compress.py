@@ -84,3 +84,53 @@ def test_name_collision_and_bad_roots(raw, tmp_path):
         compress_videos(raw, raw / "compressed", progress=False)
     with pytest.raises(FileNotFoundError, match="input_root"):
         compress_videos(tmp_path / "missing", tmp_path / "out2", progress=False)
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    """Inputs ffmpeg encodes with exit status 0 although they are bad: a faststart mp4 cut
+    to 35 % of its bytes (10 s stated), a 1-frame video, one with bytes flipped mid-stream."""
+    from emcl_nb.data.ffmpeg import ffmpeg_binary
+
+    root = tmp_path / "faulty"
+    make_video(tmp_path / "ten.mp4", 64, 48, seconds=10, fps=10)
+    subprocess.run([ffmpeg_binary(), "-loglevel", "error", "-i", str(tmp_path / "ten.mp4"), "-c", "copy",
+                    "-movflags", "+faststart", str(tmp_path / "fast.mp4")], check=True)
+    data = (tmp_path / "fast.mp4").read_bytes()
+    root.mkdir()
+    (root / "truncated.mp4").write_bytes(data[:int(len(data) * 0.35)])
+    damaged = bytearray(data)
+    for i in range(len(data) // 2, len(data) // 2 + 300, 7):
+        damaged[i] ^= 0xFF
+    (root / "damaged.mp4").write_bytes(bytes(damaged))
+    write_video(root / "one_frame.mp4", np.full((1, 48, 64, 3), 200, np.uint8), 25)
+    return root
+
+
+def test_outputs_are_checked_against_the_input_and_failures_are_redone(faulty, tmp_path):
+    out = tmp_path / "out"
+    report = compress_videos(faulty, out, workers=2, progress=False)
+    reasons = dict((path.name, reason) for path, reason in report.failed)
+    assert set(reasons) == {"truncated.mp4", "one_frame.mp4"}
+    assert "but the input lasts 10.00 s: the input is truncated" in reasons["truncated.mp4"]
+    assert "no usable video" in reasons["one_frame.mp4"]
+    # the damaged one decodes to a full-length output, with ffmpeg's complaints reported
+    assert [p.name for p in report.encoded] == ["damaged.mp4"]
+    assert [p.name for p, _ in report.warnings] == ["damaged.mp4"] and "WARNING damaged.mp4" in report.summary()
+    assert read(out / "damaged.mp4")[1:] == (30, 3.0)
+    assert sorted(p.name for p in out.iterdir()) == ["damaged.mp4"]     # nothing under a failed name
+    again = compress_videos(faulty, out, workers=2, progress=False)
+    assert sorted(p.name for p, _ in again.failed) == ["one_frame.mp4", "truncated.mp4"]
+    assert [p.name for p in again.skipped] == ["damaged.mp4"]
+
+
+def test_non_square_pixels_are_made_square(tmp_path):
+    from emcl_nb.data.ffmpeg import encode_mp4
+
+    make_video(tmp_path / "square.mp4", 64, 48, seconds=1)
+    # stored 64x48 with sample aspect 2:1: shown 128x48
+    encode_mp4(["-i", str(tmp_path / "square.mp4")], tmp_path / "raw" / "wide.mp4", ["-vf", "setsar=2"])
+    report = compress_videos(tmp_path / "raw", tmp_path / "out", workers=1, progress=False)
+    assert report.ok
+    height, width, _ = read(tmp_path / "out" / "wide.mp4")[0]
+    assert height == 224 and abs(width - 224 * 128 / 48) <= 2           # 597.3, rounded to even

@@ -167,3 +167,82 @@ def test_synthetic_fields_are_checked_only_for_synthetic_data(tmp_path):
     check_resumable(Params(synthetic=False, synthetic_train=24), saved, tmp_path / "last.pt")
     with pytest.raises(TrainingSetupError, match="synthetic_train: 16 -> 24"):
         check_resumable(Params(synthetic=True, synthetic_train=24), saved, tmp_path / "last.pt")
+
+
+def rising_validation():
+    """A validator whose T2V R@1 rises every call: each epoch is strictly the best so far."""
+    calls = []
+
+    def validate(model):
+        calls.append(1)
+        return {"val": {"t2v": {"R1": 10.0 * len(calls)}, "v2t": {"R1": 10.0 * len(calls)}}}
+    return validate
+
+
+def test_a_run_killed_between_best_and_last_keeps_its_best_final_epoch(tmp_path, monkeypatch):
+    import emcl_nb.engine as engine
+
+    params = tiny_params(tmp_path, epochs=2)
+    real_save = engine.save_checkpoint
+
+    def killed_after_best_of_epoch_2(path, **kwargs):
+        if kwargs["epoch"] == 2 and path.name == "last.pt":
+            raise KeyboardInterrupt                          # the process dies here
+        real_save(path, **kwargs)
+    monkeypatch.setattr(engine, "save_checkpoint", killed_after_best_of_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, RandomClips(16, params), validate=rising_validation())
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    # every resume point has its best: last.pt (epoch 1) resumes, and epoch 2 is redone
+    assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    result = fit(params, RandomClips(16, params), validate=rising_validation())
+    assert read_checkpoint(result.best_checkpoint)["epoch"] == 2
+    assert [r["epoch"] for r in json.loads((params.out_dir / "history.json").read_text())] == [1, 2]
+
+
+def test_a_second_run_into_a_locked_folder_fails_naming_the_holder(tmp_path):
+    import os
+
+    from emcl_nb.io import FolderBusyError, folder_lock
+
+    params = tiny_params(tmp_path, epochs=1)
+    with folder_lock(params.out_dir):
+        with pytest.raises(FolderBusyError, match=f"{params.out_dir}.*process {os.getpid()}"):
+            fit(params, RandomClips(16, params))
+    assert not (params.out_dir / "checkpoints").exists()
+    fit(params, RandomClips(16, params))                     # released: the run goes ahead
+
+
+def test_resume_sweeps_stale_temporaries_and_drops_a_torn_log_line(tmp_path, capsys):
+    params = tiny_params(tmp_path, epochs=1)
+    fit(params, RandomClips(16, params))
+    stale = params.out_dir / "checkpoints" / ".last.pt.0a1b2c.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    log = params.out_dir / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 2, "epo')      # killed mid-append
+    more = params.replace(epochs=1)
+    fit(more, RandomClips(16, more))
+    assert not stale.exists()
+    printed = capsys.readouterr().out
+    assert "torn last line 3" in printed and str(stale) in printed
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1]
+
+
+def test_a_broken_line_inside_the_log_is_a_clear_error(tmp_path):
+    from emcl_nb.engine import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0}\n{"st\n{"step": 1}\n')
+    with pytest.raises(TrainingSetupError, match="log.jsonl line 2 is not JSON"):
+        _truncate_log(log, 2)
+
+
+@pytest.mark.parametrize("val, sign", [
+    ({"t2v": {"R1": 100.0}, "v2t": {"R1": 6.0}}, "differ by more than"),
+    ({"t2v": {"R1": 12.0}, "v2t": {"R1": 12.0}, "constant_rows": 8, "n_texts": 8}, "alike"),
+])
+def test_validation_that_looks_collapsed_warns_once(tmp_path, val, sign):
+    params = tiny_params(tmp_path, epochs=2)
+    with pytest.warns(UserWarning, match=sign) as caught:
+        fit(params, RandomClips(16, params), validate=lambda model: {"val": val})
+    assert sum(sign in str(w.message) for w in caught) == 1

@@ -9,6 +9,7 @@ import yaml
 
 from emcl_nb import evaluate
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, save_checkpoint, seeded_emcl
+from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.synthetic import generate_synthetic
 from emcl_nb.model import build_model
 from emcl_nb.params import REPO_ROOT, Params, ParamsError
@@ -242,7 +243,7 @@ def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
     from emcl_nb.data import dataset
     reads = []
     real_load_clip = dataset.load_clip
-    monkeypatch.setattr(dataset, "load_clip", lambda path, *a: reads.append(path) or real_load_clip(path, *a))
+    monkeypatch.setattr(dataset, "load_clip", lambda path, *a, **kw: reads.append(path) or real_load_clip(path, *a, **kw))
     model = make_model(params)
     validate = evaluate.make_validator(params.replace(cache_decoded_clips=True))
     first = validate(model)
@@ -324,3 +325,66 @@ def test_reference_protocol_ties_go_to_the_later_epoch(tmp_path):
                                                                              (3, 60.0), (4, 50.0))]
     (tmp_path / "history.json").write_text(json.dumps(history))
     assert evaluate.reference_protocol_row(tmp_path)["epoch"] == 3
+
+
+def test_a_foreign_checkpoint_gets_no_reference_protocol_row(params, tmp_path):
+    write_run(params)
+    other = tmp_path / "elsewhere" / "other.pt"
+    save_checkpoint(other, model=make_model(params, seed=3), epoch=5, step=50, params=params.to_dict())
+    summary = evaluate.evaluate_run(params, [str(other)])
+    assert set(summary["results"]) == {"other.pt"}
+    assert "reference protocol" not in summary["table"]
+
+
+def test_report_states_the_tie_rule_and_the_dropped_queries(params):
+    write_run(params)
+    test_ids = load_annotations(params, "test").video_ids
+    video = os.path.join(params.video_path, f"{test_ids[0]}.mp4")     # one test video goes missing
+    hidden = os.path.join(params.video_path, f".{test_ids[0]}.mp4")
+    os.rename(video, hidden)
+    try:
+        summary = evaluate.evaluate_run(params, ["last"])
+    finally:
+        os.rename(hidden, video)
+    assert summary["results"]["last"]["dropped_queries"] == {"no video file": 1}
+    markdown = (params.out_dir / "metrics.md").read_text()
+    assert f"{N_TEST - 1} of {N_TEST} test queries scored; 1 dropped (1 no video file" in markdown
+    assert "ties never help" in markdown
+
+
+class _Payload:
+    """Unpickling it would create a file: what a malicious "checkpoint" could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.mark.parametrize("wrap", [lambda p: p, lambda p: {"state_dict": {"w": p}}])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(params, tmp_path, wrap):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "reference_model.bin"
+    torch.save(wrap(_Payload(marker)), path)
+    with pytest.raises(CheckpointError, match="was not loaded.*weights_only=True.*re-save"):
+        load_model_weights(make_model(params), path)
+    assert not marker.exists()
+
+
+def test_our_checkpoints_load_with_weights_only(params, tmp_path):
+    from emcl_nb.checkpoint import read_checkpoint
+
+    save_checkpoint(tmp_path / "c.pt", model=make_model(params), epoch=1, step=1, params=params.to_dict())
+    state = read_checkpoint(tmp_path / "c.pt")                  # RNG state (numpy) allow-listed
+    assert state["epoch"] == 1 and state["rng"]["numpy"][0] == "MT19937"
+
+
+def test_collapsed_video_features_score_chance_and_are_flagged(params):
+    model = make_model(params)
+    features = evaluate.encode_split(model, params, "test")
+    features.video[:] = features.video[:1]                      # every video embedding the same
+    result = evaluate.evaluate_features(features, params, model, emcl_mode="off")
+    assert result["constant_rows"] == result["n_texts"] == N_TEST
+    assert result["t2v"]["R1"] == pytest.approx(100 / N_TEST)   # chance, not 100

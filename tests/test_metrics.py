@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from emcl_nb.metrics import (DSL, PLAIN, dsl, evaluate_similarity, format_table, group_best_scores,
-                             multi_sentence_metrics, query_ranks, retrieval_metrics)
+                             metrics_from_counts, multi_sentence_metrics, query_ranks,
+                             retrieval_metrics)
 
 # Row i's true score (column i) is beaten by exactly i candidates: ranks 1, 2, 3, 4.
 KNOWN_RANKS = torch.tensor([
@@ -28,8 +29,9 @@ def test_known_ranks():
     m = retrieval_metrics(KNOWN_RANKS)
     assert m["R1"] == 25.0 and m["R5"] == 100.0
     assert m["MdR"] == 2.5 and m["MnR"] == 2.5
-    # video-to-text ranks the columns: column j's true score is row j.
-    assert query_ranks(KNOWN_RANKS.t()).tolist() == [1, 3, 2, 1]
+    # video-to-text ranks the columns: column j's true score is row j (column 0's 0.9 is
+    # tied with row 3's: expected rank 1.5).
+    assert query_ranks(KNOWN_RANKS.t()).tolist() == [1.5, 3, 2, 1]
 
 
 def test_true_score_lowest_gives_last_rank():
@@ -41,8 +43,8 @@ def test_true_score_lowest_gives_last_rank():
 
 def test_recall_at_50_counts_ranks_up_to_50():
     n = 100
-    # query i: true score 0, i candidates (columns < i, other than i) at +1 -> rank i + 1.
-    sim = torch.tril(torch.ones(n, n), diagonal=-1)
+    # query i: true score 0, i candidates (columns < i) at +1, the rest at -1 -> rank i + 1.
+    sim = torch.tril(torch.ones(n, n), diagonal=-1) - torch.triu(torch.ones(n, n), diagonal=1)
     ranks = query_ranks(sim)
     assert ranks.tolist() == list(range(1, n + 1))
     m = retrieval_metrics(sim)
@@ -50,13 +52,41 @@ def test_recall_at_50_counts_ranks_up_to_50():
     assert m["MdR"] == 50.5 and m["MnR"] == 50.5
 
 
-def test_ties_count_in_the_query_favour_with_one_rank_per_query():
-    ranks = query_ranks(torch.ones(5, 5))
-    assert ranks.shape == (5,) and ranks.tolist() == [1] * 5
-    sim = torch.tensor([[0.5, 0.5, 0.9],                  # tied with one, beaten by one -> 2
-                        [0.3, 0.3, 0.3],                  # tied with all -> 1
-                        [0.9, 0.9, 0.1]])                 # beaten by two -> 3
-    assert query_ranks(sim).tolist() == [2, 1, 3]
+def test_constant_matrix_scores_chance_not_100():
+    n = 8
+    m = retrieval_metrics(torch.ones(n, n))
+    # the true item is equally likely at each of n positions: R@K = K / n, expected rank (n+1)/2
+    assert m["R1"] == pytest.approx(100 / n) and m["R5"] == pytest.approx(500 / n)
+    assert m["R10"] == m["R50"] == 100.0
+    assert m["MdR"] == m["MnR"] == pytest.approx((n + 1) / 2)
+    assert query_ranks(torch.ones(n, n)).tolist() == [(n + 1) / 2] * n
+
+
+def test_all_distinct_scores_give_integer_ranks():
+    sim = torch.randperm(36).reshape(6, 6).double()        # no two scores equal
+    higher = (sim > sim.diagonal()[:, None]).sum(1)
+    assert query_ranks(sim).tolist() == (1 + higher).double().tolist()
+    assert retrieval_metrics(sim)["R1"] == pytest.approx(100 * float((higher == 0).double().mean()))
+
+
+def test_partly_tied_rows_use_the_expected_rank():
+    sim = torch.tensor([[0.5, 0.5, 0.9],                  # beaten by 1, tied with 1 -> rank 2.5
+                        [0.3, 0.3, 0.3],                  # tied with 2 -> rank 2
+                        [0.9, 0.9, 0.1]])                 # beaten by 2 -> rank 3
+    assert query_ranks(sim).tolist() == [2.5, 2.0, 3.0]
+    m = retrieval_metrics(sim)
+    # R@1 per query: clamp((1 - higher) / (ties + 1)) = 0, 1/3, 0; R@5: all 1
+    assert m["R1"] == pytest.approx(100 / 9) and m["R5"] == 100.0
+    assert m["MdR"] == pytest.approx(2.5) and m["MnR"] == pytest.approx(7.5 / 3)
+    # R@2 of the first row: (2 - 1) / 2 = 0.5, from metrics_from_counts directly
+    assert metrics_from_counts([1], [1])["R1"] == 0.0
+    assert metrics_from_counts([0, 1], [1, 1])["R1"] == pytest.approx(25.0)
+
+
+def test_multi_sentence_ties_never_help_either():
+    # every caption scores the same against every video: chance both ways
+    m = multi_sentence_metrics(torch.zeros(6, 3), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert m["t2v"]["R1"] == pytest.approx(100 / 3) and m["v2t"]["R1"] == pytest.approx(100 / 3)
 
 
 def test_numpy_and_torch_inputs_agree():
@@ -163,7 +193,7 @@ def test_format_table_rows_and_blank_published_values():
     assert header == ["setting", "T2V R@1", "T2V R@5", "T2V R@10", "T2V MdR", "T2V MnR",
                       "V2T R@1", "V2T R@5", "V2T R@10", "V2T MdR", "V2T MnR"]
     ours = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert ours == [PLAIN, "25.0", "100.0", "100.0", "2.5", "2.5", "50.0", "100.0", "100.0", "1.5", "1.8"]
+    assert ours == [PLAIN, "25.0", "100.0", "100.0", "2.5", "2.5", "37.5", "100.0", "100.0", "1.8", "1.9"]
     paper = [c.strip() for c in lines[3].strip("|").split("|")]
     assert paper == ["paper (published)", "46.8"] + [""] * 9
 

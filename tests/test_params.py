@@ -46,6 +46,24 @@ def test_wrong_type_and_wrong_choice_are_errors():
         load_params("synthetic", ["agg_module=gru"], use_env=False)
 
 
+@pytest.mark.parametrize("setting, rule", [
+    ("lr=-1", "lr.*at least 0"), ("grad_clip=-1", "grad_clip.*at least 0"),
+    ("warmup_proportion=5", r"warmup_proportion.*\[0, 1\)"), ("warmup_proportion=1", r"\[0, 1\)"),
+    ("max_frames=0", "max_frames.*at least 1"), ("run=../../x", "run.*single folder name"),
+    ("run=a/b", "single folder name"), ("run=..", "single folder name"), ("run=", "single folder name"),
+])
+def test_settings_that_cannot_be_meant_are_refused(setting, rule):
+    with pytest.raises(ParamsError, match=rule):
+        load_params("synthetic", [setting], use_env=False)
+
+
+def test_limits_apply_to_replace_too():
+    params = load_params("synthetic", use_env=False)
+    with pytest.raises(ParamsError, match="max_frames"):
+        params.replace(max_frames=0)
+    assert params.replace(lr=0.0, warmup_proportion=0.0, grad_clip=0.0, run="run-2.b").run == "run-2.b"
+
+
 def test_unknown_dataset_lists_the_files_that_exist():
     with pytest.raises(ParamsError) as error:
         load_params("kinetics", use_env=False)

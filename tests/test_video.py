@@ -4,8 +4,8 @@ import pytest
 
 from emcl_nb.data import video as video_module
 from emcl_nb.data.ffmpeg import write_video
-from emcl_nb.data.video import (VideoReadError, load_clip, read_frames, sample_indices,
-                                video_info)
+from emcl_nb.data.video import (VideoReadError, decode_size, load_clip, read_frames,
+                                sample_indices, video_info)
 
 FPS = 3
 NUM_FRAMES = 10
@@ -90,6 +90,24 @@ def test_read_frames_returns_the_requested_frames(clip_path, backend):
     assert decoded_index(frames).tolist() == [0, 3, 9, 4]
 
 
+def test_decode_size_keeps_the_aspect_and_headroom():
+    assert decode_size(7680, 4320, 224) == (796, 448)               # 8K: short side 2 x 224
+    assert decode_size(4320, 7680, 224) == (448, 796)               # portrait
+    assert decode_size(398, 224, 224) is None and decode_size(896, 448, 224) is None
+    assert decode_size(7680, 4320, None) is None
+
+
+@pytest.mark.parametrize("backend", ["decord", "av"])
+def test_large_videos_are_decoded_at_the_size_sampling_needs(clip_path, backend):
+    if backend == "decord" and video_module.decord is None:
+        pytest.skip("decord not installed")
+    # the clip is 64x32; frames wanted with a short side of 8 are decoded at 32x16
+    frames, mask = load_clip(clip_path, 4, 1, backend=backend, short_side=8)
+    assert frames.shape == (4, 16, 32, 3) and mask.tolist() == [1] * 4
+    assert decoded_index(frames).tolist() == [0, 3, 6, 9]
+    assert read_frames(clip_path, [2], backend, short_side=16).shape == (1, 32, 64, 3)   # not larger
+
+
 def test_backends_decode_identical_pixels(clip_path):
     if video_module.decord is None:
         pytest.skip("decord not installed")
@@ -141,7 +159,7 @@ class _FakeVideo:
     """Stands in for a decoder that opens a file but reports unusable metadata."""
     num_frames, fps = 10, 3.0
 
-    def __init__(self, path):
+    def __init__(self, path, short_side=None):
         pass
 
     def frames(self, indices):

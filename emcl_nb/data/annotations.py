@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import io
 import json
 import logging
 import math
@@ -51,8 +52,17 @@ NO_CAPTIONS = "listed video without captions"
 BROKEN_CLIP = "known broken LSMDC clip"
 
 
+ENCODING = "utf-8"               # of every text annotation file (a byte-order mark is allowed)
+
+
 class AnnotationError(ValueError):
     """Annotation files that cannot be used; the message names the file/id and the fix."""
+
+
+def single_sentence_test(layout: str) -> bool:
+    """Whether the layout's test split pairs each video with exactly one text (the true
+    pairs are the diagonal of the similarity matrix); MSVD's test is multi-sentence."""
+    return layout != "msvd"
 
 
 @dataclass(slots=True)
@@ -143,23 +153,62 @@ def find_videos(video_path: str | Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- readers, one per layout
 # Each returns (records, listed ids without any caption). A record is a Sample.
 
+def _read_text(path: Path) -> str:
+    """The whole file as text; bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode(f"{ENCODING}-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise AnnotationError(
+            f"{path}:{line}: not valid {ENCODING} (byte {data[error.start]:#04x} at offset "
+            f"{error.start}: {error.reason}); re-save the file as {ENCODING}, e.g. "
+            f"`iconv -f latin1 -t {ENCODING} FILE > FILE.utf8`") from None
+
+
+def _field(record, key: str, path: Path, where: str, kind: type | tuple = str):
+    """record[key] of one JSON record, or an error naming the file, the record and the fix."""
+    if not isinstance(record, dict) or key not in record:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise AnnotationError(f"{path}: {where} has no {key!r} field (it has {found}); add it "
+                              f"or remove the record")
+    value = record[key]
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise AnnotationError(f"{path}: {where} has {key!r} = {value!r}, not a {names}; "
+                              f"correct it or remove the record")
+    return value
+
+
 def _read_id_list(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or ())]
-        if missing:
-            raise AnnotationError(f"{path}: missing column(s) {', '.join(missing)} "
-                                  f"(found {reader.fieldnames}); is this the right file?")
-        return list(reader)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or ())]
+    if missing:
+        raise AnnotationError(f"{path}: missing column(s) {', '.join(missing)} "
+                              f"(found {reader.fieldnames}); is this the right file?")
+    try:
+        rows = list(reader)
+    except csv.Error as error:
+        raise AnnotationError(f"{path}:{reader.line_num}: not valid CSV ({error}); correct "
+                              f"that line") from None
+    short = next((n for n, row in enumerate(rows, 2) if any(row[c] is None for c in columns)), None)
+    if short is not None:
+        raise AnnotationError(f"{path}:{short}: the row has fewer fields than the header "
+                              f"({', '.join(columns)} needed); correct or remove it")
+    return rows
 
 
 def _read_json(path: Path, kind: type):
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise AnnotationError(
+            f"{path}:{error.lineno}: not valid JSON at column {error.colno} ({error.msg}); the "
+            f"file is truncated or damaged: download or copy it again") from None
     if not isinstance(data, kind):
         raise AnnotationError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
     return data
@@ -177,15 +226,22 @@ def _msrvtt(files: list[Path], split: str):
     sentences = _read_json(files[1], dict).get("sentences")
     if not isinstance(sentences, list):
         raise AnnotationError(f"{files[1]}: no 'sentences' list; expected MSRVTT_data.json")
-    records = [Sample(s["caption"], s["video_id"]) for s in sentences if s["video_id"] in wanted]
+    where = "sentence {} of 'sentences'".format
+    records = [Sample(_field(s, "caption", files[1], where(n)), video_id)
+               for n, s in enumerate(sentences)
+               if (video_id := _field(s, "video_id", files[1], where(n))) in wanted]
     with_captions = {r.video_id for r in records}
     return records, [v for v in listed if v not in with_captions]
 
 
 def _msvd(files: list[Path], split: str):
     listed = _read_id_list(files[0])
-    with open(files[1], "rb") as f:
-        captions = pickle.load(f)
+    try:
+        with open(files[1], "rb") as f:
+            captions = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError) as error:
+        raise AnnotationError(f"{files[1]}: cannot be unpickled ({type(error).__name__}: {error}); "
+                              f"the file is truncated or damaged: download it again") from None
     if not isinstance(captions, dict):
         raise AnnotationError(f"{files[1]}: expected a pickled dict video_id -> captions")
     records = [Sample(" ".join(tokens), video_id)
@@ -195,15 +251,14 @@ def _msvd(files: list[Path], split: str):
 
 def _lsmdc(files: list[Path], split: str):
     records = []
-    with open(files[0]) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) != 6:
-                raise AnnotationError(f"{files[0]}:{number}: expected 6 tab-separated fields "
-                                      f"(clip id, 4 times, sentence), got {len(fields)}")
-            records.append(Sample(fields[5], fields[0]))
+    for number, line in enumerate(_read_text(files[0]).split("\n"), 1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != 6:
+            raise AnnotationError(f"{files[0]}:{number}: expected 6 tab-separated fields "
+                                  f"(clip id, 4 times, sentence), got {len(fields)}")
+        records.append(Sample(fields[5], fields[0]))
     return records, []
 
 
@@ -213,17 +268,21 @@ def _activity(files: list[Path], split: str):
     records = []
     for video_id in listed:
         if video_id in data:
-            entry = data[video_id]
-            paragraph = " ".join(s.strip() for s in entry["sentences"])
-            records.append(Sample(paragraph, video_id, 0.0, float(math.ceil(entry["duration"]))))
+            entry, where = data[video_id], f"entry {video_id!r}"
+            sentences = _field(entry, "sentences", files[1], where, list)
+            paragraph = " ".join(str(sentence).strip() for sentence in sentences)
+            duration = _field(entry, "duration", files[1], where, (int, float))
+            records.append(Sample(paragraph, video_id, 0.0, float(math.ceil(duration))))
     return records, [v for v in listed if v not in data]
 
 
 def _didemo(files: list[Path], split: str):
     listed = _read_id_list(files[0])
     descriptions: dict[str, list[str]] = {}
-    for entry in _read_json(files[1], list):
-        descriptions.setdefault(entry["video"], []).append(entry["description"].strip())
+    for number, entry in enumerate(_read_json(files[1], list)):
+        where = f"record {number}"
+        descriptions.setdefault(_field(entry, "video", files[1], where), []).append(
+            _field(entry, "description", files[1], where).strip())
     records = [Sample(" ".join(descriptions[v]), v, *DIDEMO_SEGMENT)
                for v in listed if v in descriptions]
     return records, [v for v in listed if v not in descriptions]
@@ -250,7 +309,21 @@ def load_annotations(params: Params, split: str) -> Annotations:
     videos = find_videos(params.video_path)
     with _gc_paused():
         records, uncaptioned = READERS[params.layout](files, split)
+        if split == "test" and single_sentence_test(params.layout):
+            _check_one_text_per_video(records, files[0])
         return _assemble(params, split, records, uncaptioned, videos)
+
+
+def _check_one_text_per_video(records: list[Sample], path: Path) -> None:
+    """A repeated video id in a single-sentence test split is an error: it would silently
+    switch the scoring to the multi-sentence protocol."""
+    repeated = {video_id: n for video_id, n in Counter(r.video_id for r in records).items() if n > 1}
+    if repeated:
+        listed = ", ".join(f"{video_id!r} ({n} times)" for video_id, n in list(repeated.items())[:5])
+        raise AnnotationError(
+            f"{path}: {len(repeated)} test video id(s) appear more than once: {listed}. This "
+            f"test split is scored single-sentence (one text per video), so each id must "
+            f"appear once: remove the repeated rows")
 
 
 @contextlib.contextmanager

@@ -5,8 +5,15 @@
 Unlike the reference tool (reference-defects.md #14) portrait videos keep their aspect
 ratio (1080x1920 -> 224x398), the folder tree is kept (`RAW/a/b.avi` -> `OUT/a/b.mp4`),
 every ffmpeg failure is listed with its reason (nothing is copied in its place) and the
-exit status is non-zero when any failed. Outputs appear atomically, so re-running after an
-interruption skips the finished files and redoes the rest.
+exit status is non-zero when any failed. Non-square pixels are made square first (a
+720x576 PAL frame with sample aspect 16:15 becomes 768x576, then 280x224).
+
+ffmpeg's exit status is not trusted: each output is decoded before it is renamed into
+place, and must hold video frames covering the input's duration (a truncated input
+encodes "successfully" with part of it). A failed check is a listed failure, so a re-run
+redoes it; ffmpeg's warnings about damaged input are listed too. Outputs appear
+atomically, so re-running after an interruption skips the finished files and redoes the
+rest.
 """
 from __future__ import annotations
 
@@ -19,14 +26,20 @@ from pathlib import Path
 
 from ..progress import progress_bar
 from .ffmpeg import FFmpegError, encode_mp4, remove_partials
+from .video import VideoReadError, video_info
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp",
                               ".flv", ".mpg", ".mpeg", ".wmv", ".ogv"})
 TARGET_FPS = 3
 SHORT_SIDE = 224
-# Short side -> SHORT_SIDE, the other side follows the aspect ratio rounded to an even number.
-SCALE_FILTER = (f"scale='if(lt(iw,ih),{SHORT_SIDE},-2)':'if(lt(iw,ih),-2,{SHORT_SIDE})'"
+# Square pixels first (width x sample aspect ratio), then short side -> SHORT_SIDE, the other
+# side following the aspect ratio, rounded to an even number.
+SCALE_FILTER = ("scale='trunc(iw*sar/2)*2':ih,setsar=1,"
+                f"scale='if(lt(iw,ih),{SHORT_SIDE},-2)':'if(lt(iw,ih),-2,{SHORT_SIDE})'"
                 ":flags=bicubic")
+# An output's frame count may differ from duration x TARGET_FPS by this many frames, or by
+# this share of them, whichever is larger (rounding at both ends, variable frame rates).
+FRAME_SLACK, FRAME_SLACK_SHARE = 2, 0.1
 CRF = 23
 
 
@@ -37,6 +50,7 @@ class CompressReport:
     skipped: list[Path] = field(default_factory=list)      # output already there
     failed: list[tuple[Path, str]] = field(default_factory=list)   # (path, reason)
     ignored: list[Path] = field(default_factory=list)      # files that are not videos
+    warnings: list[tuple[Path, str]] = field(default_factory=list)  # encoded, but ffmpeg warned
 
     @property
     def ok(self) -> bool:
@@ -46,6 +60,7 @@ class CompressReport:
         lines = [f"encoded {len(self.encoded)}, skipped {len(self.skipped)} (already done), "
                  f"failed {len(self.failed)}, ignored {len(self.ignored)} non-video files"]
         lines += [f"FAILED {path}: {reason}" for path, reason in self.failed]
+        lines += [f"WARNING {path}: ffmpeg: {text}" for path, text in self.warnings]
         return "\n".join(lines)
 
 
@@ -66,11 +81,44 @@ def _check_roots(input_root: Path, output_root: Path) -> None:
                          "nor inside it or above it: pick a separate folder")
 
 
-def compress_one(source: Path, destination: Path) -> None:
-    """Encode one video to 3 fps / short side 224 H.264 mp4; raises FFmpegError."""
-    encode_mp4(["-threads", "1", "-i", str(source)], destination,
-               ["-vf", f"fps={TARGET_FPS},{SCALE_FILTER}", "-an", "-sn", "-dn",
-                "-crf", str(CRF)])
+def video_duration(path: Path) -> float | None:
+    """Seconds of the first video stream as its container states them (None if unknown)."""
+    import av
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.duration is not None and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration else None
+    except Exception:  # noqa: BLE001 - unreadable header: only the output check applies
+        return None
+
+
+def output_problem(source: Path, output: Path) -> str | None:
+    """Why the encoded `output` does not stand for `source`, or None: it must decode to
+    video frames, as many as the input's duration gives at TARGET_FPS."""
+    duration = video_duration(source)
+    lasting = f"the input lasts {duration:.2f} s" if duration is not None else "input duration unknown"
+    try:
+        frames, _ = video_info(output, backend="av")
+    except VideoReadError as error:
+        return f"the output has no usable video ({error.reason}; {lasting})"
+    if duration is None:
+        return None
+    expected = duration * TARGET_FPS
+    if abs(frames - expected) > max(FRAME_SLACK, FRAME_SLACK_SHARE * expected):
+        return (f"the output holds {frames} frames ({frames / TARGET_FPS:.1f} s at {TARGET_FPS} "
+                f"fps) but {lasting}: the input is truncated or damaged")
+    return None
+
+
+def compress_one(source: Path, destination: Path) -> str:
+    """Encode one video to 3 fps / short side 224 H.264 mp4 and check the output; returns
+    ffmpeg's warnings, raises FFmpegError."""
+    return encode_mp4(["-threads", "1", "-i", str(source)], destination,
+                      ["-vf", f"fps={TARGET_FPS},{SCALE_FILTER}", "-an", "-sn", "-dn",
+                       "-crf", str(CRF)],
+                      verify=lambda written: output_problem(source, written))
 
 
 def compress_videos(input_root, output_root, workers: int | None = None,
@@ -109,14 +157,17 @@ def compress_videos(input_root, output_root, workers: int | None = None,
         for job in as_completed(jobs):
             relative = jobs[job]
             try:
-                job.result()
+                warned = job.result()
                 report.encoded.append(relative)
+                if warned:
+                    report.warnings.append((relative, warned))
             except FFmpegError as error:
                 report.failed.append((relative, error.reason))
             bar.update(1)
             bar.set_postfix(failed=len(report.failed))
     report.encoded.sort()
     report.failed.sort()
+    report.warnings.sort()
     return report
 
 

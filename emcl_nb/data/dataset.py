@@ -96,7 +96,7 @@ class _ClipReader:
         if self.decoded is not None and key in self.decoded:
             return self.decoded[key]
         clip = load_clip(self.annotations.video_paths[video_index], self.params.max_frames,
-                         self.params.video_framerate, start, end)
+                         self.params.video_framerate, start, end, short_side=self.params.image_size)
         if self.decoded is not None:
             self.decoded[key] = clip
         return clip

@@ -61,28 +61,37 @@ def remove_partials(folder: Path) -> int:
 
 
 def _stderr_tail(stderr: bytes, lines: int = 5) -> str:
+    """The last `lines` lines of ffmpeg's messages on one line ("" when it printed none)."""
     text = stderr.decode("utf-8", errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:]) if text else "no error message"
+    return " | ".join(text[-lines:])
 
 
 def encode_mp4(input_args: list[str], path: Path, output_args: list[str] = (),
-               stdin: bytes | None = None) -> None:
+               stdin: bytes | None = None, verify=None) -> str:
     """Run ffmpeg with `input_args` + H.264 settings + `output_args` into `path`, atomically.
 
-    Raises FFmpegError (with the tail of ffmpeg's stderr) and removes the partial file on
-    any failure, including an interrupt.
+    `verify(partial_file)` may check the written file before it is renamed into place: a
+    reason (str) it returns makes the encode fail. Returns ffmpeg's warnings ("" when none:
+    damaged input often encodes with warnings and exit status 0). Raises FFmpegError (with
+    the tail of ffmpeg's messages) and removes the partial file on any failure, including
+    an interrupt.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    command = [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *input_args,
+    command = [ffmpeg_binary(), "-hide_banner", "-loglevel", "warning", "-y", *input_args,
                *H264_ARGS, *output_args, "-f", "mp4", str(tmp)]
     try:
         result = subprocess.run(command, input=stdin, capture_output=True,
                                 stdin=None if stdin is not None else subprocess.DEVNULL)
+        messages = _stderr_tail(result.stderr)
         if result.returncode != 0:
-            raise FFmpegError(path, _stderr_tail(result.stderr))
+            raise FFmpegError(path, messages or "no error message")
+        problem = verify(tmp) if verify is not None else None
+        if problem:
+            raise FFmpegError(path, problem + (f" (ffmpeg: {messages})" if messages else ""))
         os.replace(tmp, path)
+        return messages
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -6,6 +6,11 @@ failure (missing, empty or undecodable file, no frames, no frame rate) raises
 `VideoReadError` naming the path and the reason; nothing is ever replaced by zeros
 (reference defect #13).
 Frame sampling follows /work/shared/spec/datasets.md "Frame sampling".
+
+Frames are decoded at the size the model needs: asked for a short side S (the image size),
+a video whose short side exceeds DECODE_HEADROOM x S is scaled by the decoder (decord's
+width/height, PyAV's reformat) to a short side of DECODE_HEADROOM x S, so an 8K video is
+never held at full size; the transforms then resize (antialiased) as for any video.
 """
 from __future__ import annotations
 
@@ -19,6 +24,30 @@ try:
 except ImportError:          # PyAV fallback
     decord = None
 
+# Videos with a short side above DECODE_HEADROOM x the wanted one are decoded at that size.
+DECODE_HEADROOM = 2
+
+
+def decode_size(width: int, height: int, short_side: int | None) -> tuple[int, int] | None:
+    """(width, height), both even, to decode a width x height video at so that its short
+    side is DECODE_HEADROOM x `short_side`; None (native size) when it is not larger."""
+    target = DECODE_HEADROOM * short_side if short_side else 0
+    if not target or min(width, height) <= target:
+        return None
+    scale = target / min(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def _stored_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the first video stream from the container header (no decoding)."""
+    import av
+    try:
+        with av.open(str(path)) as container:
+            context = container.streams.video[0].codec_context
+            return (context.width, context.height) if context.width and context.height else None
+    except Exception:  # noqa: BLE001 - the decoder reports an unreadable file itself
+        return None
+
 
 class VideoReadError(RuntimeError):
     """A video that cannot be used; `path` and `reason` say which and why."""
@@ -29,8 +58,11 @@ class VideoReadError(RuntimeError):
 
 
 class _DecordVideo:
-    def __init__(self, path: Path):
-        self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    def __init__(self, path: Path, short_side: int | None = None):
+        stored = _stored_size(path) if short_side else None
+        width, height = (decode_size(*stored, short_side) if stored else None) or (-1, -1)
+        self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1,
+                                          width=width, height=height)
         self.num_frames = len(self._reader)
         self.fps = float(self._reader.get_avg_fps())
 
@@ -41,13 +73,16 @@ class _DecordVideo:
 class _AvVideo:
     """PyAV decodes sequentially; frames are kept only at the wanted indices."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, short_side: int | None = None):
         import av
         self._path = path
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
+            context = stream.codec_context
+            size = decode_size(context.width, context.height, short_side)
+            self._size = dict(zip(("width", "height"), size)) if size else {}
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
             self.num_frames = stream.frames or sum(1 for _ in container.decode(stream))
@@ -60,7 +95,7 @@ class _AvVideo:
         with av.open(str(self._path)) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in wanted:
-                    decoded[i] = frame.to_ndarray(format="rgb24")
+                    decoded[i] = frame.to_ndarray(format="rgb24", **self._size)
                 if i >= last:
                     break
         missing = wanted - decoded.keys()
@@ -74,8 +109,8 @@ BACKENDS = {"decord": _DecordVideo, "av": _AvVideo}
 AUTO_BACKENDS = ("decord", "av") if decord is not None else ("av",)
 
 
-def _open(path: Path, backend: str) -> _DecordVideo | _AvVideo:
-    video = BACKENDS[backend](path)
+def _open(path: Path, backend: str, short_side: int | None) -> _DecordVideo | _AvVideo:
+    video = BACKENDS[backend](path, short_side)
     if video.num_frames <= 0:
         raise VideoReadError(path, "no frames")
     if not math.isfinite(video.fps) or video.fps <= 0:
@@ -94,8 +129,9 @@ def _frames(video, path: Path, indices: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def _with_video(path, backend: str | None, use):
-    """`use(video)` on the first backend that can open and decode `path`."""
+def _with_video(path, backend: str | None, use, short_side: int | None = None):
+    """`use(video)` on the first backend that can open and decode `path` (at `decode_size`
+    for frames wanted with `short_side`)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     path = Path(path)
@@ -106,7 +142,7 @@ def _with_video(path, backend: str | None, use):
     reasons = []
     for name in (backend,) if backend else AUTO_BACKENDS:
         try:
-            return use(_open(path, name))
+            return use(_open(path, name, short_side))
         except VideoReadError as error:
             reasons.append(f"{name}: {error.reason}")
         except IndexError:
@@ -121,12 +157,13 @@ def video_info(path, backend: str | None = None) -> tuple[int, float]:
     return _with_video(path, backend, lambda video: (video.num_frames, video.fps))
 
 
-def read_frames(path, indices, backend: str | None = None) -> np.ndarray:
-    """uint8 RGB frames [len(indices),H,W,3] of the video at `path`."""
+def read_frames(path, indices, backend: str | None = None, short_side: int | None = None) -> np.ndarray:
+    """uint8 RGB frames [len(indices),H,W,3] of the video at `path`; with `short_side`,
+    a much larger video is decoded smaller (`decode_size`)."""
     indices = np.asarray(indices, dtype=np.int64)
     if indices.ndim != 1 or len(indices) == 0:
         raise ValueError(f"indices must be a non-empty 1-D list of frame numbers, got {indices.shape}")
-    return _with_video(path, backend, lambda video: _frames(video, path, indices))
+    return _with_video(path, backend, lambda video: _frames(video, path, indices), short_side)
 
 
 def sample_indices(num_frames: int, fps: float, max_frames: int, video_framerate: int,
@@ -162,12 +199,12 @@ def sample_indices(num_frames: int, fps: float, max_frames: int, video_framerate
 
 
 def load_clip(path, max_frames: int, video_framerate: int, start: float | None = None,
-              end: float | None = None, backend: str | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+              end: float | None = None, backend: str | None = None,
+              short_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sampled frames [n,H,W,3] uint8 of one sample and its frame mask [max_frames].
 
     Opens the file once; a segment outside the video is a VideoReadError like any other
-    unusable video.
+    unusable video. `short_side`: the frame size the caller needs (see `decode_size`).
     """
     def sample(video):
         try:
@@ -176,4 +213,4 @@ def load_clip(path, max_frames: int, video_framerate: int, start: float | None =
         except ValueError as error:
             raise VideoReadError(path, str(error)) from error
         return _frames(video, path, indices), mask
-    return _with_video(path, backend, sample)
+    return _with_video(path, backend, sample, short_side)

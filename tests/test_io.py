@@ -1,0 +1,68 @@
+"""File writes: the umask decides the mode, a full disk names the file, one lock holder."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from emcl_nb import io
+from emcl_nb.io import (DiskFullError, FolderBusyError, atomic_torch_save, atomic_write_text,
+                        folder_lock, sweep_temp_files)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_torch_save({"w": torch.ones(2)}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert {oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("a.txt", "b.pt")} == {oct(mode)}
+
+
+def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
+    def no_space(obj, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(io.torch, "save", no_space)
+    target = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(DiskFullError, match=r"writing .*last\.pt \(\d+\.\d MiB free in .*checkpoints\)"):
+        atomic_torch_save({"w": 1}, target)
+    assert list(target.parent.iterdir()) == []           # neither the file nor a temporary
+
+
+def test_other_write_errors_pass_through(tmp_path, monkeypatch):
+    def broken(obj, handle):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(io.torch, "save", broken)
+    with pytest.raises(OSError) as error:
+        atomic_torch_save({"w": 1}, tmp_path / "x.pt")
+    assert not isinstance(error.value, DiskFullError)
+
+
+def test_sweep_removes_only_hidden_temporaries(tmp_path):
+    (tmp_path / ".last.pt.abc123.tmp").write_text("stale")
+    (tmp_path / "notes.tmp").write_text("a user's file")
+    (tmp_path / "last.pt").write_text("kept")
+    assert [p.name for p in sweep_temp_files(tmp_path)] == [".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+
+
+def test_the_lock_keeps_out_another_process_and_names_the_holder(tmp_path):
+    probe = ("import sys; from emcl_nb.io import folder_lock, FolderBusyError\n"
+             "try:\n    folder_lock(sys.argv[1]).__enter__()\n"
+             "except FolderBusyError as error:\n    print(error); sys.exit(3)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with folder_lock(tmp_path / "run"):
+        busy = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")],
+                              capture_output=True, text=True, env=env)
+        with pytest.raises(FolderBusyError):                   # in this process too
+            with folder_lock(tmp_path / "run"):
+                pass
+    assert busy.returncode == 3, busy.stderr
+    assert f"process {os.getpid()}" in busy.stdout and str(tmp_path / "run") in busy.stdout
+    free = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], env=env)
+    assert free.returncode == 0
