@@ -25,15 +25,19 @@ FORMAT = "emcl-nb/1"
 
 
 def _numpy_rng_globals() -> list:
-    """What numpy.random.get_state() pickles to besides plain data: an ndarray of uint32."""
+    """What numpy.random.get_state() pickled to in checkpoints of earlier versions, besides
+    plain data: an ndarray of uint32, under numpy 2's module name or numpy 1's (a file
+    keeps the name of the numpy that wrote it)."""
     try:
         from numpy._core.multiarray import _reconstruct          # numpy >= 2
     except ImportError:                                           # numpy 1.x
         from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [*((_reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy._core", "numpy.core")),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-# The globals beyond torch's defaults that our checkpoints need (the allow-list).
+# The globals beyond torch's defaults that checkpoints may hold (the allow-list). New
+# checkpoints hold none: their numpy RNG state is stored as plain numbers.
 CHECKPOINT_GLOBALS = _numpy_rng_globals()
 
 
@@ -42,7 +46,9 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, keys.tolist(), position, has_gauss, cached_gaussian),   # plain data
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -51,7 +57,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -109,7 +116,8 @@ def _unpickler_reason(error: Exception) -> str:
 
 def _unsafe_globals(path: Path) -> list[str]:
     """The globals in the file outside torch's and our allow-list, read without unpickling."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
+    allowed = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+               for entry in CHECKPOINT_GLOBALS}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - not a zip checkpoint: the caller reports it as corrupt

@@ -27,6 +27,9 @@ from emcl_nb.io import (atomic_write_json, atomic_write_text, folder_lock, namin
 from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
 from emcl_nb.progress import progress_bar
 
+# What training writes in the run folder besides checkpoints/ (evaluation writes there too).
+TRAINING_FILES = ("params.yaml", "history.json", "log.jsonl")
+
 # Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
 COLLAPSE_GAP = 25.0
 
@@ -267,7 +270,7 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, log_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "log.jsonl"
     if env.is_main:
-        for stale in sweep_temp_files(out_dir) + sweep_temp_files(ckpt_dir):
+        for stale in sweep_temp_files(out_dir, TRAINING_FILES) + sweep_temp_files(ckpt_dir):
             print(f"[emcl_nb] removed {repo_relative(stale)}, left by a write that was killed")
 
     seed_everything(params.seed)

@@ -461,14 +461,22 @@ def _table_rows(results: dict) -> dict:
 
 
 def dropped_statement(result: dict, split: str) -> str:
-    """How many of the split's queries (texts) were scored, and why the others were not."""
-    dropped = result.get("dropped_queries") or {}
+    """How many of the split's queries (texts) were scored, and why the others were not.
+    Listed videos without captions are counted apart: they are videos, not queries."""
+    from emcl_nb.data.annotations import NO_CAPTIONS
+
+    dropped = dict(result.get("dropped_queries") or {})
+    uncaptioned = dropped.pop(NO_CAPTIONS, 0)
     total = result["n_texts"] + sum(dropped.values())
     if not dropped:
-        return f"all {total} {split} queries scored, none dropped"
-    reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
-    return (f"{result['n_texts']} of {total} {split} queries scored; {sum(dropped.values())} "
-            f"dropped ({reasons}; see the warnings of the run for the ids)")
+        statement = f"all {total} {split} queries scored, none dropped"
+    else:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+        statement = (f"{result['n_texts']} of {total} {split} queries scored; {sum(dropped.values())} "
+                     f"dropped ({reasons}; see the warnings of the run for the ids)")
+    if uncaptioned:
+        statement += f"; {uncaptioned} listed video(s) without captions left out"
+    return statement
 
 
 def _report_markdown(params: Params, split: str, results: dict, table: str) -> str:
@@ -484,7 +492,7 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
                      "reference code selects; optimistic, only for comparing with the paper.")
     for label, result in results.items():
         lines += [f"- {label}: {text}" for text in result.get("notes", [])]
-        if "n_texts" in result and result["dropped_queries"] != first["dropped_queries"]:
+        if "n_texts" in result and result.get("dropped_queries") != first.get("dropped_queries"):
             lines.append(f"- {label}: {dropped_statement(result, split)}")
     return "\n".join(lines) + "\n"
 

@@ -83,11 +83,13 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def sweep_temp_files(folder: Path) -> list[Path]:
-    """Delete the temporaries (.<name>.<token>.tmp) that killed writes left in `folder`.
-    Call it only while no other process writes there (under `folder_lock`)."""
+def sweep_temp_files(folder: Path, names: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporaries (.<name>.<token>.tmp) that killed writes left in `folder`:
+    of the files `names`, or of any file. Call it only while no other process writes
+    those files (training holds `folder_lock`; evaluation writes its own files unlocked)."""
     folder = Path(folder)
-    stale = sorted(folder.glob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else []
+    patterns = [f".{name}.*{TEMP_SUFFIX}" for name in names] or [f".*{TEMP_SUFFIX}"]
+    stale = sorted({path for pattern in patterns for path in folder.glob(pattern)}) if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

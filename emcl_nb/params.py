@@ -151,6 +151,7 @@ def _single_folder_name(value: str) -> bool:
 # so a bad value is refused before any work starts and the message blames the setting.
 LIMITS = {
     "lr": (lambda v: v >= 0, "at least 0"),
+    "coef_lr": (lambda v: v >= 0, "at least 0 (CLIP's share of lr)"),
     "grad_clip": (lambda v: v >= 0, "at least 0 (the largest gradient norm kept)"),
     "warmup_proportion": (lambda v: 0 <= v < 1, "in [0, 1) (the share of steps spent warming up)"),
     "max_frames": (lambda v: v >= 1, "at least 1 (frames sampled per video)"),

@@ -391,6 +391,20 @@ def test_a_damaged_msvd_pickle_is_named(tmp_path):
         load_annotations(params_for("msvd", tmp_path), "test")
 
 
+def test_an_msvd_pickle_that_would_run_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+    write_msvd(tmp_path / "anno", {"test": ["a"]}, {"a": ["x y"]})
+    (tmp_path / "anno" / "raw-captions.pkl").write_bytes(pickle.dumps({"a": [["x"]], "b": Payload()}))
+    make_videos(tmp_path / "videos", ["a"])
+    with pytest.raises(AnnotationError, match="raw-captions.pkl: cannot be unpickled.*plain data only"):
+        load_annotations(params_for("msvd", tmp_path), "test")
+    assert not marker.exists()
+
+
 def test_a_duplicate_test_id_in_a_single_sentence_layout_is_an_error(tmp_path):
     params = msrvtt_params(tmp_path, [("video7", "a man sings"), ("video8", "x"),
                                       ("video7", "a man sings again")])

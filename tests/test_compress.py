@@ -117,7 +117,8 @@ def test_outputs_are_checked_against_the_input_and_failures_are_redone(faulty, t
     # the damaged one decodes to a full-length output, with ffmpeg's complaints reported
     assert [p.name for p in report.encoded] == ["damaged.mp4"]
     assert [p.name for p, _ in report.warnings] == ["damaged.mp4"] and "WARNING damaged.mp4" in report.summary()
-    assert read(out / "damaged.mp4")[1:] == (30, 3.0)
+    frames, fps = read(out / "damaged.mp4")[1:]
+    assert 27 <= frames <= 31 and fps == pytest.approx(3.0)           # 10 s at 3 fps, give or take concealment
     assert sorted(p.name for p in out.iterdir()) == ["damaged.mp4"]     # nothing under a failed name
     again = compress_videos(faulty, out, workers=2, progress=False)
     assert sorted(p.name for p, _ in again.failed) == ["one_frame.mp4", "truncated.mp4"]

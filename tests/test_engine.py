@@ -10,7 +10,7 @@ from emcl_nb.checkpoint import read_checkpoint
 from emcl_nb.engine import (NonFiniteLossError, TrainingSetupError, build_optimizer,
                             configure_torch, fit, warmup_cosine)
 from emcl_nb.model import build_model
-from emcl_nb.params import Params
+from emcl_nb.params import Params, repo_relative
 
 SOT, EOT = 49406, 49407
 
@@ -180,23 +180,30 @@ def rising_validation():
 
 
 def test_a_run_killed_between_best_and_last_keeps_its_best_final_epoch(tmp_path, monkeypatch):
+    """The final epoch is strictly best; the process dies after the first of its two
+    checkpoint writes, whichever is first. Its best must survive that and the resume."""
     import emcl_nb.engine as engine
 
     params = tiny_params(tmp_path, epochs=2)
-    real_save = engine.save_checkpoint
+    real_save, writes = engine.save_checkpoint, []
 
-    def killed_after_best_of_epoch_2(path, **kwargs):
-        if kwargs["epoch"] == 2 and path.name == "last.pt":
+    def killed_at_second_write_of_epoch_2(path, **kwargs):
+        writes.append(kwargs["epoch"])
+        if writes.count(2) == 2:
             raise KeyboardInterrupt                          # the process dies here
         real_save(path, **kwargs)
-    monkeypatch.setattr(engine, "save_checkpoint", killed_after_best_of_epoch_2)
+    monkeypatch.setattr(engine, "save_checkpoint", killed_at_second_write_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        fit(params, RandomClips(16, params), validate=rising_validation())
+        fit(params, RandomClips(16, params), validate=rising_validation())   # R@1 10, then 20
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
-    # every resume point has its best: last.pt (epoch 1) resumes, and epoch 2 is redone
-    assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["epoch"] == 1
-    result = fit(params, RandomClips(16, params), validate=rising_validation())
-    assert read_checkpoint(result.best_checkpoint)["epoch"] == 2
+    checkpoints = params.out_dir / "checkpoints"
+    assert read_checkpoint(checkpoints / "best.pt")["epoch"] == 2    # written first
+    assert read_checkpoint(checkpoints / "last.pt")["epoch"] == 1    # so epoch 2 is redone...
+
+    def worse(model):
+        return {"val": {"t2v": {"R1": 5.0}, "v2t": {"R1": 5.0}}}
+    result = fit(params, RandomClips(16, params), validate=worse)    # ...and scores lower
+    assert read_checkpoint(result.best_checkpoint)["metrics"]["best_score"] == 20.0
     assert [r["epoch"] for r in json.loads((params.out_dir / "history.json").read_text())] == [1, 2]
 
 
@@ -218,13 +225,15 @@ def test_resume_sweeps_stale_temporaries_and_drops_a_torn_log_line(tmp_path, cap
     fit(params, RandomClips(16, params))
     stale = params.out_dir / "checkpoints" / ".last.pt.0a1b2c.tmp"
     stale.write_bytes(b"half a checkpoint")
+    evaluating = params.out_dir / ".metrics.json.9f8e7d.tmp"    # an evaluation writing right now
+    evaluating.write_text("{")
     log = params.out_dir / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 2, "epo')      # killed mid-append
     more = params.replace(epochs=1)
     fit(more, RandomClips(16, more))
-    assert not stale.exists()
+    assert not stale.exists() and evaluating.exists()
     printed = capsys.readouterr().out
-    assert "torn last line 3" in printed and str(stale) in printed
+    assert "torn last line 3" in printed and repo_relative(stale) in printed
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1]
 
 

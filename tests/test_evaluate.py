@@ -388,3 +388,51 @@ def test_collapsed_video_features_score_chance_and_are_flagged(params):
     result = evaluate.evaluate_features(features, params, model, emcl_mode="off")
     assert result["constant_rows"] == result["n_texts"] == N_TEST
     assert result["t2v"]["R1"] == pytest.approx(100 / N_TEST)   # chance, not 100
+
+
+def test_new_checkpoints_hold_nothing_beyond_plain_data(params, tmp_path):
+    save_checkpoint(tmp_path / "c.pt", model=make_model(params), epoch=1, step=1, params=params.to_dict())
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "c.pt") == []
+
+
+def test_checkpoints_of_earlier_versions_load_whichever_numpy_wrote_them(params, tmp_path):
+    """Earlier versions pickled numpy's RNG state as an ndarray, named after the numpy that
+    wrote it (numpy 2: numpy._core, numpy 1: numpy.core)."""
+    import zipfile
+
+    import numpy as np
+
+    from emcl_nb.checkpoint import read_checkpoint, set_rng_state
+
+    for module in ("numpy._core", "numpy.core"):
+        original, path = tmp_path / "new.pt", tmp_path / f"{module}.pt"
+        torch.save({"format": "emcl-nb/1", "epoch": 1, "rng": {"numpy": np.random.get_state()}}, original)
+        with zipfile.ZipFile(original) as source, zipfile.ZipFile(path, "w") as target:
+            for item in source.infolist():
+                data = source.read(item)
+                if item.filename.endswith("data.pkl"):      # protocol 2: "c<module>\n<name>\n"
+                    data = data.replace(b"numpy._core.multiarray\n", f"{module}.multiarray\n".encode())
+                target.writestr(item, data)
+        state = read_checkpoint(path)
+        assert state["epoch"] == 1
+        set_rng_state({**state["rng"], "python": __import__("random").getstate(),
+                       "torch": torch.get_rng_state()})
+
+
+def test_dropped_statement_counts_queries_and_uncaptioned_videos_apart():
+    from emcl_nb.data.annotations import MISSING_VIDEO, NO_CAPTIONS
+
+    result = {"n_texts": 16, "dropped_queries": {MISSING_VIDEO: 1, NO_CAPTIONS: 2}}
+    statement = evaluate.dropped_statement(result, "test")
+    assert statement.startswith("16 of 17 test queries scored; 1 dropped (1 no video file")
+    assert statement.endswith("; 2 listed video(s) without captions left out")
+    assert evaluate.dropped_statement({"n_texts": 5}, "test") == "all 5 test queries scored, none dropped"
+
+
+def test_a_reference_row_from_an_older_history_still_reports(params):
+    """history.json written before dropped_queries existed: the report is still written."""
+    result = {"t2v": {"R1": 50.0}, "v2t": {"R1": 40.0}, "n_texts": 4, "n_videos": 4,
+              "chance_R1": 25.0, "protocol": "single sentence", "dropped_queries": {}}
+    old = {key: value for key, value in result.items() if key != "dropped_queries"}
+    text = evaluate._report_markdown(params, "test", {"last": result, "reference protocol": old}, "")
+    assert "all 4 test queries scored" in text

@@ -51,6 +51,13 @@ def test_sweep_removes_only_hidden_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
 
 
+def test_sweep_can_keep_to_the_temporaries_of_named_files(tmp_path):
+    (tmp_path / ".history.json.abc123.tmp").write_text("stale")
+    (tmp_path / ".metrics.json.def456.tmp").write_text("another process is writing it")
+    assert [p.name for p in sweep_temp_files(tmp_path, ("history.json",))] == [".history.json.abc123.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == [".metrics.json.def456.tmp"]
+
+
 def test_the_lock_keeps_out_another_process_and_names_the_holder(tmp_path):
     probe = ("import sys; from emcl_nb.io import folder_lock, FolderBusyError\n"
              "try:\n    folder_lock(sys.argv[1]).__enter__()\n"

@@ -47,7 +47,7 @@ def test_wrong_type_and_wrong_choice_are_errors():
 
 
 @pytest.mark.parametrize("setting, rule", [
-    ("lr=-1", "lr.*at least 0"), ("grad_clip=-1", "grad_clip.*at least 0"),
+    ("lr=-1", "lr.*at least 0"), ("grad_clip=-1", "grad_clip.*at least 0"), ("coef_lr=-1", "coef_lr"),
     ("warmup_proportion=5", r"warmup_proportion.*\[0, 1\)"), ("warmup_proportion=1", r"\[0, 1\)"),
     ("max_frames=0", "max_frames.*at least 1"), ("run=../../x", "run.*single folder name"),
     ("run=a/b", "single folder name"), ("run=..", "single folder name"), ("run=", "single folder name"),

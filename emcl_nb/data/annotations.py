@@ -234,11 +234,19 @@ def _msrvtt(files: list[Path], split: str):
     return records, [v for v in listed if v not in with_captions]
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only: a downloaded caption file cannot
+    run code (any class or function it names is refused)."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; a caption file holds plain data only")
+
+
 def _msvd(files: list[Path], split: str):
     listed = _read_id_list(files[0])
     try:
         with open(files[1], "rb") as f:
-            captions = pickle.load(f)
+            captions = _PlainDataUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError) as error:
         raise AnnotationError(f"{files[1]}: cannot be unpickled ({type(error).__name__}: {error}); "
                               f"the file is truncated or damaged: download it again") from None

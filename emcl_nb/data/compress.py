@@ -8,10 +8,10 @@ every ffmpeg failure is listed with its reason (nothing is copied in its place) 
 exit status is non-zero when any failed. Non-square pixels are made square first (a
 720x576 PAL frame with sample aspect 16:15 becomes 768x576, then 280x224).
 
-ffmpeg's exit status is not trusted: each output is decoded before it is renamed into
-place, and must hold video frames covering the input's duration (a truncated input
-encodes "successfully" with part of it). A failed check is a listed failure, so a re-run
-redoes it; ffmpeg's warnings about damaged input are listed too. Outputs appear
+ffmpeg's exit status is not trusted: before each output is renamed into place, its video
+stream must hold frames covering the input's duration and its last frame must decode (a
+truncated input encodes "successfully" with part of it). A failed check is a listed
+failure, so a re-run redoes it; ffmpeg's warnings about damaged input are listed too. Outputs appear
 atomically, so re-running after an interruption skips the finished files and redoes the
 rest.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..progress import progress_bar
 from .ffmpeg import FFmpegError, encode_mp4, remove_partials
-from .video import VideoReadError, video_info
+from .video import VideoReadError, read_frames, video_info
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp",
                               ".flv", ".mpg", ".mpeg", ".wmv", ".ogv"})
@@ -95,12 +95,16 @@ def video_duration(path: Path) -> float | None:
 
 
 def output_problem(source: Path, output: Path) -> str | None:
-    """Why the encoded `output` does not stand for `source`, or None: it must decode to
-    video frames, as many as the input's duration gives at TARGET_FPS."""
+    """Why the encoded `output` does not stand for `source`, or None: its video stream must
+    hold as many frames as the input's duration gives at TARGET_FPS (counted from the
+    stream header), and its last frame must decode."""
     duration = video_duration(source)
     lasting = f"the input lasts {duration:.2f} s" if duration is not None else "input duration unknown"
     try:
-        frames, _ = video_info(output, backend="av")
+        frames, _ = video_info(output, backend="av")                    # from the stream header
+        if frames < 1:
+            return f"the output holds no video frames ({lasting})"
+        read_frames(output, [frames - 1], backend="av")                  # decodes to its end
     except VideoReadError as error:
         return f"the output has no usable video ({error.reason}; {lasting})"
     if duration is None:

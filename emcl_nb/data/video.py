@@ -14,7 +14,9 @@ never held at full size; the transforms then resize (antialiased) as for any vid
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,17 @@ def decode_size(width: int, height: int, short_side: int | None) -> tuple[int, i
 
 
 def _stored_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of the first video stream from the container header (no decoding)."""
+    """(width, height) of the first video stream from the container header (no decoding);
+    probed once per file version in each process, not on every clip."""
+    try:
+        stat = os.stat(path)
+    except OSError:                         # the decoder reports a missing file itself
+        return None
+    return _probed_size(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _probed_size(path: str, mtime_ns: int, size: int) -> tuple[int, int] | None:
     import av
     try:
         with av.open(str(path)) as container:
