@@ -222,7 +222,7 @@ def plot_frame_weights(block: EMBlock, frames: np.ndarray | None = None, *, text
         if frames is not None:
             strip = np.concatenate(list(frames[b]), axis=1)              # [H, T*W, 3]
             thumbs = fig.add_subplot(grid[2 * i])
-            thumbs.imshow(strip, extent=(-0.5, T - 0.5, 0, 1), aspect="auto")
+            thumbs.imshow(strip, extent=(-0.5, T - 0.5, 0, 1), aspect="auto", interpolation="nearest")
             thumbs.set_axis_off()
         ax = fig.add_subplot(grid[2 * i + 1 if frames is not None else i])
         weights = block.w[text, b].numpy()

@@ -69,7 +69,7 @@ def test_every_notebook_wrote_its_results(run_dir):
     rows = json.loads((run_dir / "ablations.json").read_text())
     assert {row["kind"] for row in rows} == {"scoring", "trained"}
     assert all(0.0 <= row["t2v_R1"] <= 100.0 for row in rows)
-    figures = sorted((run_dir / "figures").glob("*.png"))
+    figures = sorted((run_dir / "figures").glob("*.*"))
     names = {path.stem for path in figures}
     assert {"01_sampled_frames", "02_training", "03_recall_at_k", "03_top5", "04_ablations",
             "em_responsibilities", "em_basis_loadings", "em_frame_weights", "em_modality_gap"} <= names

@@ -111,8 +111,9 @@ def test_committed_notebooks_open_unmodified_and_show_no_test_configuration(path
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_figures_are_sized_for_reading(path):
     import base64
-    sizes = [len(base64.b64decode("".join(output["data"]["image/png"])))
-             for output in _outputs(path) if "image/png" in output.get("data", {})]
+    sizes = [len(base64.b64decode("".join(output["data"][kind])))
+             for output in _outputs(path) for kind in ("image/png", "image/jpeg")
+             if kind in output.get("data", {})]
     assert all(size <= 150_000 for size in sizes), sizes
     assert path.stat().st_size <= 2_000_000
 
