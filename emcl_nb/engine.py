@@ -88,19 +88,75 @@ def param_groups(model: nn.Module, params: Params) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, params), betas=(0.9, 0.98), eps=1e-6)
+class BertAdam(torch.optim.Optimizer):
+    """The reference's optimiser (BertAdam): Adam without bias correction.
+
+    Per update and tensor: the gradient is clipped to norm `max_grad_norm` (after the global
+    clip in the training loop), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g², the update
+    u = m / (sqrt(v) + eps) gets `weight_decay * p` added, and p -= lr * u. The group's
+    "lr" is the scheduled rate (engine.build_optimizer drives it with `warmup_cosine`).
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      max_grad_norm=max_grad_norm))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6)
+                    grad = grad * (group["max_grad_norm"] / (grad.norm() + 1e-6)).clamp(max=1.0)
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+                if group["weight_decay"] > 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, params: Params, total_steps: int):
+    """(optimizer, scheduler) of the run: `optimizer.step(); scheduler.step()` once per update.
+
+    bertadam: the reference update (BertAdam above; its per-tensor clip is params.grad_clip,
+    1.0 as in the reference). adamw: torch's AdamW (bias-corrected, decoupled decay).
+    Both: betas (0.9, 0.98), eps 1e-6, the groups of `param_groups` and the reference
+    schedule `warmup_cosine` over `total_steps` updates.
+    """
+    groups = param_groups(model, params)
+    if params.optimizer == "bertadam":
+        optimizer = BertAdam(groups, lr=params.lr, max_grad_norm=params.grad_clip)
+    else:
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
+    return optimizer, scheduler
 
 
 def warmup_cosine(total_steps: int, warmup_proportion: float) -> Callable[[int], float]:
-    """Linear warm-up over the first `warmup_proportion` of steps, then cosine decay to 0."""
-    warmup = max(1, int(total_steps * warmup_proportion))
+    """The reference schedule: lr factor of update `step` (0 = the first update).
 
+    With progress x = step / total_steps: x / warmup_proportion during warm-up, then
+    0.5 (1 + cos(pi x)), the cosine of the whole run (not restarted after warm-up). The
+    first update has lr 0.
+    """
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        x = step / total_steps
+        if x < warmup_proportion:
+            return x / warmup_proportion
+        return 0.5 * (1.0 + math.cos(math.pi * x))
     return factor
 
 
@@ -205,14 +261,33 @@ def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELD
             f"(or train with --no-resume) to start over.")
 
 
+def _reference_step(reference, model, params: Params, selection: dict, path: Path,
+                    epoch: int, step: int) -> None:
+    """One evaluation of the reference's selection; saves the model when it is the best so far
+    (ties go to the later step, as the reference's `best_score <= R1`)."""
+    model.eval()
+    r1 = reference(unwrap(model))["t2v"]["R1"]
+    model.train()
+    record = {"step": step, "epoch": epoch + 1, "t2v_R1": r1}
+    selection["evaluations"].append(record)
+    if selection["best"] is None or r1 >= selection["best"]["t2v_R1"]:
+        selection["best"] = record
+        save_checkpoint(path, model=unwrap(model), epoch=epoch, step=step,
+                        params=params.to_dict(), metrics={"reference": record})
+
+
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
-        resume: bool = True, on_log: Callable[[list], None] | None = None,
+        reference: Callable[[nn.Module], dict] | None = None, resume: bool = True,
+        on_log: Callable[[list], None] | None = None,
         on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
     """Train `params.epochs` epochs on `train_set` (a dataset of batch dicts).
 
-    `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}, "test": ...}` runs after each
-    epoch on rank 0; the best epoch by validation (never test) text-to-video R@1 is kept
-    as `best.pt`. With `resume`, an existing `last.pt` in the run folder is continued.
+    `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}}` runs after each epoch on rank 0;
+    the best epoch by validation (never test) text-to-video R@1 is kept as `best.pt`.
+    `reference(model) -> metrics` of params.reference_split, with params.reference_selection:
+    the reference's selection, run on rank 0 after update 1 and every
+    params.reference_interval updates; the best (ties: the later) is kept as `reference.pt`
+    and the scores in `reference.json`. With `resume`, an existing `last.pt` is continued.
     """
     from emcl_nb.data.dataset import build_loader
     from emcl_nb.model import build_model
@@ -226,19 +301,21 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
     out_dir = params.out_dir
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, log_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "log.jsonl"
+    reference_path = ckpt_dir / "reference.pt"
+    reference_every = params.reference_interval if params.reference_selection else 0
 
     seed_everything(params.seed)
     model = build_model(params).to(device)
     loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * params.epochs
-    optimizer = build_optimizer(model, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
+    optimizer, scheduler = build_optimizer(model, params, total_steps)
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_epoch, step, history, best_score = 0, 0, [], -math.inf
+    selection = {"split": params.reference_split, "every": reference_every, "evaluations": [],
+                 "best": None}
     if resume and last_path.exists():
         state = read_checkpoint(last_path)
         check_resumable(params, state["params"], last_path)
@@ -250,13 +327,14 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         start_epoch, step = state["epoch"], state["step"]
         history = state["metrics"].get("history", [])
         best_score = state["metrics"].get("best_score", -math.inf)
+        selection = state["metrics"].get("reference", selection)
         if env.is_main:
             print(f"[emcl_nb] resuming {last_path} after epoch {start_epoch} (step {step})")
             _truncate_log(log_path, step)
     elif env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():
-            log_path.unlink()
+        for stale in (log_path, reference_path, out_dir / "reference.json"):   # of an earlier run
+            stale.unlink(missing_ok=True)
         save_params(params, out_dir / "params.yaml")
 
     if env.world_size > 1:
@@ -293,6 +371,10 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
             unwrap(model).clamp_logit_scale()
             step_log.add(step, epoch, loss, lrs)
             step += 1
+            if reference_every and (step == 1 or step % reference_every == 0):
+                if reference is not None and env.is_main:
+                    _reference_step(reference, model, params, selection, reference_path, epoch, step)
+                distributed.barrier()
             if not step_log.pending and env.is_main:     # just flushed: shows the logged value
                 bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
         step_log.flush()
@@ -308,7 +390,7 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
             best_score = record["val"]["t2v"]["R1"]
         history.append(record)
         if env.is_main:
-            metrics = {"history": history, "best_score": best_score}
+            metrics = {"history": history, "best_score": best_score, "reference": selection}
             save_checkpoint(last_path, model=unwrap(model), optimizer=optimizer,
                             scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
                             params=params.to_dict(), metrics=metrics)
@@ -316,6 +398,8 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
                 save_checkpoint(best_path, model=unwrap(model), epoch=epoch + 1, step=step,
                                 params=params.to_dict(), metrics=metrics)
             atomic_write_json(out_dir / "history.json", history)
+            if reference_every:
+                atomic_write_json(out_dir / "reference.json", selection)
             print(f"[emcl_nb] epoch {epoch + 1}/{params.epochs}: loss {last_loss:.4f}"
                   + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))
         distributed.barrier()
