@@ -220,12 +220,15 @@ def _activity(files: list[Path], split: str):
 
 
 def _didemo(files: list[Path], split: str):
+    """Videos in the order of their first entry in <split>_data.json, as the reference
+    iterates them (the order decides the evaluation blocks)."""
     listed = _read_id_list(files[0])
+    wanted = set(listed)
     descriptions: dict[str, list[str]] = {}
     for entry in _read_json(files[1], list):
-        descriptions.setdefault(entry["video"], []).append(entry["description"].strip())
-    records = [Sample(" ".join(descriptions[v]), v, *DIDEMO_SEGMENT)
-               for v in listed if v in descriptions]
+        if entry["video"] in wanted:
+            descriptions.setdefault(entry["video"], []).append(entry["description"].strip())
+    records = [Sample(" ".join(texts), v, *DIDEMO_SEGMENT) for v, texts in descriptions.items()]
     return records, [v for v in listed if v not in descriptions]
 
 
