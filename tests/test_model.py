@@ -30,9 +30,9 @@ def scores(model, batch, emcl="model"):
         return model.score(t, f, batch["frame_mask"], emcl=model.emcl if emcl == "model" else emcl)
 
 
-@pytest.mark.parametrize("agg", AGGS)
-def test_shapes_loss_and_gradients(make_model, make_batch, agg):
-    model = make_model(agg_module=agg).train()
+@pytest.mark.parametrize("agg, pooling", [(agg, "text") for agg in AGGS] + [("seqTransf", "mean")])
+def test_shapes_loss_and_gradients(make_model, make_batch, agg, pooling):
+    model = make_model(agg_module=agg, pooling=pooling).train()
     batch = make_batch(4, valid_frames=[4, 3, 2, 1])
     t = model.encode_text(batch["text_ids"], batch["text_mask"])
     f = model.encode_video(batch["video"], batch["frame_mask"])
