@@ -95,13 +95,14 @@ def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list
     EMCL-Net (the reference recipe) comes first, at the same budget: the main run when the
     budgets agree, else its own run. Each model trained without EMCL is also scored with
     EMCL as an inference-only module (method.md §7): with mean pooling that is the reference
-    inference module, with text pooling our extension (row value "<suffix>+inference")."""
+    inference module, with text pooling our extension (row value "<suffix>+inference").
+    Only the last checkpoints are scored, so the variants skip the reference selection."""
     epochs = params.ablation_epochs or params.epochs
     rows = []
     for suffix, (label, changes) in {**REFERENCE_VARIANT, **variants}.items():
         own_run = changes or epochs != params.epochs
         variant = params.replace(run=f"{params.run}-{suffix}" if own_run else params.run,
-                                 epochs=epochs, **changes)
+                                 epochs=epochs, reference_selection=False, **changes)
         model, run_params, features = _load_run(variant)
         rows.append(_row("trained", f"{label} ({epochs} epochs)", suffix,
                          measure(features, model, run_params)))

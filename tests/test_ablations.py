@@ -19,9 +19,10 @@ def fake_training(monkeypatch) -> list[Params]:
 
 def test_baselines_are_trained_at_the_ablation_budget_and_tabled_in_order(monkeypatch):
     loaded = fake_training(monkeypatch)
-    rows = ablations.trained_ablations(Params(run="r", epochs=12, ablation_epochs=2))
+    rows = ablations.trained_ablations(Params(run="r", epochs=12, ablation_epochs=2,
+                                              reference_selection=True))
     runs = {variant.run: variant for variant in loaded}
-    assert all(variant.epochs == 2 for variant in loaded)
+    assert all(variant.epochs == 2 and not variant.reference_selection for variant in loaded)
     assert (runs["r-meanp"].pooling, runs["r-meanp"].agg_module, runs["r-meanp"].emcl) == ("mean", "None", "off")
     assert (runs["r-emcl-off"].pooling, runs["r-emcl-off"].emcl) == ("text", "off")
     assert runs["r-reference"].emcl == "on"                  # EMCL-Net at the same budget
