@@ -63,7 +63,7 @@ def main() -> None:
         "tiny", params.clip_cache, tiny_width=params.tiny_width, tiny_layers=params.tiny_layers,
         tiny_patch=params.tiny_patch, image_size=params.image_size)
     model = EMCLNet(clip_model, params).to(device).train()
-    optimizer = build_optimizer(model, params)
+    optimizer, _ = build_optimizer(model, params, args.warmup + args.steps)   # timing only: lr stays 0
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batch = random_batch(params, device)

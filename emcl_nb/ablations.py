@@ -2,10 +2,13 @@
 
 Settings that only change the scoring (number of bases, EM iterations, λ, β, block size,
 the basis initialisation) re-score the cached test features of the run's trained model.
-Settings that change training (EMCL off, the non-collapsing bases, momentum) train their
-own run beside it (`<run>-<name>`; a finished run is reused if it was trained on the same
-data with the same recipe, train.ensure_trained). EMCL as an inference-only
-module is scored on the model trained without EMCL.
+Settings that change training (the baselines, the non-collapsing bases, momentum) train
+their own run beside it (`<run>-<name>`; a finished run is reused if it was trained on the
+same data with the same recipe, train.ensure_trained), at `ablation_epochs` each, with
+EMCL-Net itself trained at the same budget. EMCL as an inference-only module is scored on
+each model trained without EMCL. `baseline_table` compares, on the same data and budget,
+CLIP4Clip meanP, meanP + EMCL at inference (the reference inference module), text pooling
+without EMCL, and EMCL-Net.
 """
 from __future__ import annotations
 
@@ -25,8 +28,11 @@ SCORING_GRID = {
     "emcl_init": ("reference", "distinct"),
 }
 # Trained variants: run-name suffix -> (label, parameter changes).
+REFERENCE_VARIANT = {"reference": ("EMCL-Net (the reference recipe)", {})}
 TRAINED_VARIANTS = {
-    "emcl-off": ("EMCL off (CLIP4Clip-style baseline)", {"emcl": "off"}),
+    "meanp": ("CLIP4Clip meanP (mean pooling, no temporal module, no EMCL)",
+              {"pooling": "mean", "agg_module": "None", "emcl": "off"}),
+    "emcl-off": ("text pooling, no EMCL", {"emcl": "off"}),
     "distinct": ("EMCL, distinct (non-collapsing) bases", {"emcl_init": "distinct"}),
     "momentum-0.5": ("EMCL, momentum 0.5", {"emcl_momentum": 0.5}),
 }
@@ -80,24 +86,40 @@ def scoring_ablations(params: Params, grid: dict = SCORING_GRID) -> list[dict]:
     return rows
 
 
+# The rows of `baseline_table`, in order (values of the trained rows).
+BASELINES = ("meanp", "meanp+inference", "emcl-off", "reference")
+
+
 def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list[dict]:
-    """Train each variant as its own run (`ablation_epochs` each) and score its test split; the
-    EMCL-off model is also scored with EMCL as an inference-only module (method.md §7). With
-    a budget other than the main run's, the reference recipe is trained on it too, so that
-    every trained row is compared at the same budget."""
+    """Train each variant as its own run (`ablation_epochs` each) and score its test split.
+    EMCL-Net (the reference recipe) comes first, at the same budget: the main run when the
+    budgets agree, else its own run. Each model trained without EMCL is also scored with
+    EMCL as an inference-only module (method.md §7): with mean pooling that is the reference
+    inference module, with text pooling our extension (row value "<suffix>+inference").
+    Only the last checkpoints are scored, so the variants skip the reference selection."""
     epochs = params.ablation_epochs or params.epochs
-    if epochs != params.epochs:
-        variants = {"reference": ("EMCL, reference recipe", {}), **variants}
     rows = []
-    for suffix, (label, changes) in variants.items():
-        variant = params.replace(run=f"{params.run}-{suffix}", epochs=epochs, **changes)
+    for suffix, (label, changes) in {**REFERENCE_VARIANT, **variants}.items():
+        own_run = changes or epochs != params.epochs
+        variant = params.replace(run=f"{params.run}-{suffix}" if own_run else params.run,
+                                 epochs=epochs, reference_selection=False, **changes)
         model, run_params, features = _load_run(variant)
-        label = f"{label} ({epochs} epochs)"
-        rows.append(_row("trained", label, suffix, measure(features, model, run_params)))
+        rows.append(_row("trained", f"{label} ({epochs} epochs)", suffix,
+                         measure(features, model, run_params)))
         if run_params.emcl == "off":
-            rows.append(_row("trained", "EMCL off + EMCL at inference only", "inference",
+            pooled = ("meanP + EMCL at inference (the reference inference module)"
+                      if run_params.pooling == "mean" else
+                      "text pooling + EMCL at inference (A·V rows per block, our extension)")
+            rows.append(_row("trained", f"{pooled} ({epochs} epochs)", f"{suffix}+inference",
                              measure(features, model, run_params, "inference")))
     return rows
+
+
+def baseline_table(rows: list[dict]) -> str:
+    """The baselines on the same data and budget (notebook 04): CLIP4Clip meanP, meanP +
+    EMCL at inference, text pooling without EMCL, EMCL-Net; from `trained_ablations` rows."""
+    by_value = {row["value"]: row for row in rows if row["kind"] == "trained"}
+    return ablation_table([by_value[value] for value in BASELINES if value in by_value])
 
 
 def ablation_table(rows: list[dict]) -> str:

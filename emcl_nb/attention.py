@@ -29,25 +29,26 @@ from matplotlib.figure import Figure
 
 from emcl_nb.emcl import effective_rank
 from emcl_nb import viz
-from emcl_nb.model import block_logits, pool_frames
+from emcl_nb.model import block_logits, pool
 
 TEXT_COLOUR, VIDEO_COLOUR = "tab:orange", "tab:blue"
 
 
 @dataclass
 class EMBlock:
-    """One block of texts x videos through pooling and EMCL (CPU tensors)."""
+    """One block of texts x videos through pooling and EMCL (CPU tensors). With mean pooling
+    the video rows are one per video: [V,...] where text pooling has [A,V,...]."""
     text_indices: torch.Tensor     # [A] rows of features.text
     video_indices: torch.Tensor    # [V] rows of features.video
     captions: list[str]            # [A]
     video_ids: list[str]           # [V]
     positive: torch.Tensor         # [A] column of each text's own video in the block, -1 if absent
     frame_mask: torch.Tensor       # [V,T]
-    w: torch.Tensor                # [A,V,T] frame weights (softmax over T, then masked)
+    w: torch.Tensor                # [A,V,T] frame weights (text: softmax over T, then masked; mean: 1/valid)
     z: torch.Tensor                # [D,K] responsibilities
     mu_video: torch.Tensor         # [A,V,K] bases, rows of the pooled videos
     mu_text: torch.Tensor          # [A,K] bases, rows of the texts
-    recon: torch.Tensor            # [N,D] reconstruction R (X' = X + beta R), N = A*V + A
+    recon: torch.Tensor            # [N,D] reconstruction R (X' = X + beta R), N = A*V + A (mean: V + A)
     text_before: torch.Tensor      # [A,D] L2-normalised text embeddings entering EMCL
     video_before: torch.Tensor     # [A,V,D] L2-normalised pooled videos entering EMCL
     text_after: torch.Tensor       # [A,D] L2-normalised texts after EMCL
@@ -88,7 +89,8 @@ def em_block(model, features, text_indices, video_indices=None, *,
     emcl_mode "on" (the trained module) or "inference" (method.md §7). Default: the model's
     own mode; a model trained with EMCL off gets the inference-only module. A `scoring`
     set up by the caller (with EMCL) is used as it is.
-    The result depends on the block (N = A*V + A rows), as the evaluation scores do."""
+    The result depends on the block (N = A*V + A rows; V + A with mean pooling), as the
+    evaluation scores do."""
     from emcl_nb.evaluate import note, scoring_setup
 
     if scoring is not None and emcl_mode is not None:
@@ -113,17 +115,19 @@ def em_block(model, features, text_indices, video_indices=None, *,
     mask = features.frame_mask[vi].to(device)                            # [V, T]
     A, V, D = len(ti), len(vi), t.shape[-1]
 
-    v, w = pool_frames(t, f, mask, model.temp)                           # [A, V, D], [A, V, T]
+    v, w = pool(t, f, mask, model.pooling, model.temp)                   # [(A,) V, D], [(A,) V, T]
     sim = block_logits(t, v, emcl, normalize)                            # [A, V]; sets emcl.last
     state = emcl.last
     sim_plain = block_logits(t, v, None)                                 # [A, V]
     if normalize == "before":
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
-    x = torch.cat([v.reshape(A * V, D), t])                              # [N, D] the EMCL input
+    video_rows = v.reshape(-1, D)                                        # [A*V or V, D]
+    n = video_rows.shape[0]
+    x = torch.cat([video_rows, t])                                       # [N, D] the EMCL input
     x_after = x + emcl.beta * state.recon                                # [N, D]
 
-    def split(rows):  # [N, ...] -> video rows [A, V, ...], text rows [A, ...]
-        return rows[:A * V].reshape(A, V, *rows.shape[1:]).cpu(), rows[A * V:].cpu()
+    def split(rows):  # [N, ...] -> video rows [(A,) V, ...], text rows [A, ...]
+        return rows[:n].reshape(*v.shape[:-1], *rows.shape[1:]).cpu(), rows[n:].cpu()
 
     mu_video, mu_text = split(state.mu)
     video_before, text_before = split(F.normalize(x, dim=-1))
@@ -133,7 +137,7 @@ def em_block(model, features, text_indices, video_indices=None, *,
     return EMBlock(
         text_indices=ti, video_indices=vi, captions=[features.captions[i] for i in ti],
         video_ids=[features.video_ids[i] for i in vi], positive=positive,
-        frame_mask=mask.cpu(), w=w.float().cpu(), z=state.z.cpu(), mu_video=mu_video,
+        frame_mask=mask.cpu(), w=w.expand(A, V, -1).float().cpu(), z=state.z.cpu(), mu_video=mu_video,
         mu_text=mu_text, recon=state.recon.cpu(), text_before=text_before,
         video_before=video_before, text_after=text_after, video_after=video_after,
         sim=sim.float().cpu(), sim_plain=sim_plain.float().cpu(),

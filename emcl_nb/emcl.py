@@ -36,9 +36,11 @@ def normalize_columns(a: torch.Tensor) -> torch.Tensor:
 
 
 def reference_basis_init(num_bases: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The reference's initial values m [1,K]: N(0, sqrt(2/K)) divided entrywise by
-    (1e-6 + |entry|) (the reference normalises over a singleton axis), i.e. ±1."""
-    m = torch.randn(1, num_bases, generator=generator) * math.sqrt(2.0 / num_bases)
+    """The reference's initial values m [1,K]: one draw of N(0, sqrt(2/K)) (the same call
+    as the reference, so a generator seeded with s gives its values after seeding with s),
+    divided entrywise by (1e-6 + |entry|) (the reference normalises over a singleton axis),
+    i.e. ±1."""
+    m = torch.empty(1, num_bases).normal_(0.0, math.sqrt(2.0 / num_bases), generator=generator)
     return m / (EPS + m.norm(dim=0, keepdim=True))   # [1, K]
 
 

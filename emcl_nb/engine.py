@@ -28,7 +28,7 @@ from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relativ
 from emcl_nb.progress import progress_bar
 
 # What training writes in the run folder besides checkpoints/ (evaluation writes there too).
-TRAINING_FILES = ("params.yaml", "history.json", "log.jsonl")
+TRAINING_FILES = ("params.yaml", "history.json", "log.jsonl", "reference.json")
 
 # Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
 COLLAPSE_GAP = 25.0
@@ -96,19 +96,84 @@ def param_groups(model: nn.Module, params: Params) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, params), betas=(0.9, 0.98), eps=1e-6)
+class BertAdam(torch.optim.Optimizer):
+    """The reference's optimiser (BertAdam): Adam without bias correction.
+
+    Per update and tensor: the gradient is clipped to norm `max_grad_norm` (after the global
+    clip in the training loop), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g², the update
+    u = m / (sqrt(v) + eps) gets `weight_decay * p` added, and p -= lr * u. The group's
+    "lr" is the scheduled rate (engine.build_optimizer drives it with `warmup_cosine`).
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      max_grad_norm=max_grad_norm))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6)
+                norms = torch._foreach_norm(grads)
+                torch._foreach_add_(norms, 1e-6)
+                scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
+                torch._foreach_clamp_max_(scales, 1.0)
+                grads = torch._foreach_mul(grads, scales)
+            exp_avg = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+            beta1, beta2 = group["betas"]
+            torch._foreach_mul_(exp_avg, beta1)
+            torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(exp_avg, denom)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, params: Params, total_steps: int):
+    """(optimizer, scheduler) of the run: `optimizer.step(); scheduler.step()` once per update.
+
+    bertadam: the reference update (BertAdam above; its per-tensor clip is params.grad_clip,
+    1.0 as in the reference). adamw: torch's AdamW (bias-corrected, decoupled decay).
+    Both: betas (0.9, 0.98), eps 1e-6, the groups of `param_groups` and the reference
+    schedule `warmup_cosine` over `total_steps` updates.
+    """
+    groups = param_groups(model, params)
+    if params.optimizer == "bertadam":
+        optimizer = BertAdam(groups, lr=params.lr, max_grad_norm=params.grad_clip)
+    else:
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
+    return optimizer, scheduler
 
 
 def warmup_cosine(total_steps: int, warmup_proportion: float) -> Callable[[int], float]:
-    """Linear warm-up over the first `warmup_proportion` of steps, then cosine decay to 0."""
-    warmup = max(1, int(total_steps * warmup_proportion))
+    """The reference schedule: lr factor of update `step` (0 = the first update).
 
+    With progress x = step / total_steps: x / warmup_proportion during warm-up, then
+    0.5 (1 + cos(pi x)), the cosine of the whole run (not restarted after warm-up). The
+    first update has lr 0.
+    """
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        x = step / total_steps
+        if x < warmup_proportion:
+            return x / warmup_proportion
+        return 0.5 * (1.0 + math.cos(math.pi * x))
     return factor
 
 
@@ -240,24 +305,44 @@ def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELD
             f"(or train with --no-resume) to start over.")
 
 
+def _reference_step(reference, model, params: Params, selection: dict, path: Path,
+                    epoch: int, step: int) -> None:
+    """One evaluation of the reference's selection; saves the model when it is the best so far
+    (ties go to the later step, as the reference's `best_score <= R1`)."""
+    model.eval()
+    r1 = reference(unwrap(model))["t2v"]["R1"]
+    model.train()
+    record = {"step": step, "epoch": epoch + 1, "t2v_R1": r1}
+    selection["evaluations"].append(record)
+    if selection["best"] is None or r1 >= selection["best"]["t2v_R1"]:
+        selection["best"] = record
+        save_checkpoint(path, model=unwrap(model), epoch=epoch, step=step,
+                        params=params.to_dict(), metrics={"reference": record})
+
+
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
-        resume: bool = True, on_log: Callable[[list], None] | None = None,
+        reference: Callable[[nn.Module], dict] | None = None, resume: bool = True,
+        on_log: Callable[[list], None] | None = None,
         on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
     """Train `params.epochs` epochs on `train_set` (a dataset of batch dicts).
 
-    `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}, "test": ...}` runs after each
-    epoch on rank 0; the best epoch by validation (never test) text-to-video R@1 is kept
-    as `best.pt`, written before `last.pt` so that every resume point has its best. With
-    `resume`, an existing `last.pt` in the run folder is continued. Rank 0 holds the run
-    folder's lock throughout: a second run into the same folder fails at once.
+    `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}}` runs after each epoch on rank 0;
+    the best epoch by validation (never test) text-to-video R@1 is kept as `best.pt`,
+    written before `last.pt` so that every resume point has its best.
+    `reference(model) -> metrics` of params.reference_split, with params.reference_selection:
+    the reference's selection, run on rank 0 after update 1 and every
+    params.reference_interval updates; the best (ties: the later) is kept as `reference.pt`
+    and the scores in `reference.json`. With `resume`, an existing `last.pt` is continued.
+    Rank 0 holds the run folder's lock throughout: a second run into it fails at once.
     """
     env = distributed.env_from_torchrun()
     check_setup(params, len(train_set), env.world_size)
     with folder_lock(params.out_dir) if env.is_main else contextlib.nullcontext():
-        return _fit(params, train_set, env, validate, resume, on_log, on_epoch_end)
+        return _fit(params, train_set, env, validate, reference, resume, on_log, on_epoch_end)
 
 
-def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end) -> FitResult:
+def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
+         on_epoch_end) -> FitResult:
     """`fit` once the run folder is locked."""
     from emcl_nb.data.dataset import build_loader
     from emcl_nb.model import build_model
@@ -269,6 +354,8 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
     out_dir = params.out_dir
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, log_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "log.jsonl"
+    reference_path = ckpt_dir / "reference.pt"
+    reference_every = params.reference_interval if params.reference_selection else 0
     if env.is_main:
         for stale in sweep_temp_files(out_dir, TRAINING_FILES) + sweep_temp_files(ckpt_dir):
             print(f"[emcl_nb] removed {repo_relative(stale)}, left by a write that was killed")
@@ -278,13 +365,13 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
     loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * params.epochs
-    optimizer = build_optimizer(model, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
+    optimizer, scheduler = build_optimizer(model, params, total_steps)
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_epoch, step, history, best_score, collapse_warned = 0, 0, [], -math.inf, False
+    selection = {"split": params.reference_split, "every": reference_every, "evaluations": [],
+                 "best": None}
     if resume and last_path.exists():
         state = read_checkpoint(last_path)
         check_resumable(params, state["params"], last_path)
@@ -296,6 +383,7 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
         start_epoch, step = state["epoch"], state["step"]
         history = state["metrics"].get("history", [])
         best_score = state["metrics"].get("best_score", -math.inf)
+        selection = state["metrics"].get("reference", selection)
         if env.is_main:
             _truncate_log(log_path, step)
             atomic_write_json(out_dir / "history.json", history)   # killed before it was written
@@ -307,8 +395,8 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
                       f"(step {step} of {total_steps})")
     elif env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():
-            log_path.unlink()
+        for stale in (log_path, reference_path, out_dir / "reference.json"):   # of an earlier run
+            stale.unlink(missing_ok=True)
         save_params(params, out_dir / "params.yaml")
 
     if env.world_size > 1:
@@ -345,6 +433,10 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
             unwrap(model).clamp_logit_scale()
             step_log.add(step, epoch, loss, lrs)
             step += 1
+            if reference_every and (step == 1 or step % reference_every == 0):
+                if reference is not None and env.is_main:
+                    _reference_step(reference, model, params, selection, reference_path, epoch, step)
+                distributed.barrier()
             if not step_log.pending and env.is_main:     # just flushed: shows the logged value
                 bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
         step_log.flush()
@@ -365,7 +457,7 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
             best_score = record["val"]["t2v"]["R1"]
         history.append(record)
         if env.is_main:
-            metrics = {"history": history, "best_score": best_score}
+            metrics = {"history": history, "best_score": best_score, "reference": selection}
             # best first: a run killed in between resumes before this epoch and redoes it
             if improved:
                 save_checkpoint(best_path, model=unwrap(model), epoch=epoch + 1, step=step,
@@ -374,6 +466,8 @@ def _fit(params: Params, train_set, env, validate, resume, on_log, on_epoch_end)
                             scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
                             params=params.to_dict(), metrics=metrics)
             atomic_write_json(out_dir / "history.json", history)
+            if reference_every:
+                atomic_write_json(out_dir / "reference.json", selection)
             print(f"[emcl_nb] epoch {epoch + 1}/{params.epochs}: loss {last_loss:.4f}"
                   + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))
         distributed.barrier()

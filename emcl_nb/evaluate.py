@@ -14,9 +14,10 @@
    (evaluation.md, reference-defects.md #3) and one of three EMCL modes: "on" (the model's
    trained module, or a fresh one when K / stages / λ / β / init are overridden), "off"
    (pooling + cosine), "inference" (EMCL applied at test time only, method.md §7).
-4. `evaluate_model` / `make_validator` / `evaluate_run`: plain and DSL metrics, the
-   per-epoch validation used by the training engine, and the final report
-   (`out_dir/metrics.json`, `out_dir/metrics.md`) beside the published numbers.
+4. `evaluate_model` / `make_validator` / `make_reference_validator` / `evaluate_run`:
+   plain and DSL metrics, the per-epoch validation and the reference's step-wise selection
+   used by the training engine, and the final report (`out_dir/metrics.json`,
+   `out_dir/metrics.md`) beside the published numbers.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_
 # Params field -> EMCL attribute, for re-scoring a trained model with other EMCL settings.
 EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
                  "emcl_beta": "beta", "emcl_init": "init"}
-REFERENCE_PROTOCOL = "reference protocol (selected on test)"
+REFERENCE_PROTOCOL = "reference protocol"
 # A text whose scores over all videos span less than this scores them alike (float32 cosines).
 CONSTANT_SPREAD = 1e-5
 CACHE_VERSION = 2                # 2: Features.dropped
@@ -263,10 +264,13 @@ def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrid
     on:        the model's trained EMCL module. Overriding K / stages / λ / β / init builds a
                fresh module with those settings; it keeps the trained bases when K and init
                match, otherwise it draws initial bases from params.seed (with a note).
-    off:       text-conditioned pooling + cosine, no EMCL.
+    off:       the model's pooling + cosine, no EMCL.
     inference: EMCL as an inference-only module (method.md §7): inference_emcl_* settings,
                reference init drawn from params.seed, inference_block_size blocks, applied to
-               the L2-normalised embeddings with no renormalisation afterwards.
+               the L2-normalised embeddings with no renormalisation afterwards. With mean
+               pooling this is the reference inference module (V video + A text rows per
+               block; its logits divided by logit_scale, the same ranks); with text pooling
+               the A*V text-pooled rows (our extension).
     """
     mode = emcl_mode or params.emcl
     if mode not in CHOICES["emcl"]:
@@ -320,7 +324,8 @@ def _score(features: Features, model, scoring: Scoring) -> torch.Tensor:
     device = model.device
     sim = similarity_matrix(features.text.to(device), features.video.to(device),
                             features.frame_mask.to(device), temp=model.temp, emcl=scoring.emcl,
-                            block_size=scoring.block_size, normalize=scoring.normalize)
+                            block_size=scoring.block_size, normalize=scoring.normalize,
+                            pooling=model.pooling)
     return sim.float().cpu()                                                   # [A, V]
 
 
@@ -365,30 +370,39 @@ def evaluate_model(model, params: Params, split: str = "test", *, emcl_mode: str
     return evaluate_features(features, params, model, emcl_mode=emcl_mode, **overrides)
 
 
+def _split_scorer(params: Params, split: str) -> Callable[[torch.nn.Module], dict]:
+    """model -> metrics of `split`, encoded afresh (weights change during training; not
+    cached). The loaders are built once, so their workers and decoded clips persist."""
+    from emcl_nb.data.annotations import load_annotations
+
+    annotations = load_annotations(params, split)
+    loaders = split_loaders(annotations, params)
+    return lambda model: evaluate_features(
+        encode_split(model, params, split, annotations=annotations, loaders=loaders), params, model)
+
+
 def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
     """The per-epoch validation for `engine.fit`: {"val": metrics} when the layout has a
-    validation split that is not the test set and params.eval_every_epoch, plus
-    {"test": metrics} when params.reference_selection (the reference protocol, reported
-    as its own row). None when neither applies, and on every process but the main one
-    (`engine.fit` validates on rank 0 only). Features are not cached (weights change); the
-    loaders are built once, so their workers and decoded clips last across epochs."""
-    from emcl_nb.data.annotations import has_split, load_annotations
+    validation split that is not the test set and params.eval_every_epoch. None otherwise,
+    and on every process but the main one (`engine.fit` validates on rank 0 only)."""
+    from emcl_nb.data.annotations import has_split
     from emcl_nb.distributed import env_from_torchrun
 
-    if not env_from_torchrun().is_main:
+    if not (env_from_torchrun().is_main and params.eval_every_epoch and has_split(params, "val")):
         return None
-    splits = [split for split, wanted in (("val", params.eval_every_epoch and has_split(params, "val")),
-                                          ("test", params.reference_selection)) if wanted]
-    if not splits:
-        return None
-    annotations = {split: load_annotations(params, split) for split in splits}
-    loaders = {split: split_loaders(annotations[split], params) for split in splits}
+    scorer = _split_scorer(params, "val")
+    return lambda model: {"val": scorer(model)}
 
-    def validate(model) -> dict:
-        return {split: evaluate_features(encode_split(model, params, split, annotations=annotations[split],
-                                                      loaders=loaders[split]), params, model)
-                for split in splits}
-    return validate
+
+def make_reference_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
+    """The reference's model selection for `engine.fit` (params.reference_selection): the
+    metrics of params.reference_split (val for MSVD and LSMDC, test otherwise), scored every
+    params.reference_interval steps. None when not asked, and on every process but the main one."""
+    from emcl_nb.distributed import env_from_torchrun
+
+    if not (params.reference_selection and env_from_torchrun().is_main):
+        return None
+    return _split_scorer(params, params.reference_split)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,18 +449,15 @@ def load_split(path: str | Path, params: Params, split: str = "test") -> LoadedS
     return LoadedSplit(model, run_params, report, load_or_encode(model, run_params, split, device))
 
 
-def reference_protocol_row(out_dir: Path, split: str = "test") -> dict | None:
-    """The reference's model selection from history.json: the epoch with the best test
-    T2V R@1, the later one on ties (selection on the test set, reference-defects.md #7).
-    None without such history."""
-    path = out_dir / "history.json"
-    if split != "test" or not path.is_file():
+def reference_protocol_label(out_dir: Path) -> str | None:
+    """The row label of the run's reference-protocol checkpoint (checkpoints/reference.pt),
+    naming the split and step it was selected on; None when the run has none."""
+    path = out_dir / "reference.json"
+    if not (out_dir / "checkpoints" / "reference.pt").is_file() or not path.is_file():
         return None
-    records = [r for r in json.loads(path.read_text()) if isinstance(r.get("test"), dict)]
-    if not records:
-        return None
-    best = max(records, key=lambda r: (r["test"]["t2v"]["R1"], r["epoch"]))
-    return {**best["test"], "epoch": best["epoch"]}
+    selection = json.loads(path.read_text())
+    return (f"{REFERENCE_PROTOCOL} (selected on {selection['split']} every {selection['every']} "
+            f"steps: step {selection['best']['step']})")
 
 
 def _table_rows(results: dict) -> dict:
@@ -488,8 +499,9 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
              f"- {TIE_RULE}.",
              f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
     if any(label.startswith(REFERENCE_PROTOCOL) for label in results):
-        lines.append(f"- '{REFERENCE_PROTOCOL}': the epoch with the best test T2V R@1, as the "
-                     "reference code selects; optimistic, only for comparing with the paper.")
+        lines.append(f"- '{REFERENCE_PROTOCOL}': the checkpoint the reference code keeps (best "
+                     "T2V R@1 at step 1 and every 3 * n_display steps); selected on test for "
+                     "MSR-VTT, ActivityNet and DiDeMo, so optimistic: only for comparing with the paper.")
     for label, result in results.items():
         lines += [f"- {label}: {text}" for text in result.get("notes", [])]
         if "n_texts" in result and result.get("dropped_queries") != first.get("dropped_queries"):
@@ -498,9 +510,9 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
 
 
 def _checkpoint_path(entry: str | Path, params: Params) -> Path:
-    """out_dir/checkpoints/<entry>.pt for "best" / "last"; otherwise the path given, a
-    relative one taken from the repository root (as params paths are)."""
-    if entry in ("best", "last"):
+    """out_dir/checkpoints/<entry>.pt for "best" / "last" / "reference"; otherwise the path
+    given, a relative one taken from the repository root (as params paths are)."""
+    if entry in ("best", "last", "reference"):
         return params.out_dir / "checkpoints" / f"{entry}.pt"
     path = Path(entry).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
@@ -513,43 +525,47 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
 
     `checkpoints`: "best" / "last" (out_dir/checkpoints/<name>.pt; a missing best.pt is
     skipped) or paths (ours or reference-code files; relative ones from the repository
-    root). With history.json holding per-epoch test metrics (params.reference_selection),
-    a "reference protocol (selected on test)" row is added, but only when every evaluated
-    checkpoint is this run's own (out_dir/checkpoints): the row describes this run. `overrides`: SCORING_FIELDS,
-    see `score`.
+    root). The first row is the headline: best on validation where a validation split
+    exists, else the last epoch. When the run kept a reference-protocol checkpoint
+    (params.reference_selection), it is scored too, as the labelled row
+    "reference protocol (selected on <split> every <n> steps: step <s>)", key
+    "reference_protocol", but only when every checkpoint asked for is this run's own
+    (out_dir/checkpoints): the row describes this run. `overrides`: SCORING_FIELDS, see `score`.
     """
     from emcl_nb.distributed import DistEnv, resolve_device
     from emcl_nb.engine import configure_torch
 
     configure_torch(params)
     device = resolve_device(params.device, DistEnv())
-    results, rows, evaluated = {}, {}, []
+    results, rows = {}, {}
+    own_folder = (params.out_dir / "checkpoints").resolve()
+    paths = [_checkpoint_path(entry, params) for entry in checkpoints]
+    foreign = [str(path) for path in paths if path.resolve().parent != own_folder]
+    reference_label = reference_protocol_label(params.out_dir)
+    if reference_label is not None and foreign:
+        note(f"no '{REFERENCE_PROTOCOL}' row: it belongs to run {params.run!r}, and "
+             f"{', '.join(foreign)} is not one of that run's checkpoints")
+    elif reference_label is not None:
+        checkpoints = (*checkpoints, "reference")
     for entry in checkpoints:
         path = _checkpoint_path(entry, params)
         if entry == "best" and not path.is_file():
             note(f"no {path} (no validation split selected a best epoch); evaluating last only")
             continue
-        evaluated.append(path)
         model, run_params, report = load_for_evaluation(path, params, device)
         result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,
                                 device=device, **overrides)
         result.update(checkpoint=str(path), epoch=report.epoch, layout=report.layout,
                       recreated_emcl_bases=report.recreated)
+        if entry == "reference":
+            results["reference_protocol"], rows[reference_label] = result, result
+            continue
         key = entry if entry in ("best", "last") else path.name
         label = {"best": "best on val", "last": "last"}.get(entry, path.name)
         results[key] = result
         rows[label + (f" (epoch {report.epoch})" if report.epoch is not None else "")] = result
     if not results:
         raise CheckpointError(f"no checkpoint to evaluate among {list(checkpoints)}")
-    reference = reference_protocol_row(params.out_dir, split)
-    own_folder = (params.out_dir / "checkpoints").resolve()
-    foreign = [str(path) for path in evaluated if path.resolve().parent != own_folder]
-    if reference is not None and foreign:
-        note(f"no '{REFERENCE_PROTOCOL}' row: its epochs are those of run {params.run!r}, and "
-             f"{', '.join(foreign)} is not one of that run's checkpoints")
-    elif reference is not None:
-        results["reference_protocol"] = reference
-        rows[f"{REFERENCE_PROTOCOL}, epoch {reference['epoch']}"] = reference
 
     published = params.published if split == "test" else {}
     table = format_table(_table_rows(rows), published)

@@ -1,8 +1,10 @@
-"""EMCLNet: CLIP encoders, temporal aggregation, text-conditioned pooling, EMCL, loss.
+"""EMCLNet: CLIP encoders, temporal aggregation, frame pooling, EMCL, loss.
 
 Shapes: B texts / videos in a batch, T frames, D the CLIP embedding width, A texts and V
-videos in a scoring block. `pool_frames` and `block_logits` accept extra leading group
-dims so that evaluation can score many blocks in one batched call.
+videos in a scoring block. `pool`, `pool_frames`, `mean_pool` and `block_logits` accept
+extra leading group dims so that evaluation can score many blocks in one batched call.
+Everything after CLIP (temporal aggregation, pooling, EMCL, logits, loss) runs in fp32
+even under autocast, as in the reference.
 """
 from __future__ import annotations
 
@@ -42,27 +44,50 @@ def pool_frames(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor,
     return v, w
 
 
+def mean_pool(f: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP4Clip meanP: each frame L2-normalised, averaged over the valid frames, normalised
+    again. f [...,V,T,D], frame_mask [...,V,T] -> v [...,V,D], w [...,V,T] (1 / valid frames)."""
+    mask = frame_mask.to(f.dtype)                                          # [..., V, T]
+    w = mask / mask.sum(dim=-1, keepdim=True).clamp_min(1.0)               # [..., V, T]
+    v = torch.einsum("...vt,...vtd->...vd", w, F.normalize(f, dim=-1))     # [..., V, D]
+    return F.normalize(v, dim=-1), w
+
+
+def pool(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, pooling: str,
+         temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled videos and frame weights: pooling "text" -> v [...,A,V,D], w [...,A,V,T]
+    (pool_frames); "mean" -> v [...,V,D], w [...,V,T] (mean_pool, one vector per video)."""
+    if pooling == "mean":
+        return mean_pool(f, frame_mask)
+    return pool_frames(t, f, frame_mask, temp)
+
+
 def block_logits(t: torch.Tensor, v: torch.Tensor, emcl: EMCL | None,
                  normalize: str = "after") -> torch.Tensor:
     """Similarities S [...,A,V] of one block (or a stack of blocks) of texts and pooled videos.
 
-    X = cat(v.reshape(A*V, D), t) per block goes through `emcl`, is split back, and
-    S[a,b] = t'[a]·v'[a,b]. normalize="after" (training recipe): L2-normalise t', v' after
-    EMCL. normalize="before" (EMCL as an inference-only module, method.md §7): normalise
-    the inputs and not the EMCL output. With emcl None both are the plain cosine.
+    v is [...,A,V,D] (text pooling: one vector per pair) or [...,V,D] (mean pooling: one
+    per video). X = cat(video rows, t) per block goes through `emcl`, is split back, and
+    S[a,b] = t'[a]·v'[a,b] (or t'[a]·v'[b]). normalize="after" (training recipe):
+    L2-normalise t', v' after EMCL. normalize="before" (EMCL as an inference-only module,
+    method.md §7): normalise the inputs and not the EMCL output. With emcl None both are
+    the plain cosine.
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
-    *lead, A, V, D = v.shape
+    per_video = v.dim() == t.dim()
     if normalize == "before":
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
     if emcl is not None:
-        x = torch.cat([v.reshape(*lead, A * V, D), t], dim=-2)             # [..., A*V + A, D]
-        x = emcl(x)
-        v = x[..., :A * V, :].reshape(*lead, A, V, D)                      # [..., A, V, D]
-        t = x[..., A * V:, :]                                              # [..., A, D]
+        rows = v if per_video else v.flatten(-3, -2)                      # [..., V or A*V, D]
+        n = rows.shape[-2]
+        x = emcl(torch.cat([rows, t], dim=-2))                             # [..., n + A, D]
+        v = x[..., :n, :].reshape(v.shape)                                 # [..., (A,) V, D]
+        t = x[..., n:, :]                                                  # [..., A, D]
     if normalize == "after" or emcl is None:
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
+    if per_video:
+        return t @ v.transpose(-1, -2)                                     # [..., A, V]
     return torch.einsum("...ad,...avd->...av", t, v)                       # [..., A, V]
 
 
@@ -99,7 +124,8 @@ class TemporalTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 class EMCLNet(nn.Module):
-    """CLIP (`self.clip`) + temporal aggregation + text-conditioned pooling + EMCL (`self.emcl`)."""
+    """CLIP (`self.clip`) + temporal aggregation + pooling (text-conditioned or mean) + EMCL
+    (`self.emcl`)."""
 
     def __init__(self, clip_model: CLIP, params: Params):
         super().__init__()
@@ -107,6 +133,7 @@ class EMCLNet(nn.Module):
         self.params = params
         self.agg_module = params.agg_module
         self.temp = params.temp
+        self.pooling = params.pooling
         D = clip_model.text_projection.shape[1]
         self.embed_dim = D
         if params.freeze_patch_embedding:   # the reference freezes CLIP's patch embedding
@@ -128,9 +155,12 @@ class EMCLNet(nn.Module):
         elif params.agg_module != "None":
             raise ValueError(f"agg_module must be None, seqLSTM or seqTransf; got {params.agg_module!r}")
 
-        # Always built, so that the state_dict is the same for every `emcl` mode.
+        # Always built, so that the state_dict is the same for every `emcl` mode. The initial
+        # bases are the first draw of a generator seeded with params.seed: the reference
+        # builds its EMCL module first after seeding, so seed s gives the reference's values.
         self.emcl = EMCL(params.emcl_bases, params.emcl_stages, params.emcl_momentum,
-                         params.emcl_lamd, params.emcl_beta, init=params.emcl_init, dim=D)
+                         params.emcl_lamd, params.emcl_beta, init=params.emcl_init, dim=D,
+                         generator=torch.Generator().manual_seed(params.seed))
 
     def _copy_from_clip_text(self) -> None:
         """Initialisation trick: frame positions from CLIP's text positional embedding, the
@@ -147,12 +177,16 @@ class EMCLNet(nn.Module):
     def device(self) -> torch.device:
         return self.clip.logit_scale.device
 
+    def fp32_head(self):
+        """Autocast off: what follows CLIP runs in fp32, as in the reference."""
+        return torch.autocast(self.device.type, enabled=False)
+
     # ---- encoders ----
 
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """EOT features [B,D], not normalised. `text_mask` is not needed: CLIP's causal mask
-        and the EOT position (largest id) already ignore the padding (as in the reference)."""
-        return encode_text(self.clip, text_ids)
+        """EOT features [B,D] in fp32, not normalised. `text_mask` is not needed: CLIP's causal
+        mask and the EOT position (largest id) already ignore the padding (as in the reference)."""
+        return encode_text(self.clip, text_ids).float()
 
     def encode_video(self, video: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Per-frame features [B,T,D] after temporal aggregation, not normalised.
@@ -173,7 +207,12 @@ class EMCLNet(nn.Module):
         return self.aggregate(f, frame_mask)
 
     def aggregate(self, f: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """Temporal aggregation of frame features [B,T,D] (residual for both sequence models)."""
+        """Temporal aggregation of frame features [B,T,D] (residual for both sequence models),
+        in fp32 under autocast too."""
+        with self.fp32_head():
+            return self._aggregate(f.float(), frame_mask)
+
+    def _aggregate(self, f: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         if self.agg_module == "None":
             return f
         B, T, D = f.shape
@@ -194,9 +233,12 @@ class EMCLNet(nn.Module):
 
     def score(self, t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, *,
               emcl: EMCL | None, normalize: str = "after") -> torch.Tensor:
-        """S [A,V]: pooling + EMCL on the whole (A x V) block + cosine (see block_logits)."""
-        v, _ = pool_frames(t, f, frame_mask, self.temp)                           # [A, V, D]
-        return block_logits(t, v, emcl, normalize)
+        """S [A,V]: pooling + EMCL on the whole (A x V) block + cosine (see block_logits),
+        in fp32 under autocast too."""
+        with self.fp32_head():
+            t, f = t.float(), f.float()
+            v, _ = pool(t, f, frame_mask, self.pooling, self.temp)                # [(A,) V, D]
+            return block_logits(t, v, emcl, normalize)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Symmetric InfoNCE over the global batch (t, f, frame_mask gathered over ranks).
@@ -206,8 +248,9 @@ class EMCLNet(nn.Module):
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
         frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
         emcl = self.emcl if self.params.emcl == "on" else None
-        sims = self.score(t, f, frame_mask, emcl=emcl)                            # [B_global, B_global]
-        return symmetric_infonce(sims, self.clip.logit_scale)
+        with self.fp32_head():
+            sims = self.score(t, f, frame_mask, emcl=emcl)                        # [B_global, B_global]
+            return symmetric_infonce(sims, self.clip.logit_scale)
 
     def clamp_logit_scale(self) -> None:
         """Keep logit_scale <= ln 100 (called after every optimiser step)."""

@@ -46,12 +46,12 @@ class Params:
     anno_path: str = ""                 # folder with the annotation files
     video_path: str = ""                # folder with the (compressed) videos
     msrvtt_train_csv: str = "MSRVTT_train.9k.csv"
-    msrvtt_val_csv: str = ""            # held-out validation ids, e.g. MSRVTT_val.full.csv; "" = none
+    msrvtt_val_csv: str = ""            # validation ids held out of training (e.g. MSRVTT_val.full.csv); "" = none
     max_words: int = 32
     max_frames: int = 12
     video_framerate: int = 1            # frames sampled per second of video
     image_size: int = 224               # frame side fed to CLIP
-    train_augment: bool = True          # RandAugment on training clips (one policy per clip)
+    train_augment: bool = True          # timm rand-m7-n4-mstd0.5-inc1 on training clips (one policy per clip)
     num_workers: int = 4
     cache_decoded_clips: bool = False   # keep decoded clips in memory in each loader worker (small sets)
     on_bad_sample: str = "skip"         # skip | raise: what to do with a missing/corrupt video or empty caption
@@ -77,10 +77,11 @@ class Params:
     tiny_patch: int = 16                # tiny CLIP: ViT patch size
     agg_module: str = "seqTransf"       # None | seqLSTM | seqTransf
     num_hidden_layers: int = 4          # temporal transformer depth
+    pooling: str = "text"               # text (text-conditioned frame weights) | mean (CLIP4Clip meanP)
     temp: float = 3.0                   # text-conditioned pooling temperature
 
     # ---- EMCL ----
-    emcl: str = "on"                    # on (train + eval) | off (CLIP4Clip-style baseline) | inference (eval only)
+    emcl: str = "on"                    # on (train + eval) | off (no EMCL) | inference (eval only)
     emcl_bases: int = 32                # K
     emcl_stages: int = 9                # EM iterations
     emcl_momentum: float = 0.9
@@ -93,9 +94,11 @@ class Params:
     batch_size: int = 128               # global batch, split over processes
     lr: float = 1e-4                    # new modules
     coef_lr: float = 1e-3               # CLIP parameters get lr * coef_lr
+    optimizer: str = "bertadam"         # bertadam (the reference: Adam without bias correction) | adamw
     weight_decay: float = 0.2
     warmup_proportion: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0              # global gradient norm clip (and BertAdam's per-tensor clip);
+                                        # = world size restores the reference's 1/W gradient regime
     freeze_patch_embedding: bool = True  # the reference freezes CLIP's visual.conv1
     precision: str = "auto"             # auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU) | fp32 | bf16 | fp16
     log_every: int = 10                 # steps between writes of log.jsonl (one host sync; NaN checks)
@@ -107,7 +110,10 @@ class Params:
     dsl_t2v_temp: float = 0.01
     dsl_v2t_temp: float = 0.01
     eval_every_epoch: bool = True       # validate each epoch on a non-test split where one exists
-    reference_selection: bool = False   # also score the test split each epoch (reference protocol row)
+    reference_selection: bool = False   # the reference's model selection as a labelled extra row: score
+                                        # its split (val: msvd, lsmdc; test: others) at step 1 and every
+                                        # reference_eval_steps steps, keep the best as reference.pt
+    reference_eval_steps: int = 0       # 0 = the reference's 3 * n_display: 150 (msrvtt), 30 (others)
     ablation_epochs: int = 0            # epochs of each trained ablation variant (0 = epochs)
     inference_emcl_bases: int = 7       # settings of EMCL as an inference-only module (method.md §7)
     inference_emcl_stages: int = 10
@@ -124,6 +130,18 @@ class Params:
         """Where this run writes checkpoints, logs, metrics and executed notebooks."""
         return Path(self.output_root).expanduser() / self.dataset / self.run
 
+    @property
+    def reference_split(self) -> str:
+        """The split the reference code selects its checkpoint on: val for MSVD and LSMDC
+        (its only layouts with one), test for the others."""
+        return "val" if self.layout in ("msvd", "lsmdc") else "test"
+
+    @property
+    def reference_interval(self) -> int:
+        """Steps between the reference's evaluations: 3 * n_display (n_display 50 for
+        MSR-VTT, 10 for the others), unless reference_eval_steps says otherwise."""
+        return self.reference_eval_steps or (150 if self.layout == "msrvtt" else 30)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -138,6 +156,8 @@ CHOICES = {
     "on_bad_sample": ("skip", "raise"),
     "agg_module": ("None", "seqLSTM", "seqTransf"),
     "emcl": ("on", "off", "inference"),
+    "pooling": ("text", "mean"),
+    "optimizer": ("bertadam", "adamw"),
     "emcl_init": ("reference", "distinct"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
 }
@@ -170,12 +190,12 @@ DATA_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_si
 FEATURE_FIELDS = DATA_FIELDS + ("on_bad_sample",)
 # Define the trained model (taken from our checkpoints when evaluating them):
 MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
-                "agg_module", "num_hidden_layers", "temp", "emcl", "emcl_bases", "emcl_stages",
+                "agg_module", "num_hidden_layers", "pooling", "temp", "emcl", "emcl_bases", "emcl_stages",
                 "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
 # Set the data order and the optimisation:
 TRAINING_FIELDS = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
-                   "batch_size", "lr", "coef_lr", "weight_decay", "warmup_proportion", "grad_clip",
-                   "freeze_patch_embedding", "precision")
+                   "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "warmup_proportion",
+                   "grad_clip", "freeze_patch_embedding", "precision")
 # Draw the synthetic set (checked only when params.synthetic is set):
 SYNTHETIC_FIELDS = tuple(name for name in FIELDS if name.startswith("synthetic"))
 # A run resumes only with the values it was started with; on_bad_sample may change, so

@@ -10,13 +10,16 @@ on its block: the block size is part of the protocol (reference-defects.md #3).
   sub-batches.
 - `full_similarity`: one block = the whole matrix, or, without EMCL, pooling + cosine in
   text chunks (scores do not depend on the chunking then).
+
+Pooling "text" stacks A*V text-pooled video vectors and A texts per block; "mean" stacks
+V mean-pooled video vectors and A texts (the reference inference module's block).
 - `similarity_matrix`: picks one of the above from `emcl` and `block_size`.
 """
 from __future__ import annotations
 
 import torch
 
-from emcl_nb.model import block_logits, pool_frames
+from emcl_nb.model import block_logits, pool
 
 # (text, video) pairs scored per batched call by default: 64 blocks of 32 x 32. At D 512 one
 # copy of the pooled vectors is 128 MiB and the whole call peaks near 1 GiB (bench/similarity.py).
@@ -44,19 +47,21 @@ def _check_eval_mode(emcl):
 
 
 @torch.no_grad()
-def score_block(t, f, frame_mask, *, temp: float, emcl, normalize: str = "after") -> torch.Tensor:
+def score_block(t, f, frame_mask, *, temp: float, emcl, normalize: str = "after",
+                pooling: str = "text") -> torch.Tensor:
     """Scores of one block, or of G stacked blocks: t [..,A,D], f [..,V,T,D] -> [..,A,V].
 
-    `normalize` is passed to `block_logits`: "after" EMCL (trained model) or "before" it
-    (EMCL as an inference-only module, method.md §7).
+    `pooling`: "text" (text-conditioned, `temp`) or "mean" (CLIP4Clip meanP). `normalize`
+    is passed to `block_logits`: "after" EMCL (trained model) or "before" it (EMCL as an
+    inference-only module, method.md §7).
     """
-    pooled, _ = pool_frames(t, f, frame_mask, temp)                    # [.., A, V, D]
+    pooled, _ = pool(t, f, frame_mask, pooling, temp)                  # [.., (A,) V, D]
     return block_logits(t, pooled, _check_eval_mode(emcl), normalize)  # [.., A, V]
 
 
 @torch.no_grad()
 def block_similarity_loop(t, f, frame_mask, *, temp: float, emcl, block_size: int,
-                          normalize: str = "after") -> torch.Tensor:
+                          normalize: str = "after", pooling: str = "text") -> torch.Tensor:
     """The reference protocol: a Python loop over (text chunk, video chunk) blocks -> [A, V].
 
     Kept as the oracle that `block_similarity` must reproduce.
@@ -67,7 +72,7 @@ def block_similarity_loop(t, f, frame_mask, *, temp: float, emcl, block_size: in
         for col in range(0, f.shape[0], block_size):
             rows, cols = slice(row, row + block_size), slice(col, col + block_size)
             sim[rows, cols] = score_block(t[rows], f[cols], frame_mask[cols], temp=temp, emcl=emcl,
-                                           normalize=normalize)
+                                           normalize=normalize, pooling=pooling)
     return sim
 
 
@@ -80,7 +85,8 @@ def _chunks(n: int, block_size: int):
 
 @torch.no_grad()
 def block_similarity(t, f, frame_mask, *, temp: float, emcl, block_size: int,
-                     normalize: str = "after", max_blocks_per_batch: int | None = None) -> torch.Tensor:
+                     normalize: str = "after", pooling: str = "text",
+                     max_blocks_per_batch: int | None = None) -> torch.Tensor:
     """The block protocol's scores [A, V], all blocks batched on the device.
 
     Blocks of one shape (full or last text chunk x full or last video chunk) are stacked on
@@ -109,36 +115,39 @@ def block_similarity(t, f, frame_mask, *, temp: float, emcl, block_size: int,
                 block = torch.arange(start, min(start + per_call, n_blocks), device=t.device)
                 i, j = block // n_video_chunks, block % n_video_chunks                    # [G], [G]
                 out[i, j] = score_block(texts[i], videos[j], masks[j], temp=temp, emcl=emcl,
-                                        normalize=normalize)                             # [G, a, b]
+                                        normalize=normalize, pooling=pooling)            # [G, a, b]
     return sim
 
 
 @torch.no_grad()
 def full_similarity(t, f, frame_mask, *, temp: float, emcl=None, normalize: str = "after",
-                    chunk_size: int | None = None) -> torch.Tensor:
+                    pooling: str = "text", chunk_size: int | None = None) -> torch.Tensor:
     """Scores [A, V] without the block protocol.
 
     With `emcl`: one block holding the whole matrix (what `block_size >= max(A, V)` means;
-    needs A x V x D floats). Without EMCL (the CLIP4Clip-style baseline): text-conditioned
-    pooling + cosine, computed `chunk_size` texts at a time to bound memory (None: as many
-    as make MAX_PAIRS_PER_BATCH pairs); each score depends only on its own pair, so the
-    chunking does not change the result.
+    needs A x V x D floats). Without EMCL: pooling + cosine, computed `chunk_size` texts at
+    a time to bound memory (None: as many as make MAX_PAIRS_PER_BATCH pairs); each score
+    depends only on its own pair, so the chunking does not change the result.
     """
     _check_inputs(t, f, frame_mask, None)
     if emcl is not None:
-        return score_block(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize)
+        return score_block(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize,
+                           pooling=pooling)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
     chunk_size = chunk_size or max(1, MAX_PAIRS_PER_BATCH // max(1, f.shape[0]))
-    return torch.cat([score_block(rows, f, frame_mask, temp=temp, emcl=None)
+    return torch.cat([score_block(rows, f, frame_mask, temp=temp, emcl=None, pooling=pooling)
                       for rows in t.split(chunk_size)])                # [A, V]
 
 
 def similarity_matrix(t, f, frame_mask, *, temp: float, emcl, block_size: int,
-                      normalize: str = "after", max_blocks_per_batch: int | None = None) -> torch.Tensor:
+                      normalize: str = "after", pooling: str = "text",
+                      max_blocks_per_batch: int | None = None) -> torch.Tensor:
     """The evaluation matrix [A, V]: batched blocks when EMCL is used, a chunked cosine when
-    not. `emcl, normalize` as set by `evaluate.scoring_setup`."""
+    not. `emcl, normalize` as set by `evaluate.scoring_setup`; `pooling` the model's."""
     if emcl is None or block_size >= max(t.shape[0], f.shape[0]):
-        return full_similarity(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize)
+        return full_similarity(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize,
+                               pooling=pooling)
     return block_similarity(t, f, frame_mask, temp=temp, emcl=emcl, block_size=block_size,
-                            normalize=normalize, max_blocks_per_batch=max_blocks_per_batch)
+                            normalize=normalize, pooling=pooling,
+                            max_blocks_per_batch=max_blocks_per_batch)

@@ -21,11 +21,12 @@ from emcl_nb.params import REUSE_FIELDS, Params, load_params
 
 def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     """Prepare the data (generating the synthetic set when asked), then train.
-    Each epoch is validated on a split that is not the test set where the layout has one."""
+    Each epoch is validated on a split that is not the test set where the layout has one;
+    with params.reference_selection the reference's step-wise selection runs too."""
     from emcl_nb.data.annotations import load_annotations
     from emcl_nb.data.dataset import TrainDataset, shutdown_workers
     from emcl_nb.data.prepare import ensure_data
-    from emcl_nb.evaluate import make_validator
+    from emcl_nb.evaluate import make_reference_validator, make_validator
 
     env = distributed.env_from_torchrun()
     distributed.init_distributed(distributed.resolve_device(params.device, env), env)
@@ -34,7 +35,8 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     distributed.barrier()
     train_set = TrainDataset(load_annotations(params, "train"), params, train=True)
     try:
-        return fit(params, train_set, validate=make_validator(params), resume=resume, on_log=on_log)
+        return fit(params, train_set, validate=make_validator(params),
+                   reference=make_reference_validator(params), resume=resume, on_log=on_log)
     finally:
         shutdown_workers()          # no loader worker outlives train(), even on an error
         distributed.cleanup()

@@ -91,8 +91,8 @@ def read_history(out_dir: Path) -> list[dict]:
 
 
 def history_table(history: list[dict]) -> str:
-    """Markdown table: epoch, last loss, validation (and reference-protocol test) R@1."""
-    splits = [s for s in ("val", "test") if any(s in record for record in history)]
+    """Markdown table: epoch, last loss, validation R@1 (where the run validates)."""
+    splits = ["val"] if any("val" in record for record in history) else []
     head = "| epoch | loss | " + " | ".join(f"{s} T2V R@1 | {s} V2T R@1" for s in splits) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(splits))]
     for record in history:

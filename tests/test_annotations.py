@@ -309,6 +309,17 @@ def test_didemo_paragraph_per_video(tmp_path):
     assert te.video_paths[0].name == "111@222.mov.mp4"
 
 
+def test_didemo_videos_follow_the_data_json_order_as_in_the_reference(tmp_path):
+    anno = tmp_path / "anno"
+    write_lines(anno / "test_list.txt", ["a", "b", "c", "d"])
+    (anno / "test_data.json").write_text(json.dumps([
+        {"video": v, "description": f"about {v}", "times": [[0, 1]]} for v in ("c", "x", "a", "b", "c")]))
+    make_videos(tmp_path / "videos", ["a", "b", "c", "d"])
+    te = load_annotations(params_for("didemo", tmp_path), "test")
+    assert te.video_ids == ["c", "a", "b"]                        # json order, unlisted x left out
+    assert te.samples[0].caption == "about c about c" and te.dropped == {NO_CAPTIONS: 1}
+
+
 # ---------------------------------------------------------------- shared behaviour
 
 def test_find_videos_walks_once_and_rejects_duplicates(tmp_path):

@@ -114,6 +114,46 @@ def test_augmentation_is_one_policy_per_clip_and_seeded():
         augment(clip)
 
 
+# The reference's "increasing" RandAugment op set (its rand_augment.py), transcribed.
+REFERENCE_OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                 "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                 "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                 "TranslateXRel", "TranslateYRel"]
+
+
+def test_augmentation_is_the_reference_policy():
+    policy = FrameTransform(224, augment=True).augment
+    assert policy.num_layers == 4 and policy.choice_weights is None
+    assert [op.name for op in policy.ops] == REFERENCE_OPS
+    for op in policy.ops:
+        assert (op.prob, op.magnitude, op.magnitude_std) == (0.5, 7, 0.5)
+        assert op.kwargs["fillcolor"] == (128, 128, 128) and op.hparams["translate_const"] == 100
+
+
+def test_every_frame_gets_the_draw_timm_makes_for_the_clip_seed():
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    g = torch.Generator().manual_seed(1)
+    clip = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)   # distinct frames
+    transform = FrameTransform(32, augment=True)                   # 32 x 32: no resize or crop
+    timm_policy = rand_augment_transform("rand-m7-n4-mstd0.5-inc1", {
+        "translate_const": 14, "interpolation": Image.BICUBIC, "img_mean": (128, 128, 128)})
+    changed = 0
+    for seed in range(8):
+        out = transform(clip, seed)
+        for frame, augmented in zip(clip, out):
+            random.seed(seed)
+            np.random.seed(seed)
+            want = np.array(timm_policy(Image.fromarray(frame.permute(1, 2, 0).numpy())))
+            assert np.array_equal(augmented.permute(1, 2, 0).numpy(), want)
+        changed += not torch.equal(out, clip)
+    assert changed >= 4                                             # the policy does act
+
+
 @pytest.mark.parametrize("layout, train, enabled, expected", [
     ("msrvtt", True, True, True), ("msvd", True, True, True), ("lsmdc", True, True, True),
     ("activity", True, True, False), ("didemo", True, True, False),

@@ -126,21 +126,100 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tmp_path):
     params = tiny_params(tmp_path)
     model = build_model(params)
-    groups = {group["name"]: group for group in build_optimizer(model, params).param_groups}
+    optimizer, _ = build_optimizer(model, params, total_steps=10)
+    groups = {group["name"]: group for group in optimizer.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
     assert "clip.logit_scale" in no_decay and "clip.token_embedding.weight" in no_decay
     assert "clip.ln_final.weight" in no_decay and "frame_position_embeddings.weight" in no_decay
     assert all(n in no_decay for n in names.values() if n.endswith(".bias"))
     assert "clip.visual.conv1.weight" not in names.values() or not model.clip.visual.conv1.weight.requires_grad
-    assert groups["clip_decay"]["lr"] == params.lr * params.coef_lr
-    assert groups["new_decay"]["lr"] == params.lr
+    clip_params = {id(p) for p in model.clip.parameters()}
+    for group in groups.values():
+        assert all((id(p) in clip_params) == group["name"].startswith("clip") for p in group["params"])
+    assert groups["clip_decay"]["initial_lr"] == params.lr * params.coef_lr
+    assert groups["new_decay"]["initial_lr"] == params.lr
 
 
-def test_warmup_then_cosine_to_zero():
-    factor = warmup_cosine(100, 0.1)
-    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
-    assert factor(55) == pytest.approx(0.5, abs=1e-6) and factor(100) == pytest.approx(0.0, abs=1e-9)
+def reference_warmup_cosine(x: float, warmup: float) -> float:
+    """Transcription of the reference schedule on total progress x."""
+    if x < warmup:
+        return x / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 0.1), (37, 0.25), (10, 0.0)])
+def test_schedule_is_the_reference_formula_on_every_update(total, warmup):
+    factor = warmup_cosine(total, warmup)
+    for step in range(total):
+        assert factor(step) == pytest.approx(reference_warmup_cosine(step / total, warmup), abs=1e-12)
+    assert factor(0) == (0.0 if warmup > 0 else 1.0)      # lr 0 at the first update
+
+
+def reference_bertadam(params, grads_per_step, groups, total, warmup):
+    """Transcription of the reference BertAdam (b1 .9, b2 .98, eps 1e-6, max_grad_norm 1):
+    per tensor, clip the gradient to norm 1, update m and v without bias correction, add the
+    weight decay to the update, step by the scheduled lr."""
+    params = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for step, grads in enumerate(grads_per_step):
+        lr_factor = reference_warmup_cosine(step / total, warmup)
+        for i, g in enumerate(grads):
+            g = g * min(1.0, 1.0 / (float(g.norm()) + 1e-6))
+            m[i] = 0.9 * m[i] + (1 - 0.9) * g
+            v[i] = 0.98 * v[i] + (1 - 0.98) * g * g
+            update = m[i] / (v[i].sqrt() + 1e-6)
+            lr, weight_decay = groups[i]
+            if weight_decay > 0:
+                update = update + weight_decay * params[i]
+            params[i] = params[i] - lr * lr_factor * update
+    return params
+
+
+def test_bertadam_reproduces_the_reference_update_step_by_step(tmp_path):
+    params = tiny_params(tmp_path, optimizer="bertadam", lr=1e-2, coef_lr=0.1, weight_decay=0.2,
+                         warmup_proportion=0.4)
+    model = build_model(params)
+    total = 6
+    optimizer, scheduler = build_optimizer(model, params, total)
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = [(group["initial_lr"], group["weight_decay"])
+              for group in optimizer.param_groups for _ in group["params"]]
+    start = [p.detach().clone() for p in tensors]
+    g = torch.Generator().manual_seed(0)
+    grads_per_step = [[torch.randn(p.shape, generator=g) * (10.0 if i % 2 else 0.01)   # clipped or not
+                       for i, p in enumerate(tensors)] for _ in range(total)]
+    for step, grads in enumerate(grads_per_step):
+        for p, grad in zip(tensors, grads):
+            p.grad = grad.clone()
+        optimizer.step()
+        scheduler.step()
+        expected = reference_bertadam(start, grads_per_step[:step + 1], groups, total,
+                                      params.warmup_proportion)
+        for p, want in zip(tensors, expected):
+            torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+        if step == 0:           # lr 0 at the first update: nothing moves
+            assert all(torch.equal(p.detach(), p0) for p, p0 in zip(tensors, start))
+    moved = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(tensors, start))
+    assert moved > 1e-3       # far above the tolerance: the comparison has teeth
+
+
+def test_adamw_stays_available(tmp_path):
+    params = tiny_params(tmp_path, optimizer="adamw")
+    optimizer, _ = build_optimizer(build_model(params), params, total_steps=10)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(group["lr"] == 0.0 for group in optimizer.param_groups)    # warm-up starts at 0
+
+
+def test_reference_selection_scores_at_the_reference_steps_and_keeps_the_best(tmp_path):
+    params = tiny_params(tmp_path, epochs=2, reference_selection=True, reference_eval_steps=2)
+    scores = iter([10.0, 30.0, 30.0, 20.0])      # steps 1, 2, 4, 6 (3 steps per epoch)
+    result = fit(params, RandomClips(24, params), reference=lambda model: {"t2v": {"R1": next(scores)}})
+    selection = json.loads((result.out_dir / "reference.json").read_text())
+    assert [e["step"] for e in selection["evaluations"]] == [1, 2, 4, 6]
+    assert selection["split"] == "test" and selection["best"]["step"] == 4   # ties: the later step
+    assert read_checkpoint(result.out_dir / "checkpoints" / "reference.pt")["step"] == 4
 
 
 def test_configure_torch_flushes_denormals_that_slow_the_em_step():

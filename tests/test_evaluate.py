@@ -223,18 +223,63 @@ def test_inference_only_emcl_on_a_model_trained_without_it(params):
         plain, rtol=0, atol=1e-6)
 
 
+def reference_inference_logits(t, f, frame_mask, m, *, stages, lamd, beta, logit_scale, block):
+    """Transcription of the reference inference module on meanP features, block by block:
+    frames L2-normalised, averaged over the valid frames, normalised again; texts normalised;
+    EM on cat(videos, texts) with bases starting at m (no update); logit_scale * t' v'^T."""
+    sim = torch.empty(t.shape[0], f.shape[0])
+    for row in range(0, t.shape[0], block):
+        for col in range(0, f.shape[0], block):
+            frames = f[col:col + block] / f[col:col + block].norm(dim=-1, keepdim=True)
+            mask = frame_mask[col:col + block].float().unsqueeze(-1)
+            video = (frames * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            video = video / video.norm(dim=-1, keepdim=True)
+            text = t[row:row + block] / t[row:row + block].norm(dim=-1, keepdim=True)
+            x = torch.cat([video, text])
+            mu = m.repeat(x.shape[0], 1)
+            for _ in range(stages):
+                z = torch.softmax(x.T @ mu / lamd, dim=1)
+                z = z / (1e-6 + z.sum(dim=0, keepdim=True))
+                mu = x @ z
+                mu = mu / (1e-6 + mu.norm(dim=0, keepdim=True))
+            x = beta * (mu @ z.T) + x
+            n = video.shape[0]
+            sim[row:row + block, col:col + block] = logit_scale * x[n:] @ x[:n].T
+    return sim
+
+
+def test_mean_pooling_with_inference_emcl_is_the_reference_inference_module(params):
+    params = params.replace(emcl="off", pooling="mean", agg_module="None", inference_block_size=3)
+    model = make_model(params)
+    features = evaluate.encode_split(model, params, "test")
+    module = seeded_emcl(params.seed, num_bases=params.inference_emcl_bases, stage_num=1,
+                         momentum=0.9, lamd=1.0, beta=1.0, init="reference", dim=model.embed_dim)
+    scale = float(model.clip.logit_scale.detach().exp())
+    want = reference_inference_logits(
+        features.text, features.video, features.frame_mask, module.basis_init,
+        stages=params.inference_emcl_stages, lamd=params.inference_emcl_lamd,
+        beta=params.inference_emcl_beta, logit_scale=scale, block=params.inference_block_size)
+    ours = evaluate.score(features, params, model, emcl_mode="inference")
+    torch.testing.assert_close(ours * scale, want, rtol=1e-4, atol=1e-4 * scale)
+    plain = evaluate.score(features, params, model, emcl_mode="off")      # CLIP4Clip meanP
+    assert (ours - plain).abs().max() > 1e-2                               # EMCL changed the scores
+
+
 # ---------------------------------------------------------------- validation during training
 
-def test_validator_scores_val_and_test_only_when_asked(params):
+def test_validator_scores_val_and_the_reference_selection_its_split(params):
     model = make_model(params)
     assert evaluate.make_validator(params.replace(eval_every_epoch=False)) is None
     assert evaluate.make_validator(params.replace(msrvtt_val_csv="")) is None     # no val split
-    validate = evaluate.make_validator(params)
-    assert set(validate(model)) == {"val"}
-    both = evaluate.make_validator(params.replace(reference_selection=True))(model)
-    assert set(both) == {"val", "test"}
-    assert both["val"]["n_videos"] == N_VAL and both["test"]["n_videos"] == N_TEST
-    assert both["val"]["t2v"] == evaluate.evaluate_model(model, params, "val", cache=False)["t2v"]
+    validated = evaluate.make_validator(params)(model)
+    assert set(validated) == {"val"} and validated["val"]["n_videos"] == N_VAL
+    assert validated["val"]["t2v"] == evaluate.evaluate_model(model, params, "val", cache=False)["t2v"]
+    assert evaluate.make_reference_validator(params) is None
+    reference = evaluate.make_reference_validator(params.replace(reference_selection=True))(model)
+    assert reference["split"] == "test" and reference["n_videos"] == N_TEST    # msrvtt: on test
+    assert (params.reference_split, params.reference_interval) == ("test", 150)
+    assert params.replace(layout="msvd").reference_split == "val"
+    assert params.replace(layout="lsmdc").reference_interval == 30
 
 
 def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
@@ -254,17 +299,17 @@ def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
 # ---------------------------------------------------------------- run report
 
 def write_run(params: Params) -> dict:
-    """best.pt (epoch 1) and last.pt (epoch 2) with different weights, and a history whose
-    test R@1 peaks at epoch 1 (what the reference protocol would select)."""
+    """best.pt (epoch 1), last.pt (epoch 2) and reference.pt (step 15) with different
+    weights, and the reference.json that engine.fit writes beside them."""
     ckpt_dir = params.out_dir / "checkpoints"
     models = {}
-    for name, epoch, seed in (("best", 1, 1), ("last", 2, 2)):
+    for name, epoch, step, seed in (("best", 1, 10, 1), ("last", 2, 20, 2), ("reference", 1, 15, 3)):
         models[name] = make_model(params, seed=seed)
-        save_checkpoint(ckpt_dir / f"{name}.pt", model=models[name], epoch=epoch, step=10 * epoch,
+        save_checkpoint(ckpt_dir / f"{name}.pt", model=models[name], epoch=epoch, step=step,
                         params=params.to_dict())
-    history = [{"epoch": 1, "val": {"t2v": {"R1": 50.0}}, "test": {"t2v": {"R1": 40.0}, "v2t": {"R1": 35.0}}},
-               {"epoch": 2, "val": {"t2v": {"R1": 20.0}}, "test": {"t2v": {"R1": 30.0}, "v2t": {"R1": 45.0}}}]
-    (params.out_dir / "history.json").write_text(json.dumps(history))
+    best = {"step": 15, "epoch": 2, "t2v_R1": 40.0}
+    selection = {"split": "test", "every": 15, "evaluations": [best], "best": best}
+    (params.out_dir / "reference.json").write_text(json.dumps(selection))
     return models
 
 
@@ -274,22 +319,21 @@ def test_evaluate_run_writes_best_last_and_reference_rows(params):
     summary = evaluate.evaluate_run(params)
 
     results = summary["results"]
-    assert set(results) == {"best", "last", "reference_protocol"}
+    assert list(results) == ["best", "last", "reference_protocol"]     # the headline first
     assert (results["best"]["epoch"], results["last"]["epoch"]) == (1, 2)
     for name, model in models.items():
         direct = evaluate.evaluate_model(model, params, "test", cache=False)
-        assert results[name]["t2v"] == direct["t2v"] and results[name]["v2t"] == direct["v2t"]
-    assert results["reference_protocol"]["epoch"] == 1
-    assert results["reference_protocol"]["t2v"]["R1"] == 40.0
+        key = "reference_protocol" if name == "reference" else name
+        assert results[key]["t2v"] == direct["t2v"] and results[key]["v2t"] == direct["v2t"]
 
     written = json.loads((params.out_dir / "metrics.json").read_text())
     assert written["results"]["last"]["t2v"] == results["last"]["t2v"]
     markdown = (params.out_dir / "metrics.md").read_text()
     for row in ("| best on val (epoch 1) |", "| last (epoch 2) |",
                 "| last (epoch 2) + DSL (whole test query bank) |",
-                "| reference protocol (selected on test), epoch 1 |",
+                "| reference protocol (selected on test every 15 steps: step 15) |",
                 "| code release (published) | 48.2 |",
-                "- 'reference protocol (selected on test)': the epoch with the best test"):
+                "- 'reference protocol': the checkpoint the reference code keeps"):
         assert row in markdown, row
 
 
@@ -318,13 +362,6 @@ def test_evaluate_run_without_best_and_the_command_line(params, capsys):
     assert set(written["results"]) == {"last", "reference_protocol"}
     assert written["results"]["last"]["emcl_mode"] == "inference"
     assert written["results"]["last"]["scoring"]["beta"] == 2.0
-
-
-def test_reference_protocol_ties_go_to_the_later_epoch(tmp_path):
-    history = [{"epoch": epoch, "test": {"t2v": {"R1": r1}}} for epoch, r1 in ((1, 40.0), (2, 60.0),
-                                                                             (3, 60.0), (4, 50.0))]
-    (tmp_path / "history.json").write_text(json.dumps(history))
-    assert evaluate.reference_protocol_row(tmp_path)["epoch"] == 3
 
 
 def test_a_foreign_checkpoint_gets_no_reference_protocol_row(params, tmp_path):
@@ -429,10 +466,8 @@ def test_dropped_statement_counts_queries_and_uncaptioned_videos_apart():
     assert evaluate.dropped_statement({"n_texts": 5}, "test") == "all 5 test queries scored, none dropped"
 
 
-def test_a_reference_row_from_an_older_history_still_reports(params):
-    """history.json written before dropped_queries existed: the report is still written."""
-    result = {"t2v": {"R1": 50.0}, "v2t": {"R1": 40.0}, "n_texts": 4, "n_videos": 4,
-              "chance_R1": 25.0, "protocol": "single sentence", "dropped_queries": {}}
-    old = {key: value for key, value in result.items() if key != "dropped_queries"}
-    text = evaluate._report_markdown(params, "test", {"last": result, "reference protocol": old}, "")
-    assert "all 4 test queries scored" in text
+def test_no_reference_row_without_the_reference_checkpoint(params):
+    write_run(params)
+    (params.out_dir / "checkpoints" / "reference.pt").unlink()
+    assert evaluate.reference_protocol_label(params.out_dir) is None
+    assert "reference_protocol" not in evaluate.evaluate_run(params, ("last",))["results"]

@@ -12,7 +12,7 @@ from emcl_nb.clip_backbone import normalize_frames
 from emcl_nb.emcl import EMCL
 from emcl_nb.evaluate import scoring_setup
 from emcl_nb.loss import symmetric_infonce
-from emcl_nb.model import EMCLNet, block_logits, pool_frames
+from emcl_nb.model import EMCLNet, block_logits, mean_pool, pool_frames
 
 AGGS = ["None", "seqLSTM", "seqTransf"]
 
@@ -30,9 +30,9 @@ def scores(model, batch, emcl="model"):
         return model.score(t, f, batch["frame_mask"], emcl=model.emcl if emcl == "model" else emcl)
 
 
-@pytest.mark.parametrize("agg", AGGS)
-def test_shapes_loss_and_gradients(make_model, make_batch, agg):
-    model = make_model(agg_module=agg).train()
+@pytest.mark.parametrize("agg, pooling", [(agg, "text") for agg in AGGS] + [("seqTransf", "mean")])
+def test_shapes_loss_and_gradients(make_model, make_batch, agg, pooling):
+    model = make_model(agg_module=agg, pooling=pooling).train()
     batch = make_batch(4, valid_frames=[4, 3, 2, 1])
     t = model.encode_text(batch["text_ids"], batch["text_mask"])
     f = model.encode_video(batch["video"], batch["frame_mask"])
@@ -130,6 +130,59 @@ def test_pool_frames_matches_formula():
             assert torch.allclose(w[a, b], weights, atol=1e-6)
             assert torch.allclose(v[a, b], (weights[:, None] * f[b]).sum(0), atol=1e-6)
     assert (w[:, 2].sum(-1) < 1).all()                               # no renormalisation after masking
+
+
+def test_mean_pool_is_clip4clip_meanp():
+    torch.manual_seed(0)
+    f = torch.randn(3, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    v, w = mean_pool(f, mask)
+    for b in range(3):
+        frames = [f[b, k] / f[b, k].norm() for k in range(4) if mask[b, k]]
+        mean = sum(frames) / max(1, len(frames)) if frames else torch.zeros(5)
+        want = mean / mean.norm() if frames else mean
+        assert torch.allclose(v[b], want, atol=1e-6)
+    assert torch.allclose(w[1], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+
+
+def test_mean_pooled_block_stacks_the_videos_then_the_texts():
+    torch.manual_seed(0)
+    t, v = torch.randn(3, 8), torch.randn(2, 8)                    # A texts, V mean-pooled videos
+    assert torch.allclose(block_logits(t, v, None), F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T,
+                          atol=1e-6)
+    emcl = EMCL(num_bases=4, stage_num=3).eval()
+    x = emcl(torch.cat([v, t]))                                    # [V + A, D]
+    after = F.normalize(x[2:], dim=-1) @ F.normalize(x[:2], dim=-1).T
+    assert torch.allclose(block_logits(t, v, emcl), after, atol=1e-6)
+    xn = emcl(torch.cat([F.normalize(v, dim=-1), F.normalize(t, dim=-1)]))
+    assert torch.allclose(block_logits(t, v, emcl, normalize="before"), xn[2:] @ xn[:2].T, atol=1e-6)
+
+
+def test_head_after_clip_runs_in_fp32_under_autocast(make_model, make_batch):
+    model = make_model(pooling="text").eval()
+    batch = make_batch(4)
+    with torch.no_grad():
+        t = model.encode_text(batch["text_ids"], batch["text_mask"])
+        f = model.clip.encode_image(normalize_frames(batch["video"].flatten(0, 1))).float().reshape(4, 4, -1)
+        plain = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl=model.emcl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.transformerClip.resblocks[0].mlp(f).dtype == torch.bfloat16   # autocast is on
+            head = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl=model.emcl)
+    for ours, want in zip(head, plain):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_emcl_initial_values_are_the_reference_first_draw_after_seeding(tiny_params):
+    from emcl_nb.model import build_model
+    for seed in (0, 3):
+        torch.manual_seed(seed)                  # what the reference does, then builds EMCL first
+        K = tiny_params.emcl_bases
+        m = torch.Tensor(1, K).normal_(0, math.sqrt(2.0 / K))
+        m = m / (1e-6 + m.norm(dim=0, keepdim=True))
+        torch.manual_seed(123)                   # our global generator state does not matter
+        model = build_model(tiny_params.replace(seed=seed))
+        assert torch.equal(model.emcl.basis_init, m)
 
 
 def test_block_logits_without_emcl_is_cosine_and_with_emcl_stacks_videos_then_texts():

@@ -21,8 +21,23 @@ def test_reference_hyperparameters_match_the_release():
     msrvtt, didemo = load_params("msrvtt", use_env=False), load_params("didemo", use_env=False)
     assert (msrvtt.epochs, msrvtt.lr, msrvtt.coef_lr, msrvtt.batch_size) == (5, 1e-4, 1e-3, 128)
     assert (msrvtt.max_frames, msrvtt.max_words, msrvtt.emcl_bases, msrvtt.emcl_stages) == (12, 32, 32, 9)
-    assert (didemo.max_frames, didemo.max_words, didemo.epochs) == (64, 64, 20)
+    assert (didemo.max_frames, didemo.max_words, didemo.epochs) == (64, 64, 5)   # the code's command
     assert msrvtt.published["code release, 8 V100"]["t2v"]["R1"] == 48.2
+
+
+@pytest.mark.parametrize("dataset", DATASETS[1:])
+def test_real_datasets_train_with_the_reference_recipe(dataset):
+    params = load_params(dataset, use_env=False)
+    assert (params.optimizer, params.pooling, params.warmup_proportion, params.grad_clip) == (
+        "bertadam", "text", 0.1, 1.0)
+    assert params.msrvtt_val_csv == ""          # MSR-VTT trains on all 9,000 train.9k videos
+
+
+def test_optimizer_and_pooling_are_flat_keys():
+    params = load_params("msvd", {"optimizer": "adamw", "pooling": "mean"}, use_env=False)
+    assert (params.optimizer, params.pooling) == ("adamw", "mean")
+    with pytest.raises(ParamsError, match="pooling"):
+        load_params("msvd", {"pooling": "max"}, use_env=False)
 
 
 def test_overrides_are_converted_to_the_declared_type():

@@ -37,15 +37,17 @@ def emcl_module(init: str) -> EMCL:
     (70, 45, 16, 3),       # many blocks, sub-batches of 3 with a partial last sub-batch
     (70, 45, 100, 64),     # block larger than the matrix: one block
 ])
-def test_batched_blocks_equal_the_loop_oracle(init, scale, n_texts, n_videos, block_size, max_blocks):
+@pytest.mark.parametrize("pooling", ["text", "mean"])
+def test_batched_blocks_equal_the_loop_oracle(init, scale, n_texts, n_videos, block_size, max_blocks,
+                                              pooling):
     t, f, frame_mask = features(n_texts, n_videos, scale=scale)
     emcl = emcl_module(init)
-    loop = block_similarity_loop(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=block_size)
-    batched = block_similarity(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=block_size,
-                               max_blocks_per_batch=max_blocks)
+    kwargs = dict(temp=TEMP, emcl=emcl, block_size=block_size, pooling=pooling)
+    loop = block_similarity_loop(t, f, frame_mask, **kwargs)
+    batched = block_similarity(t, f, frame_mask, max_blocks_per_batch=max_blocks, **kwargs)
     assert batched.shape == (n_texts, n_videos)
     assert (batched - loop).abs().max() <= 1e-5
-    routed = similarity_matrix(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=block_size)
+    routed = similarity_matrix(t, f, frame_mask, **kwargs)
     assert (routed - loop).abs().max() <= 1e-5
 
 

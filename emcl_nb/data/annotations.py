@@ -285,14 +285,17 @@ def _activity(files: list[Path], split: str):
 
 
 def _didemo(files: list[Path], split: str):
+    """Videos in the order of their first entry in <split>_data.json, as the reference
+    iterates them (the order decides the evaluation blocks)."""
     listed = _read_id_list(files[0])
+    wanted = set(listed)
     descriptions: dict[str, list[str]] = {}
     for number, entry in enumerate(_read_json(files[1], list)):
         where = f"record {number}"
-        descriptions.setdefault(_field(entry, "video", files[1], where), []).append(
-            _field(entry, "description", files[1], where).strip())
-    records = [Sample(" ".join(descriptions[v]), v, *DIDEMO_SEGMENT)
-               for v in listed if v in descriptions]
+        video = _field(entry, "video", files[1], where)
+        if video in wanted:
+            descriptions.setdefault(video, []).append(_field(entry, "description", files[1], where).strip())
+    records = [Sample(" ".join(texts), v, *DIDEMO_SEGMENT) for v, texts in descriptions.items()]
     return records, [v for v in listed if v not in descriptions]
 
 
