@@ -7,7 +7,7 @@ their own run beside it (`<run>-<name>`; a finished run is reused if it was trai
 same data with the same recipe, train.ensure_trained), at `ablation_epochs` each, with
 EMCL-Net itself trained at the same budget. EMCL as an inference-only module is scored on
 each model trained without EMCL. `baseline_table` compares, on the same data and budget,
-CLIP4Clip meanP, meanP + EMCL at inference (the reference inference module), text pooling
+CLIP4Clip meanP, meanP + EMCL at inference (the EMCL block of the reference inference module), text pooling
 without EMCL, and EMCL-Net.
 """
 from __future__ import annotations
@@ -96,18 +96,20 @@ def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list
     budgets agree, else its own run. Each model trained without EMCL is also scored with
     EMCL as an inference-only module (method.md §7): with mean pooling that is the reference
     inference module, with text pooling our extension (row value "<suffix>+inference").
-    Only the last checkpoints are scored, so the variants skip the reference selection."""
+    Only the last checkpoints are scored, so the variants' own runs skip the reference
+    selection."""
     epochs = params.ablation_epochs or params.epochs
     rows = []
     for suffix, (label, changes) in {**REFERENCE_VARIANT, **variants}.items():
         own_run = changes or epochs != params.epochs
-        variant = params.replace(run=f"{params.run}-{suffix}" if own_run else params.run,
-                                 epochs=epochs, reference_selection=False, **changes)
+        variant = (params.replace(run=f"{params.run}-{suffix}", epochs=epochs,
+                                  reference_selection=False, **changes)
+                   if own_run else params)           # the main run, trained as notebook 02 trains it
         model, run_params, features = _load_run(variant)
         rows.append(_row("trained", f"{label} ({epochs} epochs)", suffix,
                          measure(features, model, run_params)))
         if run_params.emcl == "off":
-            pooled = ("meanP + EMCL at inference (the reference inference module)"
+            pooled = ("meanP + EMCL at inference (the reference inference module's EMCL block)"
                       if run_params.pooling == "mean" else
                       "text pooling + EMCL at inference (A·V rows per block, our extension)")
             rows.append(_row("trained", f"{pooled} ({epochs} epochs)", f"{suffix}+inference",

@@ -37,7 +37,8 @@ TEXT_COLOUR, VIDEO_COLOUR = "tab:orange", "tab:blue"
 @dataclass
 class EMBlock:
     """One block of texts x videos through pooling and EMCL (CPU tensors). With mean pooling
-    the video rows are one per video: [V,...] where text pooling has [A,V,...]."""
+    the EM input has one row per video (N = V + A); the [A,V,...] fields repeat it for
+    every caption, so that both poolings are read the same way."""
     text_indices: torch.Tensor     # [A] rows of features.text
     video_indices: torch.Tensor    # [V] rows of features.video
     captions: list[str]            # [A]
@@ -126,8 +127,9 @@ def em_block(model, features, text_indices, video_indices=None, *,
     x = torch.cat([video_rows, t])                                       # [N, D] the EMCL input
     x_after = x + emcl.beta * state.recon                                # [N, D]
 
-    def split(rows):  # [N, ...] -> video rows [(A,) V, ...], text rows [A, ...]
-        return rows[:n].reshape(*v.shape[:-1], *rows.shape[1:]).cpu(), rows[n:].cpu()
+    def split(rows):  # [N, ...] -> video rows [A, V, ...] (mean pooling: one copy per caption), text rows [A, ...]
+        video = rows[:n].reshape(-1, V, *rows.shape[1:]).expand(A, V, *rows.shape[1:])
+        return video.cpu(), rows[n:].cpu()
 
     mu_video, mu_text = split(state.mu)
     video_before, text_before = split(F.normalize(x, dim=-1))

@@ -6,6 +6,7 @@ environment (RANK, LOCAL_RANK, WORLD_SIZE), never from a `--local_rank` argument
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -43,11 +44,18 @@ def resolve_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+# Rank 0 validates (and scores the reference selection) alone while the other ranks wait
+# in a barrier: a large validation split (ActivityNet: 4,917 videos) outlasts the default
+# 10 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def init_distributed(device: torch.device, env: DistEnv) -> None:
     """Join the process group: NCCL on GPUs, gloo on CPU. No-op for one process."""
     if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
 
 
 def is_distributed() -> bool:

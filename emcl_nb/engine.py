@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -36,6 +37,9 @@ COLLAPSE_GAP = 25.0
 # Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
 NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale")
+# The reference's exemptions (decay_exempt=reference): names holding one of these. CLIP's
+# norms are named ln_*, so its norm gains, embeddings and logit scale are decayed there.
+REFERENCE_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,13 +84,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def param_groups(model: nn.Module, params: Params) -> list[dict]:
-    """Four groups: CLIP / new modules x decay / no decay. CLIP gets lr * coef_lr.
+    """Four groups: CLIP / new modules x decay / no decay (params.decay_exempt says which
+    parameters get none). CLIP gets lr * coef_lr.
     Frozen parameters (the patch embedding, see EMCLNet) are left out."""
     groups = {(is_clip, decay): [] for is_clip in (True, False) for decay in (True, False)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+        if params.decay_exempt == "reference":
+            decay = not any(part in name for part in REFERENCE_NO_DECAY)
+        else:
+            decay = param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
         groups[(name.startswith("clip."), decay)].append(param)
     return [
         {"params": members, "name": f"{'clip' if is_clip else 'new'}_{'decay' if decay else 'no_decay'}",
@@ -293,9 +301,12 @@ def collapse_signs(val: dict) -> str | None:
 
 def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELDS) -> None:
     """A TrainingSetupError naming every one of `fields` that `params` changes from the
-    `saved` parameters of the run at `path` (synthetic_* fields only for synthetic data)."""
-    changed = {key: (saved[key], getattr(params, key)) for key in fields
-               if key in saved and saved[key] != getattr(params, key)
+    `saved` parameters of the run at `path` (synthetic_* fields only for synthetic data).
+    A field the run did not record (it was trained by an earlier version, before the field
+    existed) counts as changed: its recipe is not known to be this one."""
+    unrecorded = "(not recorded)"
+    changed = {key: (saved.get(key, unrecorded), getattr(params, key)) for key in fields
+               if saved.get(key, unrecorded) != getattr(params, key)
                and (params.synthetic or key not in SYNTHETIC_FIELDS)}
     if changed:
         listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
@@ -307,8 +318,8 @@ def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELD
 
 def _reference_step(reference, model, params: Params, selection: dict, path: Path,
                     epoch: int, step: int) -> None:
-    """One evaluation of the reference's selection; saves the model when it is the best so far
-    (ties go to the later step, as the reference's `best_score <= R1`)."""
+    """One evaluation of the reference's selection; saves the model to `path` when it is the
+    best so far (ties go to the later step, as the reference's `best_score <= R1`)."""
     model.eval()
     r1 = reference(unwrap(model))["t2v"]["R1"]
     model.train()
@@ -318,6 +329,17 @@ def _reference_step(reference, model, params: Params, selection: dict, path: Pat
         selection["best"] = record
         save_checkpoint(path, model=unwrap(model), epoch=epoch, step=step,
                         params=params.to_dict(), metrics={"reference": record})
+
+
+def _promote_reference(pending: Path, reference: Path, saved_step: int) -> None:
+    """Make the selection's pending best reference.pt once last.pt (at `saved_step`) has
+    saved the epoch it came from; drop it when it came from an epoch that was not saved."""
+    if not pending.exists():
+        return
+    if read_checkpoint(pending, mmap=True)["step"] <= saved_step:
+        os.replace(pending, reference)
+    else:
+        pending.unlink()
 
 
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
@@ -354,7 +376,9 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
     out_dir = params.out_dir
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, log_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "log.jsonl"
-    reference_path = ckpt_dir / "reference.pt"
+    # The reference selection's best of an epoch waits in reference.pending.pt until last.pt
+    # has saved the epoch: reference.pt never holds a model of an epoch a resume redoes.
+    reference_path, pending_reference = ckpt_dir / "reference.pt", ckpt_dir / "reference.pending.pt"
     reference_every = params.reference_interval if params.reference_selection else 0
     if env.is_main:
         for stale in sweep_temp_files(out_dir, TRAINING_FILES) + sweep_temp_files(ckpt_dir):
@@ -385,6 +409,7 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
         best_score = state["metrics"].get("best_score", -math.inf)
         selection = state["metrics"].get("reference", selection)
         if env.is_main:
+            _promote_reference(pending_reference, reference_path, step)
             _truncate_log(log_path, step)
             atomic_write_json(out_dir / "history.json", history)   # killed before it was written
             if start_epoch >= params.epochs:
@@ -395,7 +420,7 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
                       f"(step {step} of {total_steps})")
     elif env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (log_path, reference_path, out_dir / "reference.json"):   # of an earlier run
+        for stale in (log_path, reference_path, pending_reference, out_dir / "reference.json"):  # of an earlier run
             stale.unlink(missing_ok=True)
         save_params(params, out_dir / "params.yaml")
 
@@ -435,7 +460,7 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
             step += 1
             if reference_every and (step == 1 or step % reference_every == 0):
                 if reference is not None and env.is_main:
-                    _reference_step(reference, model, params, selection, reference_path, epoch, step)
+                    _reference_step(reference, model, params, selection, pending_reference, epoch, step)
                 distributed.barrier()
             if not step_log.pending and env.is_main:     # just flushed: shows the logged value
                 bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
@@ -465,6 +490,7 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
             save_checkpoint(last_path, model=unwrap(model), optimizer=optimizer,
                             scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
                             params=params.to_dict(), metrics=metrics)
+            _promote_reference(pending_reference, reference_path, step)
             atomic_write_json(out_dir / "history.json", history)
             if reference_every:
                 atomic_write_json(out_dir / "reference.json", selection)

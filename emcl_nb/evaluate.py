@@ -50,7 +50,7 @@ EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_la
 REFERENCE_PROTOCOL = "reference protocol"
 # A text whose scores over all videos span less than this scores them alike (float32 cosines).
 CONSTANT_SPREAD = 1e-5
-CACHE_VERSION = 2                # 2: Features.dropped
+CACHE_VERSION = 3                # 2: Features.dropped; 3: the fp32 head (features differ under autocast)
 UNREADABLE_VIDEO = "unreadable video"
 
 
@@ -268,7 +268,7 @@ def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrid
     inference: EMCL as an inference-only module (method.md §7): inference_emcl_* settings,
                reference init drawn from params.seed, inference_block_size blocks, applied to
                the L2-normalised embeddings with no renormalisation afterwards. With mean
-               pooling this is the reference inference module (V video + A text rows per
+               pooling this is the EMCL block of the reference inference module (V video + A text rows per
                block; its logits divided by logit_scale, the same ranks); with text pooling
                the A*V text-pooled rows (our extension).
     """

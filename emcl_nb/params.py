@@ -96,6 +96,8 @@ class Params:
     coef_lr: float = 1e-3               # CLIP parameters get lr * coef_lr
     optimizer: str = "bertadam"         # bertadam (the reference: Adam without bias correction) | adamw
     weight_decay: float = 0.2
+    decay_exempt: str = "norms"         # norms: biases, norm gains, embeddings, logit_scale get no
+                                        # weight decay | reference: only names with "bias" / "LayerNorm"
     warmup_proportion: float = 0.1
     grad_clip: float = 1.0              # global gradient norm clip (and BertAdam's per-tensor clip);
                                         # = world size restores the reference's 1/W gradient regime
@@ -158,6 +160,7 @@ CHOICES = {
     "emcl": ("on", "off", "inference"),
     "pooling": ("text", "mean"),
     "optimizer": ("bertadam", "adamw"),
+    "decay_exempt": ("norms", "reference"),
     "emcl_init": ("reference", "distinct"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
 }
@@ -194,13 +197,16 @@ MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "imag
                 "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
 # Set the data order and the optimisation:
 TRAINING_FIELDS = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
-                   "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "warmup_proportion",
+                   "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "decay_exempt", "warmup_proportion",
                    "grad_clip", "freeze_patch_embedding", "precision")
 # Draw the synthetic set (checked only when params.synthetic is set):
 SYNTHETIC_FIELDS = tuple(name for name in FIELDS if name.startswith("synthetic"))
+# Decide what the reference's step-wise selection records during training:
+SELECTION_FIELDS = ("reference_selection", "reference_eval_steps")
 # A run resumes only with the values it was started with; on_bad_sample may change, so
 # that a run stopped by a bad video can go on.
-RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS + SYNTHETIC_FIELDS))
+RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS + SYNTHETIC_FIELDS
+                                    + SELECTION_FIELDS))
 # A finished run is reused for evaluation only if it was trained on this data with this
 # recipe; settings evaluation may change (max_frames, precision, the seed of inference-only
 # bases) and the model fields (taken from the checkpoint) are not checked.

@@ -12,7 +12,7 @@ on its block: the block size is part of the protocol (reference-defects.md #3).
   text chunks (scores do not depend on the chunking then).
 
 Pooling "text" stacks A*V text-pooled video vectors and A texts per block; "mean" stacks
-V mean-pooled video vectors and A texts (the reference inference module's block).
+V mean-pooled video vectors and A texts (the EMCL block of the reference inference module).
 - `similarity_matrix`: picks one of the above from `emcl` and `block_size`.
 """
 from __future__ import annotations

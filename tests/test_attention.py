@@ -262,3 +262,17 @@ def test_correction_rank_is_the_rank_of_the_correction_added(model, params, feat
     assert rank == int(effective_rank(2.0 * on.emcl.last.recon)) >= 1
     assert correction_rank(features, model, scoring_setup(model, params, "on", emcl_beta=0.0)) == 0
     assert correction_rank(features, model, scoring_setup(model, params, "off")) is None
+
+
+def test_the_views_work_on_a_mean_pooling_model(params):
+    """meanP + EMCL at inference: one EM row per video, repeated for every caption."""
+    model = make_model(params.replace(pooling="mean", agg_module="None", emcl="off"))
+    features = encode_split(model, params, "test")
+    block = attention.em_block(model, features, range(A))
+    V = len(block.video_ids)
+    assert block.recon.shape[0] == V + A                     # N = V + A rows entered the EM
+    assert block.mu_video.shape[:2] == (A, V) and torch.equal(block.mu_video[0], block.mu_video[-1])
+    assert "N = " in attention.describe(block)
+    for figure in (attention.plot_basis_loadings(block), attention.plot_modality_gap(block),
+                   attention.plot_frame_weights(block), attention.plot_responsibilities(block)):
+        assert figure.axes

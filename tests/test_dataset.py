@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import (TextDataset, TrainDataset, VideoDataset, _tokenizer,
@@ -127,7 +128,10 @@ def test_augmentation_is_the_reference_policy():
     assert [op.name for op in policy.ops] == REFERENCE_OPS
     for op in policy.ops:
         assert (op.prob, op.magnitude, op.magnitude_std) == (0.5, 7, 0.5)
-        assert op.kwargs["fillcolor"] == (128, 128, 128) and op.hparams["translate_const"] == 100
+        assert op.kwargs["fillcolor"] == (128, 128, 128)
+        assert op.kwargs["resample"] == Image.BICUBIC
+    translate = policy.ops[REFERENCE_OPS.index("TranslateXRel")]
+    assert translate.level_fn(10, translate.hparams)[0] == pytest.approx(0.45)   # of the frame's own width
 
 
 def test_every_frame_gets_the_draw_timm_makes_for_the_clip_seed():

@@ -141,6 +141,16 @@ def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tmp_path):
     assert groups["new_decay"]["initial_lr"] == params.lr
 
 
+def test_decay_exempt_reference_decays_what_the_reference_decays(tmp_path):
+    params = tiny_params(tmp_path, decay_exempt="reference")
+    model = build_model(params)
+    optimizer, _ = build_optimizer(model, params, total_steps=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay == {n for n in names.values() if "bias" in n}       # CLIP's norms are ln_*
+    assert "clip.logit_scale" not in no_decay and "clip.ln_final.weight" not in no_decay
+
+
 def reference_warmup_cosine(x: float, warmup: float) -> float:
     """Transcription of the reference schedule on total progress x."""
     if x < warmup:
@@ -220,6 +230,58 @@ def test_reference_selection_scores_at_the_reference_steps_and_keeps_the_best(tm
     assert [e["step"] for e in selection["evaluations"]] == [1, 2, 4, 6]
     assert selection["split"] == "test" and selection["best"]["step"] == 4   # ties: the later step
     assert read_checkpoint(result.out_dir / "checkpoints" / "reference.pt")["step"] == 4
+
+
+def test_a_killed_epoch_leaves_no_reference_checkpoint_behind(tmp_path, monkeypatch):
+    """The selection's best of an epoch becomes reference.pt only once last.pt has saved the
+    epoch: a run killed before that resumes with the reference.pt its last.pt knows about."""
+    import emcl_nb.engine as engine
+
+    params = tiny_params(tmp_path, epochs=2, reference_selection=True, reference_eval_steps=2)
+    checkpoints = params.out_dir / "checkpoints"
+
+    def killed_before_epoch_2_is_saved(path, **kwargs):
+        if kwargs["epoch"] == 2 and path.name == "last.pt":
+            raise KeyboardInterrupt
+        real_save(path, **kwargs)
+    real_save = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", killed_before_epoch_2_is_saved)
+    scores = iter([10.0, 20.0, 30.0, 40.0])                       # steps 1, 2 | 4, 6: rising
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, RandomClips(24, params), reference=lambda model: {"t2v": {"R1": next(scores)}})
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert read_checkpoint(checkpoints / "reference.pt")["step"] == 2     # epoch 1's best
+    assert (checkpoints / "reference.pending.pt").is_file()              # epoch 2's, unsaved
+    redo = iter([5.0, 5.0])                                               # the redone epoch scores lower
+    fit(params, RandomClips(24, params), reference=lambda model: {"t2v": {"R1": next(redo)}})
+    assert not (checkpoints / "reference.pending.pt").exists()
+    selection = json.loads((params.out_dir / "reference.json").read_text())
+    assert [e["step"] for e in selection["evaluations"]] == [1, 2, 4, 6]
+    assert selection["best"]["step"] == 2 == read_checkpoint(checkpoints / "reference.pt")["step"]
+
+
+def test_a_pending_reference_is_promoted_only_when_its_epoch_was_saved(tmp_path):
+    from emcl_nb.checkpoint import save_checkpoint
+    from emcl_nb.engine import _promote_reference
+
+    model = build_model(tiny_params(tmp_path))
+    pending, reference = tmp_path / "reference.pending.pt", tmp_path / "reference.pt"
+    save_checkpoint(pending, model=model, epoch=1, step=4, params={})
+    _promote_reference(pending, reference, saved_step=3)          # its epoch was not saved
+    assert not pending.exists() and not reference.exists()
+    save_checkpoint(pending, model=model, epoch=1, step=4, params={})
+    _promote_reference(pending, reference, saved_step=6)          # killed after last.pt
+    assert not pending.exists() and read_checkpoint(reference)["step"] == 4
+
+
+def test_a_field_the_run_did_not_record_counts_as_changed(tmp_path):
+    """A run of an earlier version, from before `optimizer` existed, is not this recipe."""
+    from emcl_nb.engine import check_resumable
+
+    saved = Params().to_dict()
+    del saved["optimizer"]
+    with pytest.raises(TrainingSetupError, match=r"optimizer: '\(not recorded\)' -> 'bertadam'"):
+        check_resumable(Params(), saved, tmp_path / "last.pt")
 
 
 def test_configure_torch_flushes_denormals_that_slow_the_em_step():

@@ -26,14 +26,15 @@ REFERENCE_POLICY = "rand-m7-n4-mstd0.5-inc1"
 GREY_FILL = (128, 128, 128)
 
 
-def reference_rand_augment(image_size: int):
-    """timm's RandAugment with the reference's policy string and hyperparameters (absolute
-    translations up to 45 % of image_size, bicubic, grey fill). Takes one PIL image and
-    draws its randomness from Python's `random` and NumPy's global generator."""
+def reference_rand_augment():
+    """timm's RandAugment with the reference's policy string and hyperparameters (bicubic,
+    grey fill; the "increasing" op set translates by up to 45 % of the frame's own size,
+    timm's translate_pct, so the absolute translate_const the reference also passes has no
+    effect and is left out). Takes one PIL image and draws its randomness from Python's
+    `random` and NumPy's global generator."""
     from timm.data.auto_augment import rand_augment_transform
-    return rand_augment_transform(REFERENCE_POLICY, {
-        "translate_const": int(image_size * 0.45), "interpolation": Image.BICUBIC,
-        "img_mean": GREY_FILL})
+    return rand_augment_transform(REFERENCE_POLICY, {"interpolation": Image.BICUBIC,
+                                                     "img_mean": GREY_FILL})
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ class FrameTransform:
 
     def __init__(self, image_size: int, augment: bool):
         self.image_size = image_size
-        self.augment = reference_rand_augment(image_size) if augment else None
+        self.augment = reference_rand_augment() if augment else None
 
     def __call__(self, frames: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
