@@ -44,15 +44,16 @@ def notebooks() -> list[Path]:
 
 def run_notebooks(dataset: str = "synthetic", run: str = "demo", overrides: str = "",
                   names: list[str] | None = None) -> Path:
-    """Execute the numbered notebooks in order with papermill; returns the output folder,
-    which also gets timings.json (seconds per notebook). A failing cell stops the run
-    (papermill raises, naming the notebook and cell)."""
+    """Execute the numbered notebooks in order (those in `names`, or all) with papermill;
+    returns the output folder, whose timings.json keeps the seconds of each notebook's
+    latest run. A failing cell stops the run (papermill raises, naming the notebook and cell)."""
     import papermill
 
     params = load_params(dataset, f"run={run} {overrides}")
     out_dir = params.out_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    timings_path = out_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if names and timings_path.is_file() else {}
     for path in notebooks():
         if names and path.stem not in names:
             continue
@@ -63,7 +64,7 @@ def run_notebooks(dataset: str = "synthetic", run: str = "demo", overrides: str 
                                    progress_bar=False, stdout_file=sys.stdout)
         timings[path.stem] = time.perf_counter() - start
         print(f"[emcl_nb] {path.name} done in {timings[path.stem]:.0f} s", flush=True)
-    atomic_write_json(out_dir / "timings.json", timings)
+    atomic_write_json(timings_path, dict(sorted(timings.items())))
     return out_dir
 
 
@@ -109,18 +110,18 @@ def store_notebooks(executed_dir: Path) -> list[Path]:
 
 def seed_study(dataset: str, run: str, overrides: str, seeds=STUDY_SEEDS) -> dict:
     """Test metrics of the run trained with each training seed (the data stay the same):
-    seed 0 is `run` itself (with `seed=0`), the others `<run>-seed<S>`, trained and
-    evaluated here when they have no metrics yet. Written to <run>/seeds.json."""
+    seed 0 is `run` itself (with `seed=0`), the others `<run>-seed<S>`, trained here when
+    they have no checkpoint (a run there must have this recipe) and evaluated when they have
+    no metrics yet. Written to <run>/seeds.json."""
     from emcl_nb.evaluate import evaluate_run
-    from emcl_nb.train import train
+    from emcl_nb.train import ensure_trained
 
     per_seed = {}
     for seed in seeds:
         name = run if seed == 0 else f"{run}-seed{seed}"
         params = load_params(dataset, f"{overrides} run={name} seed={seed}")
+        ensure_trained(params)          # trains it, or checks that the run there used this recipe
         if not (params.out_dir / "metrics.json").is_file():
-            print(f"[emcl_nb] seed study: training {name}", flush=True)
-            train(params)
             evaluate_run(params)
         summary = json.loads((params.out_dir / "metrics.json").read_text())
         per_seed[seed] = {key: summary["results"][key] for key in ("best", "last")
@@ -141,20 +142,24 @@ def machine() -> str:
 
 
 def _spread(values: list[float]) -> str:
-    """mean ± std over seeds, at the precision they repeat to (whole points)."""
+    """mean ± std over seeds, then each seed's value, at the precision they repeat to (whole
+    points)."""
+    each = ", ".join(f"{value:.0f}" for value in values)
     if len(values) < 2:
-        return f"{values[0]:.0f}"
-    return f"{statistics.mean(values):.0f} ± {statistics.stdev(values):.0f}"
+        return each
+    return f"{statistics.mean(values):.0f} ± {statistics.stdev(values):.0f} ({each})"
 
 
 def results_markdown(run_dir: Path, study: dict, timings: dict[str, float]) -> str:
     """The README's synthetic results: the demo run's test metrics (seed 0), the spread of
     the same row over the training seeds, and the time of each notebook."""
+    from emcl_nb.evaluate import reference_protocol_label
+
     summary = json.loads((run_dir / "metrics.json").read_text())
     results = summary["results"]
     first = next(iter(results.values()))
     labels = {"best": "best on validation", "last": "last epoch",
-              "reference_protocol": "reference protocol (selected on test)"}
+              "reference_protocol": reference_protocol_label(run_dir)}
     seeds = study["seeds"]
     lines = [f"Test split: {first['n_videos']} videos, {first['n_texts']} captions "
              f"(chance R@1 {first['chance_R1']:.0f} %). Seed 0 is the demo run; "
@@ -166,7 +171,7 @@ def results_markdown(run_dir: Path, study: dict, timings: dict[str, float]) -> s
         if key not in results:
             continue
         result = results[key]
-        epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
+        epoch = f" (epoch {result['epoch']})" if key != "reference_protocol" else ""
         over = [seed_results[key] for seed_results in seeds.values() if key in seed_results]
         spread = (f"{_spread([r['t2v']['R1'] for r in over])} | {_spread([r['v2t']['R1'] for r in over])}"
                   if key in ("best", "last") else " | ")

@@ -186,30 +186,35 @@ def plot_top_k(sim: torch.Tensor, text_video: torch.Tensor, captions: list[str],
 
 def plot_ablations(rows: list[dict], metric: str = "t2v_R1") -> plt.Figure:
     """One panel per scoring setting (metric against the value, effective rank of the EMCL
-    correction annotated), and one panel of the trained variants."""
+    correction annotated) and, below them at full width, one panel of the trained variants
+    (its long labels would otherwise squeeze the grid)."""
     scoring = {}
     for row in rows:
         if row["kind"] == "scoring":
             scoring.setdefault(row["setting"], []).append(row)
     trained = [row for row in rows if row["kind"] == "trained"]
-    panels = len(scoring) + bool(trained)
-    cols = min(3, panels)
-    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(4.2 * cols, 3.0 * -(-panels // cols)),
-                             squeeze=False)
-    for ax, (setting, group) in zip(axes.flat, scoring.items()):
-        labels = [str(row["value"]) for row in group]
-        ax.plot(range(len(group)), [row[metric] for row in group], marker="o")
-        for i, row in enumerate(group):
-            if row.get("rank") is not None:
-                ax.annotate(f"rank {row['rank']}", (i, row[metric]), fontsize=7,
-                            textcoords="offset points", xytext=(0, 6), ha="center")
-        ax.set(xticks=range(len(group)), xticklabels=labels, title=setting, ylabel=metric)
+    cols = min(3, max(1, len(scoring)))
+    grid_rows = -(-len(scoring) // cols)
+    bars_height = 0.3 * len(trained) + 0.8
+    width = max(4.2 * cols, 9.0 if trained else 0.0)           # the bar labels need about 4 in
+    fig = plt.figure(figsize=(width, 3.0 * grid_rows + bars_height * bool(trained)), layout="constrained")
+    both = trained and scoring
+    top, bottom = fig.subfigures(2, 1, height_ratios=(3.0 * grid_rows, bars_height)) if both else (fig, fig)
+    if scoring:
+        axes = top.subplots(grid_rows, cols, squeeze=False).flatten()
+        for ax, (setting, group) in zip(axes, scoring.items()):
+            labels = [str(row["value"]) for row in group]
+            ax.plot(range(len(group)), [row[metric] for row in group], marker="o")
+            for i, row in enumerate(group):
+                if row.get("rank") is not None:
+                    ax.annotate(f"rank {row['rank']}", (i, row[metric]), fontsize=7,
+                                textcoords="offset points", xytext=(0, 6), ha="center")
+            ax.set(xticks=range(len(group)), xticklabels=labels, title=setting, ylabel=metric)
+        for ax in axes[len(scoring):]:
+            ax.axis("off")
     if trained:
-        ax = axes.flat[len(scoring)]
+        ax = bottom.subplots()
         ax.barh([row["setting"] for row in trained], [row[metric] for row in trained])
         ax.set(xlabel=metric, title="trained / scored variants")
         ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[panels:]:
-        ax.axis("off")
-    fig.tight_layout()
     return fig

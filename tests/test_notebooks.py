@@ -154,9 +154,16 @@ def test_results_section_is_written_from_the_run_files(tmp_path):
     study = {"seeds": {0: {"best": result(86.0, 9), "last": result(91.0, 12)},
                        1: {"best": result(80.0, 8), "last": result(85.0, 12)},
                        2: {"best": result(83.0, 7), "last": result(88.0, 12)}}}
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "reference.pt").write_bytes(b"")
+    (run_dir / "reference.json").write_text(json.dumps({"split": "test", "every": 30, "best": {"step": 990}}))
+    reference = {**result(92.0, None), "epoch": 11}
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"results": {"best": result(86.0, 9), "last": result(91.0, 12), "reference_protocol": reference}}))
     section = demo.results_markdown(run_dir, study, {"01_data_prep": 20.0, "02_train": 220.0})
-    assert "| best on validation (epoch 9) | 86 | 100 | 84 | 83 ± 3 | 81 ± 3 |" in section
-    assert "| last epoch (epoch 12) | 91 | 100 | 89 | 88 ± 3 | 86 ± 3 |" in section
+    assert "| reference protocol (selected on test every 30 steps: step 990) | 92 | 100 | 90 |  |  |" in section
+    assert "| best on validation (epoch 9) | 86 | 100 | 84 | 83 ± 3 (86, 80, 83) | 81 ± 3 (84, 78, 81) |" in section
+    assert "| last epoch (epoch 12) | 91 | 100 | 89 | 88 ± 3 (91, 85, 88) | 86 ± 3 (89, 83, 86) |" in section
     assert "01: 20 s, 02: 220 s" in section
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{demo.RESULTS_BEGIN}\nold\n{demo.RESULTS_END}\nrest\n")
