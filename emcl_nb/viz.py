@@ -48,7 +48,7 @@ def save_figure(fig: plt.Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     jpeg = {"pil_kwargs": {"quality": JPEG_QUALITY}} if path.suffix == ".jpg" else {}
-    fig.savefig(path, dpi=110, bbox_inches="tight", **jpeg)
+    fig.savefig(path, dpi=100, bbox_inches="tight", **jpeg)
     return path
 
 
@@ -195,11 +195,11 @@ def plot_ablations(rows: list[dict], metric: str = "t2v_R1") -> plt.Figure:
     trained = [row for row in rows if row["kind"] == "trained"]
     cols = min(3, max(1, len(scoring)))
     grid_rows = -(-len(scoring) // cols)
-    bars_height = 0.3 * len(trained) + 0.8
-    width = max(4.2 * cols, 9.0 if trained else 0.0)           # the bar labels need about 4 in
-    fig = plt.figure(figsize=(width, 3.0 * grid_rows + bars_height * bool(trained)), layout="constrained")
+    bars_height = 0.25 * len(trained) + 0.8
+    width = max(3.6 * cols, 9.0 if trained else 0.0)           # the bar labels need about 4 in
+    fig = plt.figure(figsize=(width, 2.6 * grid_rows + bars_height * bool(trained)), layout="constrained")
     both = trained and scoring
-    top, bottom = fig.subfigures(2, 1, height_ratios=(3.0 * grid_rows, bars_height)) if both else (fig, fig)
+    top, bottom = fig.subfigures(2, 1, height_ratios=(2.6 * grid_rows, bars_height)) if both else (fig, fig)
     if scoring:
         axes = top.subplots(grid_rows, cols, squeeze=False).flatten()
         for ax, (setting, group) in zip(axes, scoring.items()):
