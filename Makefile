@@ -12,9 +12,15 @@ NBVAL_OVERRIDES ?= synthetic_train=400 synthetic_test=50 synthetic_val=50 epochs
 
 setup: $(STAMP)
 
+# JupyterLab in this venv saves widget state with the notebook, so that a saved explorer
+# (notebook 05) reopens as its last view instead of "Error displaying widget: model not found".
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	mkdir -p $(LAB_SETTINGS)
+	echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}' > $(LAB_SETTINGS)/overrides.json
 	touch $(STAMP)
 
 demo: setup

@@ -101,26 +101,27 @@ def _autocast(device: torch.device, params: Params):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def split_loaders(annotations, params: Params) -> tuple[DataLoader, DataLoader]:
+def split_loaders(annotations, params: Params, persistent: bool = True) -> tuple[DataLoader, DataLoader]:
     """(texts, videos) loaders of one split for `encode_split`. Kept across calls (as the
     per-epoch validation does), their workers and decoded-clip caches persist."""
     from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader
-    return (build_loader(TextDataset(annotations, params), params, train=False),
-            build_loader(VideoDataset(annotations, params), params, train=False))
+    return (build_loader(TextDataset(annotations, params), params, train=False, persistent=persistent),
+            build_loader(VideoDataset(annotations, params), params, train=False, persistent=persistent))
 
 
 def encode_split(model, params: Params, split: str, device: torch.device | None = None, *,
                  annotations=None, loaders: tuple[DataLoader, DataLoader] | None = None) -> Features:
     """Encode every text and every video of `split` once (batch_size_val per batch).
 
-    `loaders`: `split_loaders(annotations, params)` to reuse (built here when None).
+    `loaders`: `split_loaders(annotations, params)` to reuse (built here when None, for
+    this one pass: their workers end with it).
     Videos that cannot be read are skipped when params.on_bad_sample == "skip": they and
     their texts are left out with a warning, and listed in `skipped_videos`.
     """
     from emcl_nb.data.annotations import load_annotations
 
     annotations = annotations if annotations is not None else load_annotations(params, split)
-    text_loader, video_loader = loaders or split_loaders(annotations, params)
+    text_loader, video_loader = loaders or split_loaders(annotations, params, persistent=False)
     device = device or model.device
     model.eval()
     n_texts, n_videos, T = len(annotations), annotations.num_videos, params.max_frames

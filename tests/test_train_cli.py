@@ -88,15 +88,18 @@ def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
 
 @pytest.fixture
 def loaders_kept_alive(monkeypatch):
-    """Something in the kernel keeps the loaders referenced after train() returns, as
-    tqdm's notebook widget did (its widget model, alive in the kernel, held the loader)."""
-    from emcl_nb import engine
-    kept, original = [], engine.progress_bar
+    """Something in the kernel keeps the loaders referenced after training or evaluation
+    returns, as tqdm's notebook widget did (its widget model, alive in the kernel, held
+    the loader)."""
+    from emcl_nb import engine, evaluate
+    from emcl_nb.progress import progress_bar
+    kept = []
 
     def holding_bar(iterable=None, **kwargs):
         kept.append(iterable)
-        return original(iterable, **kwargs)
-    monkeypatch.setattr(engine, "progress_bar", holding_bar)
+        return progress_bar(iterable, **kwargs)
+    for module in (engine, evaluate):
+        monkeypatch.setattr(module, "progress_bar", holding_bar)
     return kept
 
 
@@ -132,4 +135,16 @@ def test_train_leaves_no_worker_processes_behind_after_an_error(tmp_path, monkey
     monkeypatch.setattr(engine, "save_checkpoint", fail)
     with pytest.raises(OSError, match="disk gone"):
         train(_in_process_params(tmp_path))
+    assert multiprocessing.active_children() == []
+
+
+def test_evaluation_leaves_no_worker_processes_behind(tmp_path, loaders_kept_alive):
+    import multiprocessing
+
+    from emcl_nb.evaluate import evaluate_run
+    from emcl_nb.train import train
+
+    params = _in_process_params(tmp_path)
+    train(params)
+    evaluate_run(params, ("last",), cache=False)
     assert multiprocessing.active_children() == []

@@ -214,14 +214,16 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset: Dataset, params: Params, *, train: bool, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
+                 world_size: int = 1, persistent: bool = True) -> DataLoader:
     """DataLoader over this process's share of `dataset`.
 
     Batches hold params.batch_size (train) or params.batch_size_val samples over all
     processes together. Training shuffles (seeded by params.seed and the epoch given to
     `loader.sampler.set_epoch`) and drops the last incomplete batch. With several
     processes, evaluation pads the last share with repeated samples (DistributedSampler);
-    the `index`/`video_index` fields identify them.
+    the `index`/`video_index` fields identify them. `persistent` keeps the workers (and
+    their decoded-clip caches) between passes; a loader read once passes False, so that
+    its workers end with the pass.
     """
     total = params.batch_size if train else params.batch_size_val
     if total % world_size:
@@ -235,7 +237,7 @@ def build_loader(dataset: Dataset, params: Params, *, train: bool, rank: int = 0
                         num_workers=params.num_workers, collate_fn=collate,
                         pin_memory=torch.cuda.is_available(), drop_last=train,
                         worker_init_fn=_seed_worker, generator=generator,
-                        persistent_workers=params.num_workers > 0)
+                        persistent_workers=persistent and params.num_workers > 0)
     _LOADERS.add(loader)
     return loader
 
