@@ -248,9 +248,8 @@ class EMCLNet(nn.Module):
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
         frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
         emcl = self.emcl if self.params.emcl == "on" else None
-        with self.fp32_head():
-            sims = self.score(t, f, frame_mask, emcl=emcl)                        # [B_global, B_global]
-            return symmetric_infonce(sims, self.clip.logit_scale)
+        sims = self.score(t, f, frame_mask, emcl=emcl)                            # [B_global, B_global], fp32
+        return symmetric_infonce(sims, self.clip.logit_scale)                     # fp32 ops under autocast too
 
     def clamp_logit_scale(self) -> None:
         """Keep logit_scale <= ln 100 (called after every optimiser step)."""
