@@ -395,14 +395,18 @@ def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
     return lambda model: {"val": scorer(model)}
 
 
-def make_reference_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
+def make_reference_validator(params: Params, validator=None) -> Callable[[torch.nn.Module], dict] | None:
     """The reference's model selection for `engine.fit` (params.reference_selection): the
     metrics of params.reference_split (val for MSVD and LSMDC, test otherwise), scored every
-    params.reference_interval steps. None when not asked, and on every process but the main one."""
+    params.reference_interval steps. None when not asked, and on every process but the main one.
+    When it selects on val, the per-epoch `validator` (make_validator) is reused: one set of
+    val loaders, workers and decoded clips serves both."""
     from emcl_nb.distributed import env_from_torchrun
 
     if not (params.reference_selection and env_from_torchrun().is_main):
         return None
+    if params.reference_split == "val" and validator is not None:
+        return lambda model: validator(model)["val"]
     return _split_scorer(params, params.reference_split)
 
 

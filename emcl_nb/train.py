@@ -35,8 +35,9 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     distributed.barrier()
     train_set = TrainDataset(load_annotations(params, "train"), params, train=True)
     try:
-        return fit(params, train_set, validate=make_validator(params),
-                   reference=make_reference_validator(params), resume=resume, on_log=on_log)
+        validate = make_validator(params)
+        return fit(params, train_set, validate=validate,
+                   reference=make_reference_validator(params, validate), resume=resume, on_log=on_log)
     finally:
         shutdown_workers()          # no loader worker outlives train(), even on an error
         distributed.cleanup()

@@ -296,6 +296,22 @@ def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
     assert validate(model) == first and len(reads) == N_VAL
 
 
+def test_a_reference_selection_on_val_shares_the_validation_loaders(params, monkeypatch):
+    """MSVD / LSMDC select on val: the reference selection reuses the per-epoch validator's
+    loaders (and their decoded clips) instead of building a second set."""
+    built = []
+    real_split_loaders = evaluate.split_loaders
+    monkeypatch.setattr(evaluate, "split_loaders",
+                        lambda *a, **kw: built.append(a[1:]) or real_split_loaders(*a, **kw))
+    model = make_model(params)
+    on_val = params.replace(reference_selection=True, reference_eval_steps=0)
+    monkeypatch.setattr(type(on_val), "reference_split", property(lambda self: "val"))
+    validate = evaluate.make_validator(on_val)
+    reference = evaluate.make_reference_validator(on_val, validate)
+    assert reference(model)["t2v"] == validate(model)["val"]["t2v"]
+    assert len(built) == 1
+
+
 # ---------------------------------------------------------------- run report
 
 def write_run(params: Params) -> dict:
