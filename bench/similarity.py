@@ -27,7 +27,7 @@ import time
 import torch
 
 from emcl_nb.emcl import EMCL
-from emcl_nb.engine import configure_torch
+from emcl_nb.runtime import configure_torch
 from emcl_nb.params import Params
 from emcl_nb.similarity import block_similarity, block_similarity_loop
 

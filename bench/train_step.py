@@ -17,7 +17,8 @@ import time
 import torch
 
 from emcl_nb.clip_backbone import load_clip
-from emcl_nb.engine import autocast_dtype, build_optimizer, configure_torch, seed_everything
+from emcl_nb.optim import build_optimizer
+from emcl_nb.runtime import autocast_dtype, configure_torch, seed_everything
 from emcl_nb.model import EMCLNet
 from emcl_nb.params import Params, load_params, parse_overrides
 

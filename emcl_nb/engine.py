@@ -9,14 +9,12 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,21 +24,15 @@ from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from emcl_nb.io import (atomic_write_json, atomic_write_text, folder_lock, naming_full_disk,
                         sweep_temp_files)
 from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
+from emcl_nb.optim import build_optimizer
 from emcl_nb.progress import progress_bar
+from emcl_nb.runtime import autocast, autocast_dtype, configure_torch, seed_everything, to_device
 
 # What training writes in the run folder besides checkpoints/ (evaluation writes there too).
 TRAINING_FILES = ("params.yaml", "history.json", "log.jsonl", "reference.json")
 
 # Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
 COLLAPSE_GAP = 25.0
-
-# Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
-# (all 1-D tensors), embeddings and CLIP's logit scale.
-NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale")
-# The reference's exemptions (decay_exempt=reference): names holding one of these. CLIP's
-# norms are named ln_*, so its norm gains, embeddings and logit scale are decayed there.
-REFERENCE_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
@@ -59,145 +51,8 @@ class FitResult:
     log_path: Path | None = None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def configure_torch(params: Params) -> None:
-    """Threads, denormals and determinism: the same parameters give the same numbers.
-
-    Denormal floats (below 1.2e-38) flush to zero: the EM softmax produces many, and CPU
-    arithmetic on them is 10-20x slower (the EMCL step of a training batch took 15 ms
-    instead of 1.5 ms); no value above float32 resolution changes.
-    """
-    torch.set_flush_denormal(True)
-    if params.num_threads > 0:
-        torch.set_num_threads(params.num_threads)
-    if params.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def param_groups(model: nn.Module, params: Params) -> list[dict]:
-    """Four groups: CLIP / new modules x decay / no decay (params.decay_exempt says which
-    parameters get none). CLIP gets lr * coef_lr.
-    Frozen parameters (the patch embedding, see EMCLNet) are left out."""
-    groups = {(is_clip, decay): [] for is_clip in (True, False) for decay in (True, False)}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if params.decay_exempt == "reference":
-            decay = not any(part in name for part in REFERENCE_NO_DECAY)
-        else:
-            decay = param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
-        groups[(name.startswith("clip."), decay)].append(param)
-    return [
-        {"params": members, "name": f"{'clip' if is_clip else 'new'}_{'decay' if decay else 'no_decay'}",
-         "lr": params.lr * (params.coef_lr if is_clip else 1.0),
-         "weight_decay": params.weight_decay if decay else 0.0}
-        for (is_clip, decay), members in groups.items() if members
-    ]
-
-
-class BertAdam(torch.optim.Optimizer):
-    """The reference's optimiser (BertAdam): Adam without bias correction.
-
-    Per update and tensor: the gradient is clipped to norm `max_grad_norm` (after the global
-    clip in the training loop), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g², the update
-    u = m / (sqrt(v) + eps) gets `weight_decay * p` added, and p -= lr * u. The group's
-    "lr" is the scheduled rate (engine.build_optimizer drives it with `warmup_cosine`).
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      max_grad_norm=max_grad_norm))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if not self.state[p]:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
-                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-            grads = [p.grad for p in params]
-            if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6)
-                norms = torch._foreach_norm(grads)
-                torch._foreach_add_(norms, 1e-6)
-                scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
-                torch._foreach_clamp_max_(scales, 1.0)
-                grads = torch._foreach_mul(grads, scales)
-            exp_avg = [self.state[p]["exp_avg"] for p in params]
-            exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
-            beta1, beta2 = group["betas"]
-            torch._foreach_mul_(exp_avg, beta1)
-            torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
-            torch._foreach_mul_(exp_avg_sq, beta2)
-            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(exp_avg_sq)
-            torch._foreach_add_(denom, group["eps"])
-            update = torch._foreach_div(exp_avg, denom)
-            if group["weight_decay"] > 0:
-                torch._foreach_add_(update, params, alpha=group["weight_decay"])
-            torch._foreach_add_(params, update, alpha=-group["lr"])
-        return loss
-
-
-def build_optimizer(model: nn.Module, params: Params, total_steps: int):
-    """(optimizer, scheduler) of the run: `optimizer.step(); scheduler.step()` once per update.
-
-    bertadam: the reference update (BertAdam above; its per-tensor clip is params.grad_clip,
-    1.0 as in the reference). adamw: torch's AdamW (bias-corrected, decoupled decay).
-    Both: betas (0.9, 0.98), eps 1e-6, the groups of `param_groups` and the reference
-    schedule `warmup_cosine` over `total_steps` updates.
-    """
-    groups = param_groups(model, params)
-    if params.optimizer == "bertadam":
-        optimizer = BertAdam(groups, lr=params.lr, max_grad_norm=params.grad_clip)
-    else:
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
-    return optimizer, scheduler
-
-
-def warmup_cosine(total_steps: int, warmup_proportion: float) -> Callable[[int], float]:
-    """The reference schedule: lr factor of update `step` (0 = the first update).
-
-    With progress x = step / total_steps: x / warmup_proportion during warm-up, then
-    0.5 (1 + cos(pi x)), the cosine of the whole run (not restarted after warm-up). The
-    first update has lr 0.
-    """
-    def factor(step: int) -> float:
-        x = step / total_steps
-        if x < warmup_proportion:
-            return x / warmup_proportion
-        return 0.5 * (1.0 + math.cos(math.pi * x))
-    return factor
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """fp32 master weights always; autocast to bf16 on CUDA (fp16 where bf16 is missing)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -205,11 +60,6 @@ def _set_epoch(loader, epoch: int) -> None:
     for owner in (loader.sampler, loader.dataset, getattr(loader, "batch_sampler", None)):
         if hasattr(owner, "set_epoch"):
             owner.set_epoch(epoch)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
 
 
 def check_setup(params: Params, num_samples: int, world_size: int) -> None:
@@ -444,8 +294,8 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
                 raise RuntimeError(
                     "a clip failed to decode during multi-process training (the warning above "
                     "names the file): ranks need equal batches. Fix or remove the file.")
-            batch = _to_device(batch, device)
-            with _autocast(device, dtype):
+            batch = to_device(batch, device)
+            with autocast(device, dtype):
                 loss = model(batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

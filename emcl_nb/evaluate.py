@@ -38,6 +38,7 @@ from emcl_nb.metrics import DSL, PLAIN, TIE_RULE, evaluate_similarity, format_ta
 from emcl_nb.params import (CHOICES, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT, Params,
                             ParamsError, load_params, parse_overrides)
 from emcl_nb.progress import progress_bar
+from emcl_nb.runtime import autocast, autocast_dtype, configure_torch
 from emcl_nb.similarity import similarity_matrix
 
 # Settings that change only the scoring, never the features: `score` accepts them as overrides.
@@ -95,12 +96,6 @@ class Features:
         return dict(vars(self))
 
 
-def _autocast(device: torch.device, params: Params):
-    from emcl_nb.engine import autocast_dtype
-    dtype = autocast_dtype(device, params.precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def split_loaders(annotations, params: Params, persistent: bool = True) -> tuple[DataLoader, DataLoader]:
     """(texts, videos) loaders of one split for `encode_split`. Kept across calls (as the
     per-epoch validation does), their workers and decoded-clip caches persist."""
@@ -131,7 +126,7 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
     present = torch.zeros(n_videos, dtype=torch.bool)
     bar = dict(disable=not params.progress, leave=False, unit="batch")
 
-    with torch.no_grad(), _autocast(device, params):
+    with torch.no_grad(), autocast(device, autocast_dtype(device, params.precision)):
         for batch in progress_bar(text_loader, desc=f"encode {split} texts", **bar):
             features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
             text[batch["index"]] = features.float().cpu()                                 # [B, D]
@@ -206,7 +201,6 @@ def annotations_fingerprint(annotations) -> str:
 
 def feature_key(model, params: Params, split: str, annotations, device: torch.device) -> dict:
     """Everything the features of `split` depend on."""
-    from emcl_nb.engine import autocast_dtype
     return {"version": CACHE_VERSION, "split": split, "weights": weights_fingerprint(model),
             "annotations": annotations_fingerprint(annotations),
             "precision": str(autocast_dtype(device, params.precision) or torch.float32),
@@ -538,7 +532,6 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
     (out_dir/checkpoints): the row describes this run. `overrides`: SCORING_FIELDS, see `score`.
     """
     from emcl_nb.distributed import DistEnv, resolve_device
-    from emcl_nb.engine import configure_torch
 
     configure_torch(params)
     device = resolve_device(params.device, DistEnv())

@@ -1,0 +1,120 @@
+"""The optimiser and learning-rate schedule of the reference recipe (docs/reference-recipe.md):
+parameter groups, BertAdam (or AdamW) and the warm-up + cosine schedule."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from emcl_nb.params import Params
+
+# Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
+# (all 1-D tensors), embeddings and CLIP's logit scale.
+NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale")
+# The reference's exemptions (decay_exempt=reference): names holding one of these. CLIP's
+# norms are named ln_*, so its norm gains, embeddings and logit scale are decayed there.
+REFERENCE_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+
+
+def param_groups(model: nn.Module, params: Params) -> list[dict]:
+    """Four groups: CLIP / new modules x decay / no decay (params.decay_exempt says which
+    parameters get none). CLIP gets lr * coef_lr.
+    Frozen parameters (the patch embedding, see EMCLNet) are left out."""
+    groups = {(is_clip, decay): [] for is_clip in (True, False) for decay in (True, False)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if params.decay_exempt == "reference":
+            decay = not any(part in name for part in REFERENCE_NO_DECAY)
+        else:
+            decay = param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+        groups[(name.startswith("clip."), decay)].append(param)
+    return [
+        {"params": members, "name": f"{'clip' if is_clip else 'new'}_{'decay' if decay else 'no_decay'}",
+         "lr": params.lr * (params.coef_lr if is_clip else 1.0),
+         "weight_decay": params.weight_decay if decay else 0.0}
+        for (is_clip, decay), members in groups.items() if members
+    ]
+
+
+class BertAdam(torch.optim.Optimizer):
+    """The reference's optimiser (BertAdam): Adam without bias correction.
+
+    Per update and tensor: the gradient is clipped to norm `max_grad_norm` (after the global
+    clip in the training loop), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g², the update
+    u = m / (sqrt(v) + eps) gets `weight_decay * p` added, and p -= lr * u. The group's
+    "lr" is the scheduled rate (build_optimizer drives it with `warmup_cosine`).
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      max_grad_norm=max_grad_norm))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6)
+                norms = torch._foreach_norm(grads)
+                torch._foreach_add_(norms, 1e-6)
+                scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
+                torch._foreach_clamp_max_(scales, 1.0)
+                grads = torch._foreach_mul(grads, scales)
+            exp_avg = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+            beta1, beta2 = group["betas"]
+            torch._foreach_mul_(exp_avg, beta1)
+            torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(exp_avg, denom)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, params: Params, total_steps: int):
+    """(optimizer, scheduler) of the run: `optimizer.step(); scheduler.step()` once per update.
+
+    bertadam: the reference update (BertAdam above; its per-tensor clip is params.grad_clip,
+    1.0 as in the reference). adamw: torch's AdamW (bias-corrected, decoupled decay).
+    Both: betas (0.9, 0.98), eps 1e-6, the groups of `param_groups` and the reference
+    schedule `warmup_cosine` over `total_steps` updates.
+    """
+    groups = param_groups(model, params)
+    if params.optimizer == "bertadam":
+        optimizer = BertAdam(groups, lr=params.lr, max_grad_norm=params.grad_clip)
+    else:
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, params.warmup_proportion))
+    return optimizer, scheduler
+
+
+def warmup_cosine(total_steps: int, warmup_proportion: float) -> Callable[[int], float]:
+    """The reference schedule: lr factor of update `step` (0 = the first update).
+
+    With progress x = step / total_steps: x / warmup_proportion during warm-up, then
+    0.5 (1 + cos(pi x)), the cosine of the whole run (not restarted after warm-up). The
+    first update has lr 0.
+    """
+    def factor(step: int) -> float:
+        x = step / total_steps
+        if x < warmup_proportion:
+            return x / warmup_proportion
+        return 0.5 * (1.0 + math.cos(math.pi * x))
+    return factor

@@ -1,0 +1,51 @@
+"""Runtime set-up shared by training and evaluation: seeds, torch threads and determinism,
+autocast precision, moving batches to the device."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from emcl_nb.params import Params
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_torch(params: Params) -> None:
+    """Threads, denormals and determinism: the same parameters give the same numbers.
+
+    Denormal floats (below 1.2e-38) flush to zero: the EM softmax produces many, and CPU
+    arithmetic on them is 10-20x slower (the EMCL step of a training batch took 15 ms
+    instead of 1.5 ms); no value above float32 resolution changes.
+    """
+    torch.set_flush_denormal(True)
+    if params.num_threads > 0:
+        torch.set_num_threads(params.num_threads)
+    if params.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """fp32 master weights always; autocast to bf16 on CUDA (fp16 where bf16 is missing)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
