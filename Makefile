@@ -5,10 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Notebook checks (nbval) run a smaller synthetic configuration so they stay within minutes;
 # it still learns (tests/check_nbval_run.py bounds what it reaches).
-NBVAL_OVERRIDES ?= synthetic_train=400 synthetic_test=50 synthetic_val=50 epochs=6 ablation_epochs=1 \
+NBVAL_OVERRIDES ?= synthetic_train=400 synthetic_test=50 synthetic_val=50 epochs=6 \
   run=nbval progress=false anno_path=outputs/data/synthetic-nbval video_path=outputs/data/synthetic-nbval/videos
 
-.PHONY: setup demo test test-unit test-notebooks notebooks clean
+.PHONY: setup demo test test-unit test-notebooks notebooks ablations clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ test-notebooks: setup
 # seed study and the README's results section (about 20 minutes on 2 cores).
 notebooks: setup
 	$(PY) -m emcl_nb.demo --refresh
+
+# The seeded ablation grid (params/synthetic-ablations.yaml, 3 training seeds): trains what is
+# missing, re-reads what is done (seconds on a finished grid), writes docs/results/ablations.json
+# (what notebook 04 shows) and the README's ablation section.
+ablations: setup
+	$(PY) -m emcl_nb.ablations
 
 clean:
 	rm -rf $(VENV) outputs/*/ .pytest_cache

@@ -185,14 +185,17 @@ def results_markdown(run_dir: Path, study: dict, timings: dict[str, float]) -> s
     return "\n".join(lines)
 
 
-def update_readme(section: str, readme: Path = README) -> None:
-    """Replace the text between the README's results markers with `section`."""
+def update_readme(section: str, readme: Path = README,
+                  markers: tuple[str, str] = (RESULTS_BEGIN, RESULTS_END)) -> None:
+    """Replace the text between the README's `markers` (default: the results section) with
+    `section`."""
+    begin, end = markers
     text = readme.read_text()
-    if RESULTS_BEGIN not in text or RESULTS_END not in text:
-        raise ValueError(f"{readme} has no {RESULTS_BEGIN} ... {RESULTS_END} section to rewrite")
-    head, rest = text.split(RESULTS_BEGIN, 1)
-    tail = rest.split(RESULTS_END, 1)[1]
-    atomic_write_text(readme, f"{head}{RESULTS_BEGIN}\n{section}\n{RESULTS_END}{tail}")
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme} has no {begin} ... {end} section to rewrite")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_text(readme, f"{head}{begin}\n{section}\n{end}{tail}")
 
 
 def main(argv=None) -> None:
@@ -221,6 +224,9 @@ def main(argv=None) -> None:
         timings = json.loads((out_dir / "timings.json").read_text())
         update_readme(results_markdown(run_dir, study, timings))
         print(f"[emcl_nb] rewrote the results section of {repo_relative(README)}")
+        from emcl_nb import ablations
+        if ablations.RESULTS.is_file():        # the stored grid notebook 04 showed
+            ablations.update_readme(ablations.load_results())
 
 
 if __name__ == "__main__":

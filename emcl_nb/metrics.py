@@ -88,13 +88,27 @@ def expected_rank(higher, ties) -> torch.Tensor:
     return 1 + torch.as_tensor(higher).double() + torch.as_tensor(ties).double() / 2
 
 
+def _recall(higher: torch.Tensor, ties: torch.Tensor, k: int) -> torch.Tensor:
+    """Per query, the probability that the true candidate lands in the top k: clamp((k -
+    higher) / (ties + 1), 0, 1) (float64)."""
+    return ((k - higher.double()) / (ties.double() + 1)).clamp(0, 1)
+
+
+def query_recall(sim, k: int = 1, target=None) -> torch.Tensor:
+    """[Q] per-query R@k hits (float64 in [0, 1], fractional only for ties, `TIE_RULE`): their
+    mean times 100 is R@k. What a paired comparison of two scorings resamples.
+
+    sim, target: as in `query_ranks` (target None means the diagonal)."""
+    return _recall(*_rank_counts(_as_matrix(sim), target), k)
+
+
 def metrics_from_counts(higher, ties) -> dict:
     """R@1/5/10/50 (percent; each query counts clamp((K - higher) / (ties + 1), 0, 1)),
     MdR (median expected rank) and MnR (mean expected rank), by `TIE_RULE`."""
     higher, ties = torch.as_tensor(higher).double(), torch.as_tensor(ties).double()
     if higher.numel() == 0:
         raise ValueError("no queries to score: the similarity matrix has no rows")
-    out = {f"R{k}": float(((k - higher) / (ties + 1)).clamp(0, 1).mean() * 100) for k in RECALL_AT}
+    out = {f"R{k}": float(_recall(higher, ties, k).mean() * 100) for k in RECALL_AT}
     ranks = expected_rank(higher, ties).cpu().numpy()
     out["MdR"] = float(np.median(ranks))                              # mean of the middle two when even
     out["MnR"] = float(ranks.mean())

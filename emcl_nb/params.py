@@ -116,7 +116,6 @@ class Params:
                                         # its split (val: msvd, lsmdc; test: others) at step 1 and every
                                         # reference_eval_steps steps, keep the best as reference.pt
     reference_eval_steps: int = 0       # 0 = the reference's 3 * n_display: 150 (msrvtt), 30 (others)
-    ablation_epochs: int = 0            # epochs of each trained ablation variant (0 = epochs)
     inference_emcl_bases: int = 7       # settings of EMCL as an inference-only module (method.md §7)
     inference_emcl_stages: int = 10
     inference_emcl_lamd: float = 0.1

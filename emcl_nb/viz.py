@@ -184,37 +184,29 @@ def plot_top_k(sim: torch.Tensor, text_video: torch.Tensor, captions: list[str],
     return fig
 
 
-def plot_ablations(rows: list[dict], metric: str = "t2v_R1") -> plt.Figure:
-    """One panel per scoring setting (metric against the value, effective rank of the EMCL
-    correction annotated) and, below them at full width, one panel of the trained variants
-    (its long labels would otherwise squeeze the grid)."""
-    scoring = {}
-    for row in rows:
-        if row["kind"] == "scoring":
-            scoring.setdefault(row["setting"], []).append(row)
-    trained = [row for row in rows if row["kind"] == "trained"]
-    cols = min(3, max(1, len(scoring)))
-    grid_rows = -(-len(scoring) // cols)
-    bars_height = 0.25 * len(trained) + 0.8
-    width = max(3.6 * cols, 9.0 if trained else 0.0)           # the bar labels need about 4 in
-    fig = plt.figure(figsize=(width, 2.6 * grid_rows + bars_height * bool(trained)), layout="constrained")
-    both = trained and scoring
-    top, bottom = fig.subfigures(2, 1, height_ratios=(2.6 * grid_rows, bars_height)) if both else (fig, fig)
-    if scoring:
-        axes = top.subplots(grid_rows, cols, squeeze=False).flatten()
-        for ax, (setting, group) in zip(axes, scoring.items()):
-            labels = [str(row["value"]) for row in group]
-            ax.plot(range(len(group)), [row[metric] for row in group], marker="o")
-            for i, row in enumerate(group):
-                if row.get("rank") is not None:
-                    ax.annotate(f"rank {row['rank']}", (i, row[metric]), fontsize=7,
-                                textcoords="offset points", xytext=(0, 6), ha="center")
-            ax.set(xticks=range(len(group)), xticklabels=labels, title=setting, ylabel=metric)
-        for ax in axes[len(scoring):]:
-            ax.axis("off")
-    if trained:
-        ax = bottom.subplots()
-        ax.barh([row["setting"] for row in trained], [row[metric] for row in trained])
-        ax.set(xlabel=metric, title="trained / scored variants")
-        ax.tick_params(axis="y", labelsize=7)
+def plot_ablations(results: dict) -> plt.Figure:
+    """Left: each trained arm's T2V R@1, mean ± std over seeds (each seed a grey dot). Right:
+    each question's difference to its baseline with its paired bootstrap interval (filled
+    red: the interval excludes 0). `results`: what emcl_nb.ablations writes."""
+    arms = [arm for arm in results["arms"].values() if arm["setting"] in ("trained", "inference")]
+    questions = results["questions"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.3 * max(len(arms), len(questions)) + 1.2),
+                                      layout="constrained", gridspec_kw={"width_ratios": (1, 1.3)})
+    rows = np.arange(len(arms))[::-1]                       # the first arm on top
+    for row, arm in zip(rows, arms):
+        spread = arm["t2v_R1"]
+        left.errorbar(spread["mean"], row, xerr=spread["std"], fmt="o", color="tab:blue", capsize=3)
+        left.plot(spread["values"], [row] * len(spread["values"]), ".", color="0.5", markersize=4)
+    left.set(yticks=rows, xlabel="T2V R@1 (%), mean ± std over seeds",
+             title=f"{len(results['seeds'])} training seed(s)")
+    left.set_yticklabels([arm["label"] for arm in arms], fontsize=7)
+    rows = np.arange(len(questions))[::-1]
+    for row, q in zip(rows, questions):
+        colour = "tab:red" if q["significant"] else "tab:gray"
+        right.errorbar(q["diff"], row, xerr=[[q["diff"] - q["low"]], [q["high"] - q["diff"]]], fmt="o",
+                       color=colour, markerfacecolor=colour if q["significant"] else "white", capsize=3)
+    right.axvline(0, color="0.3", linewidth=0.8)
+    right.set(yticks=rows, xlabel="Δ T2V R@1 (points), 95 % paired bootstrap interval",
+              title=f"difference to the baseline ({results['n_queries']} test queries)")
+    right.set_yticklabels([q["question"] for q in questions], fontsize=7)
     return fig

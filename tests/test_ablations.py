@@ -1,37 +1,101 @@
-"""The trained part of the ablation grid: which runs it trains, and the baseline table."""
+"""The ablation grid: which runs it trains and scores, what it reuses, how it summarises."""
+import json
+
+import pytest
+import torch
+
 from emcl_nb import ablations
+from emcl_nb.engine import TrainingSetupError
 from emcl_nb.params import Params
 
 
-def fake_training(monkeypatch) -> list[Params]:
-    """Record the runs `trained_ablations` asks for instead of training them."""
-    loaded = []
-
-    def load_run(variant):
-        loaded.append(variant)
-        return "model", variant, "features"
-
-    metrics = {"t2v": {"R1": 1.0, "R5": 2.0, "MnR": 3.0}, "v2t": {"R1": 4.0}}
-    monkeypatch.setattr(ablations, "_load_run", load_run)
-    monkeypatch.setattr(ablations, "measure", lambda features, model, params, mode=None: (metrics, None))
-    return loaded
+def test_variants_the_recipe_already_has_are_the_reference_run():
+    base = Params(emcl_bases=8, emcl_beta=3.0)
+    names = list(ablations.trained_variants(base))
+    assert names[0] == ablations.REFERENCE
+    assert "bases-8" not in names and "beta-1" in names and "meanp" in names
 
 
-def test_baselines_are_trained_at_the_ablation_budget_and_tabled_in_order(monkeypatch):
-    loaded = fake_training(monkeypatch)
-    rows = ablations.trained_ablations(Params(run="r", epochs=12, ablation_epochs=2,
-                                              reference_selection=True))
-    runs = {variant.run: variant for variant in loaded}
-    assert all(variant.epochs == 2 and not variant.reference_selection for variant in loaded)
-    assert (runs["r-meanp"].pooling, runs["r-meanp"].agg_module, runs["r-meanp"].emcl) == ("mean", "None", "off")
-    assert (runs["r-emcl-off"].pooling, runs["r-emcl-off"].emcl) == ("text", "off")
-    assert runs["r-reference"].emcl == "on"                  # EMCL-Net at the same budget
-    table = ablations.baseline_table(rows).splitlines()[2:]
-    assert [line.split(" | ")[1] for line in table] == list(ablations.BASELINES)
-    assert table[0].startswith("| CLIP4Clip meanP") and "reference inference module" in table[1]
+def test_arms_score_inference_only_emcl_on_the_runs_trained_without_it():
+    arms = ablations.grid_arms(Params())
+    assert arms["emcl-off+inference"][1:3] == ("emcl-off", "inference")
+    assert arms["meanp+inference"][1:3] == ("meanp", "inference")
+    assert not any(arm.startswith(("distinct+", "reference+")) for arm in arms)
+    rescored = {arm for arm, (_, run, mode, _) in arms.items() if mode == "on"}
+    assert all(arms[arm][1] == ablations.REFERENCE for arm in rescored)
+    assert "reference@emcl_bases=32" not in arms and "reference@emcl_bases=8" in arms   # 32 is trained
 
 
-def test_emcl_net_is_the_main_run_when_the_budgets_agree(monkeypatch):
-    loaded = fake_training(monkeypatch)
-    ablations.trained_ablations(Params(run="r", epochs=5), variants={})
-    assert [variant.run for variant in loaded] == ["r"]
+def fake_scores(hits_of_run):
+    """run_scores stand-in: every setting of a run gets the run's per-query hits."""
+    def run_scores(params, settings):
+        hits = hits_of_run(params)
+        metrics = {"R1": 100.0 * sum(hits) / len(hits), "R5": 100.0, "MnR": 1.0}
+        return {"train_seconds": 60.0, "scores": {key: {"t2v": metrics, "v2t": metrics, "hits": hits, "rank": 2}
+                                                  for key in settings}}
+    return run_scores
+
+
+def test_grid_pairs_each_variant_with_its_baseline_on_the_same_seed(monkeypatch, tmp_path):
+    """EMCL-Net wins every query on seed 0 and 1 against EMCL off, which wins none: +100
+    points, significant; a variant scoring like EMCL-Net is 0, not significant."""
+    trained = []
+
+    def hits(params):
+        trained.append((params.run, params.seed))
+        return [0.0] * 20 if params.emcl == "off" else [1.0] * 20
+
+    monkeypatch.setattr(ablations, "run_scores", fake_scores(hits))
+    results = ablations.run_grid("synthetic", (0, 1), run="g", results_path=tmp_path / "grid.json")
+    assert ("g-seed1-emcl-off", 1) in trained and ("g-seed0-reference", 0) in trained
+    assert len(trained) == 2 * len(ablations.trained_variants(Params()))
+    by_question = {q["question"]: q for q in results["questions"]}
+    emcl = by_question["EMCL vs EMCL off"]
+    assert emcl["diff"] == pytest.approx(100.0) and emcl["significant"] and emcl["per_seed"] == [100.0, 100.0]
+    assert by_question["K = 8 vs EMCL-Net"]["verdict"] == "not significant"
+    assert results["arms"]["reference"]["t2v_R1"]["values"] == [100.0, 100.0]
+    assert results["timing"]["train_seconds"] == pytest.approx(60.0 * len(trained))
+    assert json.loads((tmp_path / "grid.json").read_text())["questions"] == results["questions"]
+    assert ablations.arms_table(results).splitlines()[2].endswith("| 100.0, 100.0 | 2, 2 |")
+    markdown = ablations.readme_markdown(results)
+    assert "Significant on this task: EMCL vs EMCL off" in markdown and "no significant effect" in markdown
+
+
+def save_fake_checkpoint(params: Params, epoch: int):
+    path = params.out_dir / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"params": params.to_dict(), "epoch": epoch}, path)
+    return path
+
+
+def test_a_complete_run_is_reused_an_unfinished_one_resumed_another_recipe_refused(monkeypatch, tmp_path):
+    from emcl_nb import train
+    calls = []
+    monkeypatch.setattr(train, "train", lambda params: calls.append(params.run))
+    done = Params(output_root=str(tmp_path), run="done", epochs=3)
+    save_fake_checkpoint(done, epoch=3)
+    assert ablations.ensure_complete(done)[1] is None and calls == []
+    half = done.replace(run="half")
+    save_fake_checkpoint(half, epoch=1)
+    assert ablations.ensure_complete(half)[1] is not None and calls == ["half"]
+    with pytest.raises(TrainingSetupError, match="seed: 0 -> 1"):
+        ablations.ensure_complete(done.replace(seed=1))
+
+
+def test_scores_are_cached_per_checkpoint(monkeypatch, tmp_path):
+    params = Params(output_root=str(tmp_path), run="r", epochs=1)
+    last = save_fake_checkpoint(params, epoch=1)
+    scored = []
+
+    def score_checkpoint(path, params, settings):
+        scored.extend(settings)
+        return {key: {"hits": [1.0]} for key in settings}
+
+    monkeypatch.setattr(ablations, "score_checkpoint", score_checkpoint)
+    off = {"off": ("off", {})}
+    ablations.run_scores(params, off)
+    ablations.run_scores(params, {**off, "trained": (None, {})})
+    assert scored == ["off", "trained"]                     # only the new setting is scored
+    torch.save({"params": params.to_dict(), "epoch": 1, "changed": True}, last)   # retrained
+    assert ablations.run_scores(params, off)["scores"] == {"off": {"hits": [1.0]}}
+    assert scored == ["off", "trained", "off"]

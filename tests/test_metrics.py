@@ -7,7 +7,7 @@ import torch
 
 from emcl_nb.metrics import (DSL, PLAIN, dsl, evaluate_similarity, format_table, group_best_scores,
                              metrics_from_counts, multi_sentence_metrics, query_ranks,
-                             retrieval_metrics)
+                             query_recall, retrieval_metrics)
 
 # Row i's true score (column i) is beaten by exactly i candidates: ranks 1, 2, 3, 4.
 KNOWN_RANKS = torch.tensor([
@@ -81,6 +81,17 @@ def test_partly_tied_rows_use_the_expected_rank():
     # R@2 of the first row: (2 - 1) / 2 = 0.5, from metrics_from_counts directly
     assert metrics_from_counts([1], [1])["R1"] == 0.0
     assert metrics_from_counts([0, 1], [1, 1])["R1"] == pytest.approx(25.0)
+
+
+def test_per_query_recall_follows_the_tie_rule_and_averages_to_r_at_k():
+    sim = torch.tensor([[0.5, 0.5, 0.9],                  # R@1 0, R@2 (2 - 1) / 2
+                        [0.3, 0.3, 0.3],                  # R@1 1/3, R@2 2/3
+                        [0.9, 0.9, 0.1]])                 # R@1 0, R@2 0
+    assert query_recall(sim, 1).tolist() == pytest.approx([0.0, 1 / 3, 0.0])
+    assert query_recall(sim, 2).tolist() == pytest.approx([0.5, 2 / 3, 0.0])
+    assert query_recall(KNOWN_RANKS, 1).mean() * 100 == pytest.approx(retrieval_metrics(KNOWN_RANKS)["R1"])
+    # several captions per video: each text's target is its own video's column
+    assert query_recall(torch.eye(3)[[0, 0, 2]], 1, torch.tensor([0, 1, 2])).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_multi_sentence_ties_never_help_either():
