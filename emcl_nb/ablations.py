@@ -175,18 +175,22 @@ def score_setting(features, model, params: Params, mode: str | None, overrides: 
 def run_scores(params: Params, settings: dict[str, tuple[str | None, dict]]) -> dict:
     """{"scores": {setting key: score_setting(...)}, "train_seconds"} of the run, complete.
     Cached in out_dir/SCORES_FILE for the checkpoint they came from (its size and mtime) and
-    the scoring parameters; only settings not cached there load the model and score."""
+    the scoring parameters; only settings not cached there load the model and score. The
+    training time stays with its checkpoint when the scores are made again."""
     from emcl_nb.evaluate import SCORING_FIELDS
 
     last, trained_seconds = ensure_complete(params)
     path = params.out_dir / SCORES_FILE
-    stamp = {"version": SCORES_VERSION, **_checkpoint_stamp(last),
+    checkpoint = _checkpoint_stamp(last)
+    stamp = {"version": SCORES_VERSION, **checkpoint,
              "scoring": {name: getattr(params, name) for name in ("seed", *SCORING_FIELDS)}}
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    if cached.get("stamp") != stamp:
-        cached = {"stamp": stamp, "train_seconds": trained_seconds, "scores": {}}
-    elif trained_seconds is not None:
-        cached["train_seconds"] = trained_seconds
+    cached = json.loads(path.read_text()) if path.is_file() else {"stamp": {}}
+    same_checkpoint = all(cached["stamp"].get(key) == value for key, value in checkpoint.items())
+    if trained_seconds is None and same_checkpoint:
+        trained_seconds = cached.get("train_seconds")
+    if cached["stamp"] != stamp:
+        cached = {"stamp": stamp, "scores": {}}
+    cached["train_seconds"] = trained_seconds
     missing = {key: setting for key, setting in settings.items() if key not in cached["scores"]}
     if missing:
         cached["scores"].update(score_checkpoint(last, params, missing))
@@ -366,26 +370,27 @@ def readme_markdown(results: dict) -> str:
                + (f" ({timing['runs'] - timing['runs_timed']} runs' times not recorded)"
                   if timing["runs_timed"] < timing["runs"] else ""))
     significant = [q["question"] for q in results["questions"] if q["significant"]]
-    lines = [f"Grid: {describe(results)}. Differences are T2V R@1 points, variant minus "
-             f"baseline on the same seeds; the interval is a paired bootstrap over test queries "
-             f"({results['bootstrap']['samples']} resamples, {results['bootstrap']['seeds_pooled']}).",
+    lines = [(f"Grid: {describe(results)}. Differences are T2V R@1 points, variant minus "
+              f"baseline on the same seeds; the interval is a paired bootstrap over test queries "
+              f"({results['bootstrap']['samples']} resamples, {results['bootstrap']['seeds_pooled']})."),
              "", questions_table(results), "",
              ("Significant on this task: " + "; ".join(significant) + ". Every other question: "
               "no significant effect." if significant else
               "No question shows a significant effect on this task."),
              "", arms_table(results), "",
-             f"Made by `{results['command']}` on {results['machine']}: {trained} (the 2 cores "
-             f"shared with other jobs); rerunning it on the finished grid took "
-             f"{timing['invocation_seconds']:.0f} s."]
+             (f"Made by `{results['command']}` on {results['machine']}: {trained} (the cores "
+              f"shared with other jobs). Its latest invocation took {timing['invocation_seconds']:.0f} s: "
+              f"a finished grid is only read back (checkpoints checked, cached scores).")]
     return "\n".join(lines)
 
 
 ABLATIONS_BEGIN, ABLATIONS_END = "<!-- ablations:begin -->", "<!-- ablations:end -->"
 
 
-def update_readme(results: dict) -> None:
-    from emcl_nb.demo import README, update_readme as replace_section
-    replace_section(readme_markdown(results), README, (ABLATIONS_BEGIN, ABLATIONS_END))
+def update_readme(results: dict, readme: Path | None = None) -> None:
+    """Rewrite the README's ablation section (between ABLATIONS_BEGIN and ABLATIONS_END)."""
+    from emcl_nb import demo
+    demo.update_readme(readme_markdown(results), readme or demo.README, (ABLATIONS_BEGIN, ABLATIONS_END))
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from emcl_nb import ablations
+from emcl_nb import ablations, demo
 from emcl_nb.engine import TrainingSetupError
 from emcl_nb.params import Params
 
@@ -59,6 +59,12 @@ def test_grid_pairs_each_variant_with_its_baseline_on_the_same_seed(monkeypatch,
     assert ablations.arms_table(results).splitlines()[2].endswith("| 100.0, 100.0 | 2, 2 |")
     markdown = ablations.readme_markdown(results)
     assert "Significant on this task: EMCL vs EMCL off" in markdown and "no significant effect" in markdown
+    readme = tmp_path / "README.md"
+    demo_section = f"{demo.RESULTS_BEGIN}\ndemo\n{demo.RESULTS_END}"
+    readme.write_text(f"{demo_section}\n{ablations.ABLATIONS_BEGIN}\nold\n{ablations.ABLATIONS_END}\n")
+    ablations.update_readme(results, readme)
+    assert readme.read_text() == \
+        f"{demo_section}\n{ablations.ABLATIONS_BEGIN}\n{markdown}\n{ablations.ABLATIONS_END}\n"
 
 
 def save_fake_checkpoint(params: Params, epoch: int):
@@ -93,9 +99,14 @@ def test_scores_are_cached_per_checkpoint(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ablations, "score_checkpoint", score_checkpoint)
     off = {"off": ("off", {})}
+    trained_seconds = iter([12.0, None, None, None])       # trained by the first call only
+    monkeypatch.setattr(ablations, "ensure_complete", lambda params: (last, next(trained_seconds)))
     ablations.run_scores(params, off)
     ablations.run_scores(params, {**off, "trained": (None, {})})
     assert scored == ["off", "trained"]                     # only the new setting is scored
+    rescored = params.replace(block_size=8)                 # another scoring: scored again,
+    assert ablations.run_scores(rescored, off)["train_seconds"] == 12.0   # the training time kept
+    assert scored == ["off", "trained", "off"]
     torch.save({"params": params.to_dict(), "epoch": 1, "changed": True}, last)   # retrained
     assert ablations.run_scores(params, off)["scores"] == {"off": {"hits": [1.0]}}
-    assert scored == ["off", "trained", "off"]
+    assert scored == ["off", "trained", "off", "off"]
