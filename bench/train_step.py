@@ -16,10 +16,9 @@ import time
 
 import torch
 
-from emcl_nb.clip_backbone import load_clip
 from emcl_nb.optim import build_optimizer
 from emcl_nb.runtime import autocast_dtype, configure_torch, seed_everything
-from emcl_nb.model import EMCLNet
+from emcl_nb.model import build_model
 from emcl_nb.params import Params, load_params, parse_overrides
 
 PRESETS = {
@@ -60,10 +59,8 @@ def main() -> None:
     configure_torch(params)
     seed_everything(0)
     device = torch.device(args.device)
-    clip_model = vit_b32_clip() if args.preset == "vit-b32" else load_clip(
-        "tiny", params.clip_cache, tiny_width=params.tiny_width, tiny_layers=params.tiny_layers,
-        tiny_patch=params.tiny_patch, image_size=params.image_size)
-    model = EMCLNet(clip_model, params).to(device).train()
+    clip_model = vit_b32_clip() if args.preset == "vit-b32" else None     # None: params' tiny CLIP
+    model = build_model(params, clip_model).to(device).train()
     optimizer, _ = build_optimizer(model, params, args.warmup + args.steps)   # timing only: lr stays 0
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -82,27 +82,30 @@ def videos_of(features, text_indices) -> torch.Tensor:
 
 
 @torch.no_grad()
-def em_block(model, features, text_indices, video_indices=None, *,
+def em_block(model, features, text_indices, video_indices=None, *, params=None,
              emcl_mode: str | None = None, scoring=None) -> EMBlock:
     """Pooling + EMCL on the block of `text_indices` x `video_indices` (default: the videos
     of those texts) of `features`, with the scoring evaluation uses (evaluate.scoring_setup):
     emcl_mode "on" (the trained module) or "inference" (method.md §7). Default: the model's
-    own mode; a model trained with EMCL off gets the inference-only module. A `scoring`
-    set up by the caller (with EMCL) is used as it is.
+    own mode; a model trained with EMCL off gets the inference-only module. `params`: the
+    run parameters the model was loaded with (load_split), for the scoring settings. A
+    `scoring` set up by the caller (with EMCL) is used as it is, and needs no `params`.
     The result depends on the block (N = A*V + A rows; V + A with mean pooling), as the
     evaluation scores do."""
     from emcl_nb.evaluate import note, scoring_setup
 
     if scoring is not None and emcl_mode is not None:
         raise ValueError("em_block takes emcl_mode or scoring, not both")
+    if scoring is None and params is None:
+        raise ValueError("em_block needs the run parameters (params=...) or a scoring")
     if scoring is None:
-        mode = emcl_mode or model.params.emcl
+        mode = emcl_mode or model.config.emcl
         if mode == "off":
             if emcl_mode is not None:
                 raise ValueError("emcl_mode='off' has no EM step to show; use 'on' or 'inference'")
             note("the model was trained with emcl=off: showing EMCL as an inference-only module")
             mode = "inference"
-        scoring = scoring_setup(model.eval(), model.params, mode)
+        scoring = scoring_setup(model.eval(), params, mode)
     if scoring.emcl is None:
         raise ValueError("em_block needs a scoring with EMCL (mode 'on' or 'inference')")
     emcl, normalize = scoring.emcl, scoring.normalize
@@ -300,10 +303,10 @@ def frame_reader(params, features):
     return frames
 
 
-def explorer(model, features, frames_fn=None, *, top: int = 5):
+def explorer(model, features, frames_fn=None, *, params, top: int = 5):
     """An ipywidgets browser: pick a caption, see its `top` videos (ranked by the evaluation
     scores of the whole split) with its frame weights and the basis loadings of the block
-    (that caption x those videos). `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None
+    (that caption x those videos). `params`: the run parameters the model was loaded with. `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None
     (see `frame_reader`). The controls stay above a height-limited output, and say when
     an update is running."""
     import html
@@ -313,7 +316,7 @@ def explorer(model, features, frames_fn=None, *, top: int = 5):
 
     from emcl_nb.evaluate import score
 
-    sim = score(features, model.params, model)                           # [texts, videos]
+    sim = score(features, params, model)                                  # [texts, videos]
     top = min(top, features.n_videos)
     options = [(f"{a}: {_short(c, 70)}", a) for a, c in enumerate(features.captions)]
     dropdown = widgets.Dropdown(options=options, value=0, description="caption",
@@ -328,7 +331,7 @@ def explorer(model, features, frames_fn=None, *, top: int = 5):
         status.value = "<i>updating…</i>"
         try:
             videos = sim[a].topk(top).indices
-            block = em_block(model, features, [a], videos)
+            block = em_block(model, features, [a], videos, params=params)
             scores.value = _score_table(block, sim[a, videos])
             figures = [plot_frame_weights(block, frames_fn(videos.tolist()) if frames_fn else None,
                                           top=top),

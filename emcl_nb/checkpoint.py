@@ -1,7 +1,8 @@
 """Checkpoints: one file holds everything needed to resume a run exactly.
 
 A checkpoint is a dict with the model and optimiser states, the schedule, the loss scaler,
-the epoch and step it was taken after, the parameters of the run and the RNG states.
+the epoch and step it was taken after, the parameters of the run, the model's
+`ModelConfig` and the RNG states.
 It is written atomically, so a killed run never leaves a truncated file.
 
 Every checkpoint, ours and the reference code's, is read with `weights_only=True`: tensors,
@@ -76,6 +77,7 @@ def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler
         "epoch": epoch,
         "step": step,
         "params": params,
+        "model_config": model.config.to_dict(),
         "metrics": metrics or {},
         "rng": rng_state(),
     }
@@ -202,7 +204,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
     """Load an EMCLNet's weights from our checkpoint ({"format": FORMAT, "model": ...}) or
     from a reference-code state dict (key mapping above), given as a path or already loaded.
 
-    EMCL bases the file lacks are re-created from `seed` (default: the model's params.seed)
+    EMCL bases the file lacks are re-created from `seed` (default: the model's config.seed)
     with a warning. Any other missing or unexpected key, or a shape that differs, is a
     `CheckpointError` naming a few of them.
     """
@@ -212,7 +214,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
     else:
         source, state = source or "the given state dict", path_or_state
     weights, layout = _unwrap_state(state, source)
-    seed = model.params.seed if seed is None else seed
+    seed = model.config.seed if seed is None else seed
 
     expected = model.state_dict()
     missing = set(expected) - set(weights)

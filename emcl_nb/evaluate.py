@@ -254,7 +254,8 @@ class Scoring:
 
 
 def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrides) -> Scoring:
-    """The scoring of `emcl_mode` (default params.emcl), with `overrides` of SCORING_FIELDS.
+    """The scoring of `emcl_mode` (default: the model's own, model.config.emcl), with
+    `overrides` of SCORING_FIELDS.
 
     on:        the model's trained EMCL module. Overriding K / stages / λ / β / init builds a
                fresh module with those settings; it keeps the trained bases when K and init
@@ -267,7 +268,7 @@ def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrid
                block; its logits divided by logit_scale, the same ranks); with text pooling
                the A*V text-pooled rows (our extension).
     """
-    mode = emcl_mode or params.emcl
+    mode = emcl_mode or model.config.emcl
     if mode not in CHOICES["emcl"]:
         raise ParamsError(f"emcl_mode must be one of {', '.join(CHOICES['emcl'])}; got {mode!r}")
     not_scoring = sorted(set(overrides) - set(SCORING_FIELDS))
@@ -292,8 +293,8 @@ def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrid
     wanted = {**current, **{EMCL_SETTINGS[k]: getattr(p, k) for k in overrides if k in EMCL_SETTINGS}}
     scoring = Scoring(mode, trained, "after", p.block_size, dsl_temps,
                       {**wanted, "block_size": p.block_size})
-    if model.params.emcl != "on":
-        note(f"the model was trained with emcl={model.params.emcl}: its EMCL module holds "
+    if model.config.emcl != "on":
+        note(f"the model was trained with emcl={model.config.emcl}: its EMCL module holds "
              f"untrained initial bases", scoring.notes)
     if wanted != current:
         scoring.emcl = seeded_emcl(p.seed, momentum=trained.momentum, dim=model.embed_dim,
@@ -409,14 +410,16 @@ def make_reference_validator(params: Params, validator=None) -> Callable[[torch.
 # ---------------------------------------------------------------------------------------
 
 def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
-    """(model, params, load report) for a checkpoint file. Our checkpoints carry their run's
-    parameters: the model is built with their MODEL_FIELDS (a note says where they differ
-    from `params`); a reference checkpoint is built from `params` as given."""
+    """(model, params, load report) for a checkpoint file. Our checkpoints carry their model
+    config (older ones: their run's parameters): the model is built with its MODEL_FIELDS (a
+    note says where they differ from `params`); a reference checkpoint is built from `params`
+    as given."""
     from emcl_nb.model import build_model
 
     path = Path(path)
     state = read_checkpoint(path)
-    trained = state.get("params") if isinstance(state, dict) and "format" in state else None
+    ours = isinstance(state, dict) and "format" in state
+    trained = (state.get("model_config") or state.get("params")) if ours else None
     if trained:
         changes = {name: trained[name] for name in MODEL_FIELDS
                    if name in trained and trained[name] != getattr(params, name)}

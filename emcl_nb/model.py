@@ -21,6 +21,7 @@ from emcl_nb.clip_backbone import (CONTEXT_LENGTH, encode_frames, encode_text, l
 from emcl_nb.distributed import all_gather_with_grad
 from emcl_nb.emcl import EMCL
 from emcl_nb.loss import symmetric_infonce
+from emcl_nb.model_config import ModelConfig
 from emcl_nb.params import Params
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -125,42 +126,37 @@ class TemporalTransformer(nn.Module):
 
 class EMCLNet(nn.Module):
     """CLIP (`self.clip`) + temporal aggregation + pooling (text-conditioned or mean) + EMCL
-    (`self.emcl`)."""
+    (`self.emcl`), built from a `ModelConfig` alone."""
 
-    def __init__(self, clip_model: CLIP, params: Params):
+    def __init__(self, clip_model: CLIP, config: ModelConfig):
         super().__init__()
         self.clip = clip_model
-        self.params = params
-        self.agg_module = params.agg_module
-        self.temp = params.temp
-        self.pooling = params.pooling
+        self.config = config
+        self.agg_module = config.agg_module
+        self.temp = config.temp
+        self.pooling = config.pooling
         D = clip_model.text_projection.shape[1]
         self.embed_dim = D
-        if params.freeze_patch_embedding:   # the reference freezes CLIP's patch embedding
-            clip_model.visual.conv1.requires_grad_(False)
 
-        if params.agg_module == "seqTransf":
-            if params.max_frames > CONTEXT_LENGTH:
-                raise ValueError(f"agg_module=seqTransf has {CONTEXT_LENGTH} frame positions; "
-                                 f"got max_frames={params.max_frames}")
+        if config.agg_module == "seqTransf":
             self.frame_position_embeddings = nn.Embedding(CONTEXT_LENGTH, D)
-            self.transformerClip = TemporalTransformer(D, params.num_hidden_layers, max(1, D // 64))
-            if params.clip_weights != "tiny":
+            self.transformerClip = TemporalTransformer(D, config.num_hidden_layers, max(1, D // 64))
+            if config.clip_weights != "tiny":
                 # The trick transfers pretrained structure. A random CLIP's text positions are
                 # drawn with std 0.01, 1 % of a frame feature's norm, which would hide the
                 # frame order; the fresh N(0, 1) table keeps it visible.
                 self._copy_from_clip_text()
-        elif params.agg_module == "seqLSTM":
+        elif config.agg_module == "seqLSTM":
             self.lstm_visual = nn.LSTM(input_size=D, hidden_size=D, num_layers=1, batch_first=True)
-        elif params.agg_module != "None":
-            raise ValueError(f"agg_module must be None, seqLSTM or seqTransf; got {params.agg_module!r}")
+        elif config.agg_module != "None":
+            raise ValueError(f"agg_module must be None, seqLSTM or seqTransf; got {config.agg_module!r}")
 
         # Always built, so that the state_dict is the same for every `emcl` mode. The initial
-        # bases are the first draw of a generator seeded with params.seed: the reference
+        # bases are the first draw of a generator seeded with config.seed: the reference
         # builds its EMCL module first after seeding, so seed s gives the reference's values.
-        self.emcl = EMCL(params.emcl_bases, params.emcl_stages, params.emcl_momentum,
-                         params.emcl_lamd, params.emcl_beta, init=params.emcl_init, dim=D,
-                         generator=torch.Generator().manual_seed(params.seed))
+        self.emcl = EMCL(config.emcl_bases, config.emcl_stages, config.emcl_momentum,
+                         config.emcl_lamd, config.emcl_beta, init=config.emcl_init, dim=D,
+                         generator=torch.Generator().manual_seed(config.seed))
 
     def _copy_from_clip_text(self) -> None:
         """Initialisation trick: frame positions from CLIP's text positional embedding, the
@@ -247,7 +243,7 @@ class EMCLNet(nn.Module):
         f = self.encode_video(batch["video"], batch["frame_mask"])                # [B, T, D]
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
         frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
-        emcl = self.emcl if self.params.emcl == "on" else None
+        emcl = self.emcl if self.config.emcl == "on" else None
         sims = self.score(t, f, frame_mask, emcl=emcl)                            # [B_global, B_global], fp32
         return symmetric_infonce(sims, self.clip.logit_scale)                     # fp32 ops under autocast too
 
@@ -257,9 +253,20 @@ class EMCLNet(nn.Module):
             self.clip.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
 
 
-def build_model(params: Params) -> EMCLNet:
-    """EMCLNet on the CLIP named by params.clip_weights (fp32, CPU; move it afterwards)."""
-    clip_model = load_clip(params.clip_weights, params.clip_cache, tiny_width=params.tiny_width,
-                           tiny_layers=params.tiny_layers, tiny_patch=params.tiny_patch,
-                           image_size=params.image_size)
-    return EMCLNet(clip_model, params)
+def build_model(params: Params, clip_model: CLIP | None = None) -> EMCLNet:
+    """EMCLNet of the run's `ModelConfig` (fp32, CPU; move it afterwards), on `clip_model` or
+    the CLIP named by params.clip_weights. The run's settings that are not the model's are
+    applied here: the frame count the temporal positions must cover, and the frozen patch
+    embedding."""
+    config = ModelConfig.from_params(params)
+    if config.agg_module == "seqTransf" and params.max_frames > CONTEXT_LENGTH:
+        raise ValueError(f"agg_module=seqTransf has {CONTEXT_LENGTH} frame positions; "
+                         f"got max_frames={params.max_frames}")
+    if clip_model is None:
+        clip_model = load_clip(config.clip_weights, params.clip_cache, tiny_width=config.tiny_width,
+                               tiny_layers=config.tiny_layers, tiny_patch=config.tiny_patch,
+                               image_size=config.image_size)
+    model = EMCLNet(clip_model, config)
+    if params.freeze_patch_embedding:   # the reference freezes CLIP's patch embedding
+        model.clip.visual.conv1.requires_grad_(False)
+    return model

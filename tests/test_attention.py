@@ -51,8 +51,8 @@ def features(model, params) -> Features:
 
 
 @pytest.fixture(scope="module")
-def block(model, features) -> attention.EMBlock:
-    return attention.em_block(model, features, range(A))
+def block(model, features, params) -> attention.EMBlock:
+    return attention.em_block(model, features, range(A), params=params)
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,7 @@ def test_block_invariants(block):
     assert not torch.allclose(block.sim, block.sim_plain)          # beta R changed the scores
 
 
-def test_block_scores_are_the_evaluation_scores(block, model, features):
+def test_block_scores_are_the_evaluation_scores(block, model, params, features):
     vi = block.video_indices
     t, f, mask = features.text[:A], features.video[vi], features.frame_mask[vi]
     expected = score_block(t, f, mask, temp=model.temp, emcl=model.emcl)
@@ -121,12 +121,12 @@ def test_block_scores_are_the_evaluation_scores(block, model, features):
     assert torch.allclose(block.sim_plain, score_block(t, f, mask, temp=model.temp, emcl=None), atol=1e-6)
     # eval mode: the kept bases did not move
     before = model.emcl.basis_init.clone()
-    attention.em_block(model, features, range(A))
+    attention.em_block(model, features, range(A), params=params)
     assert torch.equal(model.emcl.basis_init, before)
 
 
-def test_chosen_videos_and_absent_positives(model, features):
-    block = attention.em_block(model, features, [0, 1], [5, 1, 3])
+def test_chosen_videos_and_absent_positives(model, params, features):
+    block = attention.em_block(model, features, [0, 1], [5, 1, 3], params=params)
     assert block.video_ids == [features.video_ids[i] for i in (5, 1, 3)]
     assert block.positive.tolist() == [-1, 1]                     # video 0 is not in the block
     assert block.w.shape[:2] == (2, 3) and block.mu_video.shape[:2] == (2, 3)
@@ -134,8 +134,8 @@ def test_chosen_videos_and_absent_positives(model, features):
 
 def test_reference_recipe_collapses_and_distinct_bases_do_not(params):
     features = random_features()
-    reference = attention.em_block(make_model(params, emcl_init="reference"), features, range(6))
-    distinct = attention.em_block(make_model(params, emcl_init="distinct"), features, range(6))
+    reference = attention.em_block(make_model(params, emcl_init="reference"), features, range(6), params=params)
+    distinct = attention.em_block(make_model(params, emcl_init="distinct"), features, range(6), params=params)
     assert reference.rank <= 2
     assert distinct.rank > 2
     # reference: at most two distinct bases, so at most two distinct responsibility columns
@@ -147,26 +147,27 @@ def test_inference_only_emcl(params, features):
     """A model trained without EMCL gets the inference-only module (method.md §7):
     its K, beta, and scores on normalised inputs with no renormalisation afterwards."""
     model = make_model(params, emcl="off")
-    block = attention.em_block(model, features, range(A))
+    block = attention.em_block(model, features, range(A), params=params)
     assert block.mode == "inference"
     assert block.z.shape[1] == params.inference_emcl_bases and block.beta == params.inference_emcl_beta
-    scoring = scoring_setup(model, model.params, "inference")
+    scoring = scoring_setup(model, params, "inference")
     vi = block.video_indices
     expected = score_block(features.text[:A], features.video[vi], features.frame_mask[vi],
                            temp=model.temp, emcl=scoring.emcl, normalize="before")
     assert torch.allclose(block.sim, expected, atol=1e-6)
     with pytest.raises(ValueError, match="no EM step"):
-        attention.em_block(model, features, range(A), emcl_mode="off")
+        attention.em_block(model, features, range(A), emcl_mode="off", params=params)
 
 
 def test_modality_gap_numbers():
     text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     video = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
     assert attention.modality_gap(text, video) == pytest.approx(math.sqrt(2))
-    model = make_model(Params(clip_weights="tiny", tiny_width=64, tiny_layers=1, image_size=32,
-                              num_hidden_layers=1, emcl_bases=8, device="cpu"))
+    params = Params(clip_weights="tiny", tiny_width=64, tiny_layers=1, image_size=32,
+                    num_hidden_layers=1, emcl_bases=8, device="cpu")
+    model = make_model(params)
     features = random_features()
-    block = attention.em_block(model, features, range(6))
+    block = attention.em_block(model, features, range(6), params=params)
     for gap in (block.gap_before, block.gap_after):
         assert math.isfinite(gap) and 0 < gap < 2                  # unit vectors: at most 2 apart
     # before EMCL: the normalised texts and their text-conditioned pooled videos
@@ -225,13 +226,13 @@ def test_frame_reader_gives_the_sampled_frames_and_reads_annotations_once(params
     assert not (frames[0] == frames[1]).all()
 
 
-def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
+def test_explorer_shows_the_chosen_caption(model, params, features, monkeypatch):
     pytest.importorskip("ipywidgets")
     shown = []
     real = attention.em_block
     monkeypatch.setattr(attention, "em_block",
                         lambda *args, **kw: shown.append(args[2]) or real(*args, **kw))
-    widget = attention.explorer(model, features, top=3)
+    widget = attention.explorer(model, features, params=params, top=3)
     controls, scores, _ = widget.children                  # the controls stay above the output
     dropdown, status = controls.children
     assert len(dropdown.options) == features.n_texts
@@ -241,8 +242,8 @@ def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
     assert "evaluation score" in scores.value and "S in this block" in scores.value
 
 
-def test_basis_loadings_label_rows_with_the_caption_numbers_of_the_split(model, features):
-    block = attention.em_block(model, features, [4, 2])
+def test_basis_loadings_label_rows_with_the_caption_numbers_of_the_split(model, params, features):
+    block = attention.em_block(model, features, [4, 2], params=params)
     fig = attention.plot_basis_loadings(block)
     left, right = fig.axes[:2]
     assert [label.get_text() for label in left.get_yticklabels()] == ["caption 4", "caption 2"]
@@ -268,7 +269,7 @@ def test_the_views_work_on_a_mean_pooling_model(params):
     """meanP + EMCL at inference: one EM row per video, repeated for every caption."""
     model = make_model(params.replace(pooling="mean", agg_module="None", emcl="off"))
     features = encode_split(model, params, "test")
-    block = attention.em_block(model, features, range(A))
+    block = attention.em_block(model, features, range(A), params=params)
     V = len(block.video_ids)
     assert block.recon.shape[0] == V + A                     # N = V + A rows entered the EM
     assert block.mu_video.shape[:2] == (A, V) and torch.equal(block.mu_video[0], block.mu_video[-1])

@@ -12,6 +12,7 @@ from emcl_nb.checkpoint import CheckpointError, load_model_weights, save_checkpo
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.synthetic import generate_synthetic
 from emcl_nb.model import build_model
+from emcl_nb.model_config import ModelConfig
 from emcl_nb.params import REPO_ROOT, Params, ParamsError
 from emcl_nb.similarity import similarity_matrix
 
@@ -135,6 +136,21 @@ def test_our_checkpoint_loads_exactly_including_the_trained_bases(params, tmp_pa
     assert (report.layout, report.epoch, report.recreated) == ("emcl-nb/1", 3, [])
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("stored", ["model_config", "params only (older checkpoints)"])
+def test_a_checkpoint_builds_the_model_it_was_trained_as(params, tmp_path, stored):
+    trained = params.replace(agg_module="seqLSTM", temp=2.0, emcl_bases=5)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model=make_model(trained), epoch=1, step=1, params=trained.to_dict())
+    state = torch.load(path, weights_only=False)
+    assert state["model_config"] == ModelConfig.from_params(trained).to_dict()
+    if stored != "model_config":
+        del state["model_config"]
+        torch.save(state, path)
+    model, run_params, _ = evaluate.load_for_evaluation(path, params, torch.device("cpu"))
+    assert model.config == ModelConfig.from_params(trained)
+    assert (run_params.agg_module, run_params.temp, run_params.emcl_bases) == ("seqLSTM", 2.0, 5)
 
 
 # ---------------------------------------------------------------- feature cache

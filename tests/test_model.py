@@ -12,14 +12,15 @@ from emcl_nb.clip_backbone import normalize_frames
 from emcl_nb.emcl import EMCL
 from emcl_nb.evaluate import scoring_setup
 from emcl_nb.loss import symmetric_infonce
+from emcl_nb.model_config import ModelConfig
 from emcl_nb.model import EMCLNet, block_logits, mean_pool, pool_frames
 
 AGGS = ["None", "seqLSTM", "seqTransf"]
 
 
-def evaluation_scoring(model):
-    """(emcl module, normalize) that evaluation uses for the model's own params.emcl."""
-    scoring = scoring_setup(model, model.params)
+def evaluation_scoring(model, params):
+    """(emcl module, normalize) that evaluation uses for the model's own config.emcl."""
+    scoring = scoring_setup(model, params)
     return scoring.emcl, scoring.normalize
 
 
@@ -97,7 +98,7 @@ def test_temporal_transformer_is_non_causal_and_residual(make_model, make_batch)
 
 def test_init_trick_copies_clip_text_weights(tiny_clip, tiny_params):
     # loaded weights (any clip_weights but "tiny") get the trick; 3 temporal layers, CLIP text has 2
-    model = EMCLNet(tiny_clip, tiny_params.replace(clip_weights="ViT-B-32.pt"))
+    model = EMCLNet(tiny_clip, ModelConfig.from_params(tiny_params.replace(clip_weights="ViT-B-32.pt")))
     assert torch.equal(model.frame_position_embeddings.weight, model.clip.positional_embedding)
     ours, theirs = model.transformerClip.resblocks, model.clip.transformer.resblocks
     for i in range(2):
@@ -230,7 +231,7 @@ def test_symmetric_infonce_matches_manual():
         symmetric_infonce(torch.randn(3, 4), scale)
 
 
-def test_emcl_modes(make_model, make_batch):
+def test_emcl_modes(make_model, make_batch, tiny_params):
     batch = make_batch(4)
     off = make_model(emcl="off").eval()
     with torch.no_grad():
@@ -238,17 +239,17 @@ def test_emcl_modes(make_model, make_batch):
         f = off.encode_video(batch["video"], batch["frame_mask"])
         want = symmetric_infonce(off.score(t, f, batch["frame_mask"], emcl=None), off.clip.logit_scale)
         assert torch.allclose(off(batch), want, atol=1e-6)
-    assert evaluation_scoring(off) == (None, "after")
+    assert evaluation_scoring(off, tiny_params) == (None, "after")
 
     on = make_model(emcl="on").train()
     m0 = on.emcl.basis_init.clone()
     on(batch)
     assert not torch.equal(on.emcl.basis_init, m0)                  # training updates the bases
-    assert evaluation_scoring(on) == (on.emcl, "after")
+    assert evaluation_scoring(on, tiny_params) == (on.emcl, "after")
 
     inference = make_model(emcl="inference")
-    module, normalize = evaluation_scoring(inference)
-    p = inference.params
+    module, normalize = evaluation_scoring(inference, tiny_params)
+    p = tiny_params
     assert normalize == "before" and not module.training
     assert (module.num_bases, module.stage_num, module.lamd, module.beta) == (
         p.inference_emcl_bases, p.inference_emcl_stages, p.inference_emcl_lamd, p.inference_emcl_beta)
