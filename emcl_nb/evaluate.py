@@ -35,19 +35,12 @@ from torch.utils.data import DataLoader
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
 from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from emcl_nb.metrics import DSL, PLAIN, TIE_RULE, evaluate_similarity, format_table
-from emcl_nb.params import (CHOICES, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT, Params,
-                            ParamsError, load_params, parse_overrides)
+from emcl_nb.params import (CHOICES, EMCL_SETTINGS, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT,
+                            SCORING_FIELDS, Params, ParamsError, load_params, parse_overrides)
 from emcl_nb.progress import progress_bar
 from emcl_nb.runtime import autocast, autocast_dtype, configure_torch
 from emcl_nb.similarity import similarity_matrix
 
-# Settings that change only the scoring, never the features: `score` accepts them as overrides.
-SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_beta", "emcl_init",
-                  "inference_emcl_bases", "inference_emcl_stages", "inference_emcl_lamd",
-                  "inference_emcl_beta", "inference_block_size", "dsl_t2v_temp", "dsl_v2t_temp")
-# Params field -> EMCL attribute, for re-scoring a trained model with other EMCL settings.
-EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
-                 "emcl_beta": "beta", "emcl_init": "init"}
 REFERENCE_PROTOCOL = "reference protocol"
 # A text whose scores over all videos span less than this scores them alike (float32 cosines).
 CONSTANT_SPREAD = 1e-5
