@@ -1,5 +1,6 @@
-"""Training throughput: clips/s and peak memory of full training steps (forward, backward,
-clipping, AdamW) on random clips, for one configuration.
+"""Training throughput: clips/s and peak memory of the engine's `train_step` (forward,
+backward, clipping, optimiser and schedule steps, logit_scale clamp) on random clips, for
+one configuration.
 
     python bench/train_step.py                               # tiny CLIP on CPU
     python bench/train_step.py --preset vit-b32 --device cuda  # ViT-B/32, 128 clips x 12 frames
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+from emcl_nb.engine import train_step
 from emcl_nb.optim import build_optimizer
 from emcl_nb.runtime import autocast_dtype, configure_torch, seed_everything
 from emcl_nb.model import build_model
@@ -61,21 +63,13 @@ def main() -> None:
     device = torch.device(args.device)
     clip_model = vit_b32_clip() if args.preset == "vit-b32" else None     # None: params' tiny CLIP
     model = build_model(params, clip_model).to(device).train()
-    optimizer, _ = build_optimizer(model, params, args.warmup + args.steps)   # timing only: lr stays 0
+    optimizer, scheduler = build_optimizer(model, params, args.warmup + args.steps)
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batch = random_batch(params, device)
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
+        return train_step(model, batch, optimizer, scheduler, scaler, dtype=dtype, grad_clip=params.grad_clip)
 
     for _ in range(args.warmup):
         step()

@@ -397,3 +397,31 @@ def test_validation_that_looks_collapsed_warns_once(tmp_path, val, sign):
     with pytest.warns(UserWarning, match=sign) as caught:
         fit(params, RandomClips(16, params), validate=lambda model: {"val": val})
     assert sum(sign in str(w.message) for w in caught) == 1
+
+
+def test_train_step_is_one_whole_update(tmp_path):
+    """train_step: the loss, an optimiser step on the clipped gradients, a schedule step and
+    logit_scale clamped to ln 100."""
+    from emcl_nb.engine import train_step
+    from emcl_nb.model import MAX_LOGIT_SCALE
+
+    params = tiny_params(tmp_path, warmup_proportion=0.5)
+    torch.manual_seed(0)
+    model = build_model(params).train()
+    optimizer, scheduler = build_optimizer(model, params, total_steps=4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    clips = RandomClips(8, params)
+    batch = {key: torch.stack([clips[i][key] for i in range(8)]) for key in ("text_ids", "text_mask",
+                                                                             "video", "frame_mask")}
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(MAX_LOGIT_SCALE + 1.0)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    lrs_before = [group["lr"] for group in optimizer.param_groups]
+    loss = train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=params.grad_clip)
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+    assert float(model.clip.logit_scale) == pytest.approx(MAX_LOGIT_SCALE, abs=1e-6)   # clamped (float32)
+    assert scheduler.last_epoch == 1 and [group["lr"] for group in optimizer.param_groups] != lrs_before
+    # the first update runs at warm-up lr 0: the weights only move from the second on
+    train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=params.grad_clip)
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
