@@ -63,7 +63,7 @@ def bench(device: torch.device, args) -> None:
     t, f, frame_mask = random_features(args.n, args.dim, args.frames, args.scale, device)
     emcl = EMCL(args.bases, stage_num=args.stages, init=args.init, dim=args.dim,
                 generator=torch.Generator().manual_seed(1)).to(device).eval()
-    kwargs = dict(temp=3.0, emcl=emcl, block_size=args.block)
+    kwargs = dict(temp=3.0, emcl_module=emcl, block_size=args.block)
     # warm-up (CUDA context, kernels, allocator) on a small slice
     block_similarity(t[:2 * args.block], f[:2 * args.block], frame_mask[:2 * args.block], **kwargs)
     if device.type == "cuda":

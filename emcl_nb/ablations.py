@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from emcl_nb.attention import em_block
 from emcl_nb.emcl import effective_rank
-from emcl_nb.evaluate import evaluate_features, load_split, scoring_setup
+from emcl_nb.evaluate import load_split
+from emcl_nb.scoring import evaluate_features, scoring_setup
 from emcl_nb.io import atomic_write_json, atomic_write_text
 from emcl_nb.params import Params
 
@@ -48,7 +49,7 @@ def _row(kind: str, setting: str, value, measured: tuple[dict, int | None]) -> d
 def correction_rank(features, model, scoring) -> int | None:
     """Effective rank of the EMCL correction β·R actually added on the first evaluation block
     (0 when β = 0; None without EMCL)."""
-    if scoring.emcl is None:
+    if scoring.emcl_module is None:
         return None
     first = range(min(scoring.block_size, features.n_texts, features.n_videos))
     block = em_block(model, features, first, first, scoring=scoring)

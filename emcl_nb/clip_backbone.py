@@ -1,6 +1,6 @@
 """CLIP on clip-anytorch: load weights (name | path | "tiny") and encode text and frames.
 
-`load_clip` returns `clip.model.CLIP` itself, so its parameters keep CLIP's own names;
+`load_clip_model` returns `clip.model.CLIP` itself, so its parameters keep CLIP's own names;
 EMCLNet holds it as `self.clip`, which gives the `clip.*` keys of reference checkpoints.
 Nothing is ever downloaded: missing weights are one clear error that says where to get them.
 """
@@ -40,7 +40,7 @@ class InvalidWeightsError(ValueError):
     """The CLIP weights file is neither a TorchScript CLIP archive nor a CLIP state dict."""
 
 
-def load_clip(weights: str, cache_dir: str, *, tiny_width: int = 128, tiny_layers: int = 2,
+def load_clip_model(weights: str, cache_dir: str, *, tiny_width: int = 128, tiny_layers: int = 2,
               tiny_patch: int = 16, image_size: int = 224) -> CLIP:
     """A CLIP model in fp32 on the CPU.
 

@@ -16,7 +16,7 @@ from clip.model import CLIP, ResidualAttentionBlock
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emcl_nb.clip_backbone import (CONTEXT_LENGTH, encode_frames, encode_text, load_clip,
+from emcl_nb.clip_backbone import (CONTEXT_LENGTH, encode_frames, encode_text, load_clip_model,
                                    normalize_frames)
 from emcl_nb.distributed import all_gather_with_grad
 from emcl_nb.emcl import EMCL
@@ -63,15 +63,15 @@ def pool(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, pooling: st
     return pool_frames(t, f, frame_mask, temp)
 
 
-def block_logits(t: torch.Tensor, v: torch.Tensor, emcl: EMCL | None,
+def block_logits(t: torch.Tensor, v: torch.Tensor, emcl_module: EMCL | None,
                  normalize: str = "after") -> torch.Tensor:
     """Similarities S [...,A,V] of one block (or a stack of blocks) of texts and pooled videos.
 
     v is [...,A,V,D] (text pooling: one vector per pair) or [...,V,D] (mean pooling: one
-    per video). X = cat(video rows, t) per block goes through `emcl`, is split back, and
+    per video). X = cat(video rows, t) per block goes through `emcl_module`, is split back, and
     S[a,b] = t'[a]·v'[a,b] (or t'[a]·v'[b]). normalize="after" (training recipe):
     L2-normalise t', v' after EMCL. normalize="before" (EMCL as an inference-only module,
-    method.md §7): normalise the inputs and not the EMCL output. With emcl None both are
+    method.md §7): normalise the inputs and not the EMCL output. With emcl_module None both are
     the plain cosine.
     """
     if normalize not in NORMALIZE:
@@ -79,13 +79,13 @@ def block_logits(t: torch.Tensor, v: torch.Tensor, emcl: EMCL | None,
     per_video = v.dim() == t.dim()
     if normalize == "before":
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
-    if emcl is not None:
+    if emcl_module is not None:
         rows = v if per_video else v.flatten(-3, -2)                      # [..., V or A*V, D]
         n = rows.shape[-2]
-        x = emcl(torch.cat([rows, t], dim=-2))                             # [..., n + A, D]
+        x = emcl_module(torch.cat([rows, t], dim=-2))                             # [..., n + A, D]
         v = x[..., :n, :].reshape(v.shape)                                 # [..., (A,) V, D]
         t = x[..., n:, :]                                                  # [..., A, D]
-    if normalize == "after" or emcl is None:
+    if normalize == "after" or emcl_module is None:
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
     if per_video:
         return t @ v.transpose(-1, -2)                                     # [..., A, V]
@@ -228,13 +228,13 @@ class EMCLNet(nn.Module):
     # ---- scoring and loss ----
 
     def score(self, t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, *,
-              emcl: EMCL | None, normalize: str = "after") -> torch.Tensor:
+              emcl_module: EMCL | None, normalize: str = "after") -> torch.Tensor:
         """S [A,V]: pooling + EMCL on the whole (A x V) block + cosine (see block_logits),
         in fp32 under autocast too."""
         with self.fp32_head():
             t, f = t.float(), f.float()
             v, _ = pool(t, f, frame_mask, self.pooling, self.temp)                # [(A,) V, D]
-            return block_logits(t, v, emcl, normalize)
+            return block_logits(t, v, emcl_module, normalize)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Symmetric InfoNCE over the global batch (t, f, frame_mask gathered over ranks).
@@ -243,8 +243,8 @@ class EMCLNet(nn.Module):
         f = self.encode_video(batch["video"], batch["frame_mask"])                # [B, T, D]
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
         frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
-        emcl = self.emcl if self.config.emcl == "on" else None
-        sims = self.score(t, f, frame_mask, emcl=emcl)                            # [B_global, B_global], fp32
+        emcl_module = self.emcl if self.config.emcl == "on" else None
+        sims = self.score(t, f, frame_mask, emcl_module=emcl_module)                            # [B_global, B_global], fp32
         return symmetric_infonce(sims, self.clip.logit_scale)                     # fp32 ops under autocast too
 
     def clamp_logit_scale(self) -> None:
@@ -263,7 +263,7 @@ def build_model(params: Params, clip_model: CLIP | None = None) -> EMCLNet:
         raise ValueError(f"agg_module=seqTransf has {CONTEXT_LENGTH} frame positions; "
                          f"got max_frames={params.max_frames}")
     if clip_model is None:
-        clip_model = load_clip(config.clip_weights, params.clip_cache, tiny_width=config.tiny_width,
+        clip_model = load_clip_model(config.clip_weights, params.clip_cache, tiny_width=config.tiny_width,
                                tiny_layers=config.tiny_layers, tiny_patch=config.tiny_patch,
                                image_size=config.image_size)
     model = EMCLNet(clip_model, config)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from emcl_nb.checkpoint import seeded_emcl
 from emcl_nb.clip_backbone import normalize_frames
 from emcl_nb.emcl import EMCL
-from emcl_nb.evaluate import scoring_setup
+from emcl_nb.scoring import scoring_setup
 from emcl_nb.loss import symmetric_infonce
 from emcl_nb.model_config import ModelConfig
 from emcl_nb.model import EMCLNet, block_logits, mean_pool, pool_frames
@@ -21,14 +21,14 @@ AGGS = ["None", "seqLSTM", "seqTransf"]
 def evaluation_scoring(model, params):
     """(emcl module, normalize) that evaluation uses for the model's own config.emcl."""
     scoring = scoring_setup(model, params)
-    return scoring.emcl, scoring.normalize
+    return scoring.emcl_module, scoring.normalize
 
 
 def scores(model, batch, emcl="model"):
     with torch.no_grad():
         t = model.encode_text(batch["text_ids"], batch["text_mask"])
         f = model.encode_video(batch["video"], batch["frame_mask"])
-        return model.score(t, f, batch["frame_mask"], emcl=model.emcl if emcl == "model" else emcl)
+        return model.score(t, f, batch["frame_mask"], emcl_module=model.emcl if emcl == "model" else emcl)
 
 
 @pytest.mark.parametrize("agg, pooling", [(agg, "text") for agg in AGGS] + [("seqTransf", "mean")])
@@ -38,7 +38,7 @@ def test_shapes_loss_and_gradients(make_model, make_batch, agg, pooling):
     t = model.encode_text(batch["text_ids"], batch["text_mask"])
     f = model.encode_video(batch["video"], batch["frame_mask"])
     assert t.shape == (4, 64) and f.shape == (4, 4, 64)
-    assert model.score(t, f, batch["frame_mask"], emcl=model.emcl).shape == (4, 4)
+    assert model.score(t, f, batch["frame_mask"], emcl_module=model.emcl).shape == (4, 4)
     loss = model(batch)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
@@ -165,10 +165,10 @@ def test_head_after_clip_runs_in_fp32_under_autocast(make_model, make_batch):
     with torch.no_grad():
         t = model.encode_text(batch["text_ids"], batch["text_mask"])
         f = model.clip.encode_image(normalize_frames(batch["video"].flatten(0, 1))).float().reshape(4, 4, -1)
-        plain = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl=model.emcl)
+        plain = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl_module=model.emcl)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model.transformerClip.resblocks[0].mlp(f).dtype == torch.bfloat16   # autocast is on
-            head = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl=model.emcl)
+            head = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl_module=model.emcl)
     for ours, want in zip(head, plain):
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
@@ -237,7 +237,7 @@ def test_emcl_modes(make_model, make_batch, tiny_params):
     with torch.no_grad():
         t = off.encode_text(batch["text_ids"], batch["text_mask"])
         f = off.encode_video(batch["video"], batch["frame_mask"])
-        want = symmetric_infonce(off.score(t, f, batch["frame_mask"], emcl=None), off.clip.logit_scale)
+        want = symmetric_infonce(off.score(t, f, batch["frame_mask"], emcl_module=None), off.clip.logit_scale)
         assert torch.allclose(off(batch), want, atol=1e-6)
     assert evaluation_scoring(off, tiny_params) == (None, "after")
 

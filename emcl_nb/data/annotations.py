@@ -1,4 +1,5 @@
 """Annotation loaders: one per published layout, all returning the same `Annotations`.
+Over 300 lines: five short readers that share one record type and one set of checks.
 
 `load_annotations(params, split)` reads the files of `params.layout` under
 `params.anno_path` (layouts in /work/shared/spec/datasets.md), finds every video by
