@@ -35,3 +35,14 @@ def test_emcl_net_is_the_main_run_when_the_budgets_agree(monkeypatch):
     loaded = fake_training(monkeypatch)
     ablations.trained_ablations(Params(run="r", epochs=5), variants={})
     assert [variant.run for variant in loaded] == ["r"]
+
+
+def test_importing_the_ablations_does_not_import_matplotlib_or_widgets():
+    """The EM analysis the ablations use is kept apart from its figures and the explorer."""
+    import subprocess
+    import sys
+
+    code = ("import emcl_nb.ablations, sys; "
+            "assert 'matplotlib' not in sys.modules and 'ipywidgets' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
