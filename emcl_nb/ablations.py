@@ -95,7 +95,7 @@ def trained_ablations(params: Params, variants: dict = TRAINED_VARIANTS) -> list
     """Train each variant as its own run (`ablation_epochs` each) and score its test split.
     EMCL-Net (the reference recipe) comes first, at the same budget: the main run when the
     budgets agree, else its own run. Each model trained without EMCL is also scored with
-    EMCL as an inference-only module (method.md §7): with mean pooling that is the reference
+    EMCL as an inference-only module (docs/method.md §7): with mean pooling that is the reference
     inference module, with text pooling our extension (row value "<suffix>+inference").
     Only the last checkpoints are scored, so the variants' own runs skip the reference
     selection."""

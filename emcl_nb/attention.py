@@ -77,7 +77,7 @@ def em_block(model, features, text_indices, video_indices=None, *, params=None,
              emcl_mode: str | None = None, scoring=None) -> EMBlock:
     """Pooling + EMCL on the block of `text_indices` x `video_indices` (default: the videos
     of those texts) of `features`, with the scoring evaluation uses (scoring.scoring_setup):
-    emcl_mode "on" (the trained module) or "inference" (method.md §7). Default: the model's
+    emcl_mode "on" (the trained module) or "inference" (docs/method.md §7). Default: the model's
     own mode; a model trained with EMCL off gets the inference-only module. `params`: the
     run parameters the model was loaded with (load_split), for the scoring settings. A
     `scoring` set up by the caller (with EMCL) is used as it is, and needs no `params`.

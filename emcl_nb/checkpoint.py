@@ -145,7 +145,7 @@ def _unsafe_globals(path: Path) -> list[str]:
 #   (absent) emcl.basis_init / emcl.basis_directions  -> re-created from the seed, with a
 #                                         warning: the reference keeps its EMCL bases in a
 #                                         plain attribute that is never saved
-#                                         (reference-defects.md #2).
+#                                         (docs/reference-differences.md #2).
 
 EMCL_BUFFERS = ("emcl.basis_init", "emcl.basis_directions")
 DROPPED_KEYS = ("clip.input_resolution", "clip.context_length", "clip.vocab_size")
@@ -243,7 +243,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
         weights = {**weights, **{f"emcl.{key}": value for key, value in fresh.state_dict().items()}}
         warnings.warn(
             f"{source} has no EMCL bases ({', '.join(recreated)}): the reference code never saves "
-            f"them (reference-defects.md #2), so they were re-created as the initial values drawn "
+            f"them (docs/reference-differences.md #2), so they were re-created as the initial values drawn "
             f"from seed {seed}. Scores with EMCL on may differ from those of the run that wrote it.",
             stacklevel=2)
     model.load_state_dict(weights)

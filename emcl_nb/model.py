@@ -34,7 +34,7 @@ NORMALIZE = ("after", "before")
 
 def pool_frames(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor,
                 temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text-conditioned frame pooling (method.md §3).
+    """Text-conditioned frame pooling (docs/method.md §3).
 
     t [...,A,D], f [...,V,T,D], frame_mask [...,V,T] -> v [...,A,V,D], w [...,A,V,T].
     w = softmax over all T of t·f/temp, then multiplied by the mask (no renormalisation).
@@ -71,7 +71,7 @@ def block_logits(t: torch.Tensor, v: torch.Tensor, emcl_module: EMCL | None,
     per video). X = cat(video rows, t) per block goes through `emcl_module`, is split back, and
     S[a,b] = t'[a]·v'[a,b] (or t'[a]·v'[b]). normalize="after" (training recipe):
     L2-normalise t', v' after EMCL. normalize="before" (EMCL as an inference-only module,
-    method.md §7): normalise the inputs and not the EMCL output. With emcl_module None both are
+    docs/method.md §7): normalise the inputs and not the EMCL output. With emcl_module None both are
     the plain cosine.
     """
     if normalize not in NORMALIZE:

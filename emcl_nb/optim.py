@@ -10,7 +10,7 @@ from torch import nn
 
 from emcl_nb.params import Params
 
-# Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
+# Parameters exempt from weight decay (docs/reference-differences.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
 NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale")
 # The reference's exemptions (decay_exempt=reference): names holding one of these. CLIP's

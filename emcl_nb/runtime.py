@@ -21,8 +21,8 @@ def configure_torch(params: Params) -> None:
     """Threads, denormals and determinism: the same parameters give the same numbers.
 
     Denormal floats (below 1.2e-38) flush to zero: the EM softmax produces many, and CPU
-    arithmetic on them is 10-20x slower (the EMCL step of a training batch took 15 ms
-    instead of 1.5 ms); no value above float32 resolution changes.
+    arithmetic on them is slow (README, "Benchmark notes"); no value above float32
+    resolution changes.
     """
     torch.set_flush_denormal(True)
     if params.num_threads > 0:

@@ -44,7 +44,7 @@ def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrid
                fresh module with those settings; it keeps the trained bases when K and init
                match, otherwise it draws initial bases from params.seed (with a note).
     off:       the model's pooling + cosine, no EMCL.
-    inference: EMCL as an inference-only module (method.md §7): inference_emcl_* settings,
+    inference: EMCL as an inference-only module (docs/method.md §7): inference_emcl_* settings,
                reference init drawn from params.seed, inference_block_size blocks, applied to
                the L2-normalised embeddings with no renormalisation afterwards. With mean
                pooling this is the EMCL block of the reference inference module (V video + A text rows per

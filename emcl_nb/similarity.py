@@ -1,8 +1,8 @@
-"""The evaluation similarity matrix of EMCL-Net, computed block by block (evaluation.md).
+"""The evaluation similarity matrix of EMCL-Net, computed block by block (docs/evaluation.md).
 
 EMCL mixes everything in its input, so the reference scores the test set in blocks of
 `block_size` texts x `block_size` videos (the last chunks smaller) and a pair's score depends
-on its block: the block size is part of the protocol (reference-defects.md #3).
+on its block: the block size is part of the protocol (docs/reference-differences.md #3).
 
 - `block_similarity_loop`: the reference loop over blocks, kept as the test oracle.
 - `block_similarity`: the same scores with all blocks batched on the device: blocks of the
@@ -21,11 +21,9 @@ import torch
 
 from emcl_nb.model import block_logits, pool
 
-# (text, video) pairs scored per batched call by default: 64 blocks of 32 x 32. At D 512 one
-# copy of the pooled vectors is 128 MiB and the whole call peaks near 1 GiB (bench/similarity.py).
+# (text, video) pairs scored per batched call: 64 blocks of 32 x 32 keep one call near 1 GiB at D 512.
 MAX_PAIRS_PER_BATCH = 65_536
-# On a CPU, calls that stay in cache win: 4 blocks of 32 x 32 per call ran the 1,000 x 1,000
-# MSR-VTT matrix 1.28x faster than the loop, 64 blocks 0.76x (bench/similarity.py, 2 cores).
+# On a CPU, calls that stay in cache win (README, "Benchmark notes").
 MAX_PAIRS_PER_BATCH_CPU = 4_096
 
 
@@ -53,7 +51,7 @@ def score_block(t, f, frame_mask, *, temp: float, emcl_module, normalize: str = 
 
     `pooling`: "text" (text-conditioned, `temp`) or "mean" (CLIP4Clip meanP). `normalize`
     is passed to `block_logits`: "after" EMCL (trained model) or "before" it (EMCL as an
-    inference-only module, method.md §7).
+    inference-only module, docs/method.md §7).
     """
     pooled, _ = pool(t, f, frame_mask, pooling, temp)                  # [.., (A,) V, D]
     return block_logits(t, pooled, _check_eval_mode(emcl_module), normalize)  # [.., A, V]

@@ -1,4 +1,4 @@
-"""Annotation loaders on small files in each dataset's exact layout (datasets.md)."""
+"""Annotation loaders on small files in each dataset's exact layout (docs/data.md)."""
 import csv
 import json
 import logging
@@ -186,7 +186,7 @@ def write_msvd(anno: Path, splits: dict, captions: dict):
 
 def recall_at_1(sim, video_index, caption_groups):
     """Text-to-video and video-to-text R@1 (%) of a texts x videos matrix, multi-sentence
-    protocol (evaluation.md): v2t scores a group by its best caption."""
+    protocol (docs/evaluation.md): v2t scores a group by its best caption."""
     true = sim[np.arange(len(sim)), video_index]
     t2v_rank = 1 + (sim > true[:, None]).sum(axis=1)
     group_best = np.stack([sim[group].max(axis=0) for group in caption_groups])   # [groups, videos]
@@ -212,7 +212,7 @@ def test_msvd_caption_groups_score_a_perfect_matrix_100(tmp_path):
 
     sim = (te.video_index[:, None] == np.arange(te.num_videos)[None]).astype(float)
     assert recall_at_1(sim, te.video_index, te.caption_groups) == (100.0, 100.0)
-    # the check has teeth: groups misaligned by two captions (like defect #8) score below 100
+    # the check has teeth: groups misaligned by two captions (like docs/reference-differences.md #8) score below 100
     shifted = [[i + 2 for i in g if i + 2 < len(te)] for g in te.caption_groups]
     assert recall_at_1(sim, te.video_index, shifted)[1] < 100.0
 

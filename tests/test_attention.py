@@ -146,7 +146,7 @@ def test_reference_recipe_collapses_and_distinct_bases_do_not(params):
 
 
 def test_inference_only_emcl(params, features):
-    """A model trained without EMCL gets the inference-only module (method.md §7):
+    """A model trained without EMCL gets the inference-only module (docs/method.md §7):
     its K, beta, and scores on normalised inputs with no renormalisation afterwards."""
     model = make_model(params, emcl="off")
     block = attention.em_block(model, features, range(A), params=params)

@@ -223,7 +223,7 @@ def test_inference_only_emcl_on_a_model_trained_without_it(params):
     torch.testing.assert_close(plain, scoring.score(features, params, model, emcl_mode="off"))
     inference = scoring.score(features, params, model, emcl_mode="inference")
     assert torch.isfinite(inference).all() and not torch.allclose(inference, plain)
-    # inference-only EMCL (method.md §7): inference_emcl_* settings, reference init drawn
+    # inference-only EMCL (docs/method.md §7): inference_emcl_* settings, reference init drawn
     # from params.seed, normalised inputs
     module = seeded_emcl(params.seed, num_bases=params.inference_emcl_bases,
                          stage_num=params.inference_emcl_stages, momentum=params.emcl_momentum,

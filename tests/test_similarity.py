@@ -1,5 +1,5 @@
 """Batched block similarity equals the reference loop over blocks; the EMCL-off path is
-pooling + cosine (method.md §3); evaluation never updates the EMCL bases."""
+pooling + cosine (docs/method.md §3); evaluation never updates the EMCL bases."""
 import pytest
 import torch
 
@@ -69,7 +69,7 @@ def test_whole_matrix_path_is_one_block():
 
 def test_emcl_off_is_text_conditioned_pooling_and_cosine():
     t, f, frame_mask = features(23, 17)
-    # method.md §3 by hand: softmax over all frames, mask after the softmax, no renormalising.
+    # docs/method.md §3 by hand: softmax over all frames, mask after the softmax, no renormalising.
     weights = torch.softmax(torch.einsum("ad,vtd->avt", t, f) / TEMP, dim=-1) * frame_mask  # [A, V, T]
     pooled = torch.einsum("avt,vtd->avd", weights, f)                                      # [A, V, D]
     expected = torch.nn.functional.cosine_similarity(t[:, None, :], pooled, dim=-1)        # [A, V]
@@ -99,7 +99,7 @@ def test_mismatched_shapes_are_refused():
 
 
 def test_inference_only_emcl_normalising_before_matches_the_loop():
-    # method.md §7: K 7, 10 stages, lambda 0.1, beta 4, inputs normalised, no renormalising.
+    # docs/method.md §7: K 7, 10 stages, lambda 0.1, beta 4, inputs normalised, no renormalising.
     t, f, frame_mask = features(70, 45)
     emcl = EMCL(7, stage_num=10, lamd=0.1, beta=4.0, generator=torch.Generator().manual_seed(2)).eval()
     kwargs = dict(temp=TEMP, emcl_module=emcl, block_size=32, normalize="before")

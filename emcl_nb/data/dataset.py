@@ -2,7 +2,7 @@
 
 - `TrainDataset`: (caption, clip) pairs, the batch of docs/architecture.md;
 - `TextDataset`: captions only, `VideoDataset`: each video once (evaluation encodes every
-  text and every video a single time, reference defect #10).
+  text and every video a single time, docs/reference-differences.md #10).
 
 Reproducibility: the loader's sampler hands each worker (epoch, index) pairs and the
 augmentation of a sample is seeded from (params.seed, epoch, index), so clips do not

@@ -14,7 +14,7 @@ shapes' size (a radius of 10-14 % of the frame side times the scale; smaller is 
 `templates` how many caption paraphrases each video gets (the first C of CAPTION_TEMPLATES;
 more is harder: the text encoder must learn more ways of saying the same thing).
 
-Written files (the `msrvtt` layout of datasets.md):
+Written files (the `msrvtt` layout of docs/data.md):
     DIR/videos/videoN.mp4          H.264, `frames` frames at `fps`, `size`x`size`
     DIR/MSRVTT_data.json           {"videos": [...drawn parameters...], "sentences": [...]}
     DIR/MSRVTT_train.9k.csv        video_id of the training videos
