@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=160, help="clips timed per pipeline")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both pipelines)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--augment", action="store_true", help="the reference RandAugment policy (timm) in the project loader")
+    parser.add_argument("--augment", action="store_true",
+                        help="the reference RandAugment policy (timm) in the project loader")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="emcl-bench-") as tmp:

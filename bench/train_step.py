@@ -18,10 +18,10 @@ import time
 import torch
 
 from emcl_nb.engine import train_step
-from emcl_nb.optim import build_optimizer
-from emcl_nb.runtime import autocast_dtype, configure_torch, seed_everything
 from emcl_nb.model import build_model
+from emcl_nb.optim import build_optimizer
 from emcl_nb.params import Params, load_params, parse_overrides
+from emcl_nb.runtime import autocast_dtype, configure_torch, seed_everything
 
 PRESETS = {
     "tiny": dict(clip_weights="tiny", tiny_width=128, tiny_layers=2, tiny_patch=16,

@@ -15,9 +15,9 @@ from __future__ import annotations
 from emcl_nb.attention import em_block
 from emcl_nb.emcl import effective_rank
 from emcl_nb.evaluate import load_split
-from emcl_nb.scoring import evaluate_features, scoring_setup
 from emcl_nb.io import atomic_write_json, atomic_write_text
 from emcl_nb.params import Params
+from emcl_nb.scoring import evaluate_features, scoring_setup
 
 # Re-scoring only: each value is scored on the same cached features.
 SCORING_GRID = {

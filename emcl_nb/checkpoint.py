@@ -30,7 +30,7 @@ def _numpy_rng_globals() -> list:
     plain data: an ndarray of uint32, under numpy 2's module name or numpy 1's (a file
     keeps the name of the numpy that wrote it)."""
     try:
-        from numpy._core.multiarray import _reconstruct          # numpy >= 2
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:                                           # numpy 1.x
         from numpy.core.multiarray import _reconstruct
     return [*((_reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy._core", "numpy.core")),

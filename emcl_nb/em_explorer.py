@@ -12,9 +12,9 @@ from emcl_nb.em_figures import plot_basis_loadings, plot_frame_weights, short_ca
 def explorer(model, features, frames_fn=None, *, params, top: int = 5):
     """An ipywidgets browser: pick a caption, see its `top` videos (ranked by the evaluation
     scores of the whole split) with its frame weights and the basis loadings of the block
-    (that caption x those videos). `params`: the run parameters the model was loaded with. `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None
-    (see `data.frames.frame_reader`). The controls stay above a height-limited output, and say when
-    an update is running."""
+    (that caption x those videos). `params`: the run parameters the model was loaded with.
+    `frames_fn(video_indices)` -> uint8 [V,T,H,W,3] or None (see `data.frames.frame_reader`).
+    The controls stay above a height-limited output, and say when an update is running."""
     import html
 
     import ipywidgets as widgets

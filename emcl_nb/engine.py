@@ -14,9 +14,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,10 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
-from emcl_nb.io import (atomic_write_json, atomic_write_text, folder_lock, naming_full_disk,
-                        sweep_temp_files)
-from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
+from emcl_nb.io import atomic_write_json, atomic_write_text, folder_lock, naming_full_disk, sweep_temp_files
 from emcl_nb.optim import build_optimizer
+from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
 from emcl_nb.progress import progress_bar
 from emcl_nb.runtime import autocast, autocast_dtype, configure_torch, seed_everything, to_device
 

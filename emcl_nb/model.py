@@ -16,8 +16,7 @@ from clip.model import CLIP, ResidualAttentionBlock
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emcl_nb.clip_backbone import (CONTEXT_LENGTH, encode_frames, encode_text, load_clip_model,
-                                   normalize_frames)
+from emcl_nb.clip_backbone import CONTEXT_LENGTH, encode_frames, encode_text, load_clip_model, normalize_frames
 from emcl_nb.distributed import all_gather_with_grad
 from emcl_nb.emcl import EMCL
 from emcl_nb.loss import symmetric_infonce
@@ -244,7 +243,7 @@ class EMCLNet(nn.Module):
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
         frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
         emcl_module = self.emcl if self.config.emcl == "on" else None
-        sims = self.score(t, f, frame_mask, emcl_module=emcl_module)                            # [B_global, B_global], fp32
+        sims = self.score(t, f, frame_mask, emcl_module=emcl_module)              # [B_global, B_global], fp32
         return symmetric_infonce(sims, self.clip.logit_scale)                     # fp32 ops under autocast too
 
     def clamp_logit_scale(self) -> None:

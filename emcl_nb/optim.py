@@ -3,7 +3,7 @@ parameter groups, BertAdam (or AdamW) and the warm-up + cosine schedule."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

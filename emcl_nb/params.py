@@ -209,7 +209,7 @@ class Params:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "Params":
+    def replace(self, **changes) -> Params:
         """A copy with `changes` applied and validated like an override."""
         return _apply(self, changes, source="replace()")
 

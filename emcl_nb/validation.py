@@ -2,7 +2,7 @@
 step-wise model selection, each a `model -> metrics` callable built once per run."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

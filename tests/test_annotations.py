@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 
 import emcl_nb.data.annotations as annotations_module
-from emcl_nb.data.annotations import (BROKEN_CLIP, EMPTY_CAPTION, LSMDC_BROKEN_CLIPS,
-                                      MISSING_VIDEO, NO_CAPTIONS, AnnotationError, find_videos,
-                                      has_split, load_annotations)
+from emcl_nb.data.annotations import (
+    BROKEN_CLIP,
+    EMPTY_CAPTION,
+    LSMDC_BROKEN_CLIPS,
+    MISSING_VIDEO,
+    NO_CAPTIONS,
+    AnnotationError,
+    find_videos,
+    has_split,
+    load_annotations,
+)
 from emcl_nb.params import Params
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "annotations"
@@ -269,7 +277,8 @@ def test_lsmdc_lines_broken_clips_and_missing_videos(tmp_path):
 def test_activity_paragraphs_and_segments(tmp_path):
     anno = tmp_path / "anno"
     anno.mkdir()
-    entry = lambda d, sents: {"duration": d, "timestamps": [[0, 1]] * len(sents), "sentences": sents}
+    def entry(d, sents):
+        return {"duration": d, "timestamps": [[0, 1]] * len(sents), "sentences": sents}
     (anno / "train_ids.json").write_text(json.dumps(["v_aaa", "v_bbb"]))
     (anno / "train.json").write_text(json.dumps({
         "v_aaa": entry(82.73, ["A man runs.", " He jumps. "]),

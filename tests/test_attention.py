@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from emcl_nb import attention, em_explorer, em_figures, viz  # noqa: E402
 from emcl_nb.data import frames as frames_module  # noqa: E402
 from emcl_nb.data.synthetic import generate_synthetic  # noqa: E402
+from emcl_nb.emcl import effective_rank  # noqa: E402
 from emcl_nb.encode import Features, encode_split  # noqa: E402
-from emcl_nb.scoring import scoring_setup  # noqa: E402
 from emcl_nb.model import build_model, pool_frames  # noqa: E402
 from emcl_nb.params import Params  # noqa: E402
-from emcl_nb.emcl import effective_rank  # noqa: E402
+from emcl_nb.scoring import scoring_setup  # noqa: E402
 from emcl_nb.similarity import score_block  # noqa: E402
 
 N_TEST, A = 6, 4

@@ -4,9 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emcl_nb.clip_backbone import (CLIP_MEAN, CLIP_STD, InvalidWeightsError, WeightsNotFoundError,
-                                   build_tiny_clip, encode_frames, encode_text, load_clip_model,
-                                   normalize_frames)
+from emcl_nb.clip_backbone import (
+    CLIP_MEAN,
+    CLIP_STD,
+    InvalidWeightsError,
+    WeightsNotFoundError,
+    build_tiny_clip,
+    encode_frames,
+    encode_text,
+    load_clip_model,
+    normalize_frames,
+)
 
 
 @pytest.fixture

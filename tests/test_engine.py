@@ -8,10 +8,10 @@ import torch
 import emcl_nb.model
 from emcl_nb.checkpoint import read_checkpoint
 from emcl_nb.engine import NonFiniteLossError, TrainingSetupError, fit
-from emcl_nb.optim import build_optimizer, warmup_cosine
-from emcl_nb.runtime import configure_torch
 from emcl_nb.model import build_model
+from emcl_nb.optim import build_optimizer, warmup_cosine
 from emcl_nb.params import Params, repo_relative
+from emcl_nb.runtime import configure_torch
 
 SOT, EOT = 49406, 49407
 

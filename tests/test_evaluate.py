@@ -304,7 +304,8 @@ def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
     from emcl_nb.data import dataset
     reads = []
     real_load_clip = dataset.load_clip
-    monkeypatch.setattr(dataset, "load_clip", lambda path, *a, **kw: reads.append(path) or real_load_clip(path, *a, **kw))
+    monkeypatch.setattr(dataset, "load_clip",
+                        lambda path, *a, **kw: reads.append(path) or real_load_clip(path, *a, **kw))
     model = make_model(params)
     validate = validation.make_validator(params.replace(cache_decoded_clips=True))
     first = validate(model)

@@ -5,9 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from emcl_nb.metrics import (DSL, PLAIN, dsl, evaluate_similarity, format_table, group_best_scores,
-                             metrics_from_counts, multi_sentence_metrics, query_ranks,
-                             retrieval_metrics)
+from emcl_nb.metrics import (
+    DSL,
+    PLAIN,
+    dsl,
+    evaluate_similarity,
+    format_table,
+    group_best_scores,
+    metrics_from_counts,
+    multi_sentence_metrics,
+    query_ranks,
+    retrieval_metrics,
+)
 
 # Row i's true score (column i) is beaten by exactly i candidates: ranks 1, 2, 3, 4.
 KNOWN_RANKS = torch.tensor([

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from emcl_nb.checkpoint import seeded_emcl
 from emcl_nb.clip_backbone import normalize_frames
 from emcl_nb.emcl import EMCL
-from emcl_nb.scoring import scoring_setup
 from emcl_nb.loss import symmetric_infonce
-from emcl_nb.model_config import ModelConfig
 from emcl_nb.model import EMCLNet, block_logits, mean_pool, pool_frames
+from emcl_nb.model_config import ModelConfig
+from emcl_nb.scoring import scoring_setup
 
 AGGS = ["None", "seqLSTM", "seqTransf"]
 
@@ -87,8 +87,9 @@ def test_temporal_transformer_is_non_causal_and_residual(make_model, make_batch)
         g = model.encode_video(changed, batch["frame_mask"])
         assert not torch.allclose(f[0, 0], g[0, 0], atol=1e-5)     # frame 0 sees the last frame
         for block in model.transformerClip.resblocks:              # zero residual branches -> f' = f
-            block.attn.out_proj.weight.zero_(); block.attn.out_proj.bias.zero_()
-            block.mlp.c_proj.weight.zero_(); block.mlp.c_proj.bias.zero_()
+            for layer in (block.attn.out_proj, block.mlp.c_proj):
+                layer.weight.zero_()
+                layer.bias.zero_()
         frames = model.clip.encode_image(normalize_frames(batch["video"][0])).unsqueeze(0)
         h = model.encode_video(batch["video"], batch["frame_mask"])
     # then Transformer(x) = x, so f' = f + (f + P[:T])
@@ -168,7 +169,8 @@ def test_head_after_clip_runs_in_fp32_under_autocast(make_model, make_batch):
         plain = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl_module=model.emcl)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model.transformerClip.resblocks[0].mlp(f).dtype == torch.bfloat16   # autocast is on
-            head = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl_module=model.emcl)
+            head = (model.aggregate(f, batch["frame_mask"]),
+                    model.score(t, f, batch["frame_mask"], emcl_module=model.emcl))
     for ours, want in zip(head, plain):
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from emcl_nb.emcl import EMCL
-from emcl_nb.similarity import (block_similarity, block_similarity_loop, full_similarity,
-                                similarity_matrix)
+from emcl_nb.similarity import block_similarity, block_similarity_loop, full_similarity, similarity_matrix
 
 DIM, FRAMES, TEMP = 32, 6, 3.0
 

@@ -102,7 +102,6 @@ class _ClipReader:
         return clip
 
     def __call__(self, video_index: int, start, end, seed: int | None):
-        path = self.annotations.video_paths[video_index]
         try:
             frames, mask = self._decode(video_index, start, end)
         except VideoReadError as error:
