@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from emcl_nb.data.annotations import Annotations
+from emcl_nb.data.frame_cache import FrameCache
 from emcl_nb.data.transforms import build_transform
 from emcl_nb.data.video import VideoReadError, load_clip
 from emcl_nb.params import Params
@@ -89,9 +90,13 @@ class _ClipReader:
         self.annotations, self.params = annotations, params
         self.transform = build_transform(params, annotations.layout, train)
         self.decoded: dict | None = {} if params.cache_decoded_clips else None
+        self.frame_cache = FrameCache(params, annotations) if params.frame_cache else None
 
     def _decode(self, video_index: int, start, end):
-        """Sampled frames + mask of a clip, kept in memory when `cache_decoded_clips`."""
+        """Sampled frames + mask of a clip: read from the frame cache when `frame_cache`,
+        else decoded (and kept in memory when `cache_decoded_clips`)."""
+        if self.frame_cache is not None:
+            return self.frame_cache.clip(video_index, start, end)
         key = (video_index, start, end)
         if self.decoded is not None and key in self.decoded:
             return self.decoded[key]
