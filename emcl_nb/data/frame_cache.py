@@ -12,7 +12,8 @@ run per clip on these frames, so batches equal those of the decoding path.
 One cache, `<frame_cache_dir>/<split>-<key>/`:
 - `manifest.json`: the settings and the key;
 - `chunk-NNNNN.u8`: the raw frame bytes of a run of clips (about CHUNK_BYTES each, so
-  files stay few), `chunk-NNNNN.json`: their index (clip number, byte offset, frames,
+  files stay few), channel-planar [frames, 3, H, W] so that the loader's [T, 3, H, W]
+  clips are plain copies, `chunk-NNNNN.json`: their index (clip number, byte offset, frames,
   height, width; or why the video could not be read);
 - `cache.json`, written last: size, build time, clips, frames, unreadable videos.
 
@@ -159,11 +160,11 @@ class _ChunkWriter:
             return
         if self.handle is None:
             self.handle = open(self.temporary, "wb")   # noqa: SIM115 - closed by close()
-        frames = np.ascontiguousarray(frames, dtype=np.uint8)
-        self.handle.write(memoryview(frames).cast("B"))
+        planar = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)   # [n, 3, H, W]
+        self.handle.write(memoryview(planar).cast("B"))
         self.entries.append({"clip": clip, "offset": self.size, "frames": frames.shape[0],
                              "height": frames.shape[1], "width": frames.shape[2]})
-        self.size += frames.nbytes
+        self.size += planar.nbytes
 
     def close(self) -> float:
         """Make the chunk complete; returns the seconds spent on it."""
@@ -278,7 +279,9 @@ class FrameCache:
 
     def clip(self, video: int, start: float | None, end: float | None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 frames [n,H,W,3] and frame mask [max_frames] of one clip; a video that
-        could not be read raises VideoReadError as decoding it would."""
+        could not be read raises VideoReadError as decoding it would. The frames are a
+        read-only view of the map (no copy): writing to them is an error, never a change
+        of the cache."""
         try:
             number, entry = self.entries[(video, start, end)]
         except KeyError:
@@ -288,12 +291,12 @@ class FrameCache:
             raise VideoReadError(self.paths[video], entry["error"])
         if number not in self._maps:
             self._maps[number] = np.memmap(_chunk_data(self.folder, number), dtype=np.uint8, mode="r")
-        shape = (entry["frames"], entry["height"], entry["width"], 3)
+        shape = (entry["frames"], 3, entry["height"], entry["width"])
         offset = entry["offset"]
-        frames = np.array(self._maps[number][offset:offset + int(np.prod(shape))]).reshape(shape)
+        planar = self._maps[number][offset:offset + int(np.prod(shape))].reshape(shape)
         mask = np.zeros(self.max_frames, dtype=np.int64)
         mask[:shape[0]] = 1
-        return frames, mask
+        return planar.transpose(0, 2, 3, 1), mask       # [n, H, W, 3], a view of [n, 3, H, W]
 
 
 def _missing_message(params: Params, split: str, folder: Path) -> str:
