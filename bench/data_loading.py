@@ -111,7 +111,8 @@ def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
               if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__}
 
 
@@ -173,7 +174,9 @@ def main() -> None:
             "machine": machine(), "settings": {
                 "videos": args.videos, "training_pairs": len(annotations), "batch": args.batch,
                 "workers": args.workers, "frames": params.max_frames, "image_size": params.image_size,
-                "augment": args.augment, "reader": BACKEND or "av"}, **results})
+                "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False},
+            "note": "loaders timed alternately, medians over rounds; other processes may share the "
+                    "cores (load_average_1min, taken at the end)", **results})
         print(f"wrote {args.json}")
 
 
