@@ -164,3 +164,15 @@ def test_cached_frames_are_a_read_only_view_of_the_map(params):
         frames[:] = 0
     with pytest.raises(FrameCacheError, match="not in the frame cache"):
         cache.clip(2, 0.0, 1.0)
+
+
+def test_command_builds_with_worker_processes(params, tmp_path, capsys):
+    import yaml
+    settings = {key: getattr(params, key) for key in (
+        "anno_path", "video_path", "frame_cache_dir", "max_frames", "image_size", "max_words")}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(settings))
+    assert frame_cache.main(["--params", str(tmp_path / "tiny.yaml"), "--splits", "train",
+                             "--set", "num_workers=2", "--no_progress"]) == 0
+    assert "frame cache train: 4 clips, 13 frames" in capsys.readouterr().out
+    cached = TrainDataset(load_annotations(params, "train"), params, train=False)
+    assert frame_levels(cached[0]["video"], cached[0]["frame_mask"]) == SAMPLED[0]
