@@ -188,7 +188,7 @@ def _report(folder: Path, annotations: Annotations, clips: list[Clip], settings:
                    "reason": entry["error"]} for entry in entries if "error" in entry]
     return {"split": annotations.split, "folder": str(folder), "settings": settings,
             "clips": len(clips), "frames": sum(entry.get("frames", 0) for entry in entries),
-            "bytes": sum(chunk["bytes"] for chunk in chunks.values()), "files": 2 * len(chunks) + 2,
+            "bytes": sum(chunk["bytes"] for chunk in chunks.values()), "files": len(list(folder.glob("chunk-*"))) + 2,
             "build_seconds": round(sum(chunk["seconds"] for chunk in chunks.values()), 3),
             "unreadable": unreadable}
 
