@@ -105,6 +105,11 @@ class Params:
     num_workers: int = in_data(4)
     # keep decoded clips in memory in each loader worker (small sets)
     cache_decoded_clips: bool = in_data(False)
+    # read sampled frames from the on-disk decoded-frame cache (built by ensure_data or
+    # `python -m emcl_nb.data.frame_cache`)
+    frame_cache: bool = in_data(False)
+    # where frame caches go; "" = <output_root>/frame_cache/<dataset>
+    frame_cache_dir: str = in_data("", PATH)
     # skip | raise: what to do with a missing/corrupt video or empty caption
     on_bad_sample: str = in_data("skip", FEATURE)
 

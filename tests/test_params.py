@@ -116,7 +116,7 @@ OLD_SYNTHETIC = ("synthetic", "synthetic_distractors", "synthetic_shape_scale", 
                  "synthetic_frames", "synthetic_fps", "synthetic_size")
 OLD_SELECTION = ("reference_selection", "reference_eval_steps")
 OLD_GROUPS = {
-    "PATH_FIELDS": ("anno_path", "video_path", "output_root"),
+    "PATH_FIELDS": ("anno_path", "video_path", "output_root", "frame_cache_dir"),
     "DATA_FIELDS": OLD_DATA,
     "FEATURE_FIELDS": OLD_DATA + ("on_bad_sample",),
     "MODEL_FIELDS": OLD_MODEL,
