@@ -296,6 +296,21 @@ def test_configure_torch_flushes_denormals_that_slow_the_em_step():
         torch.set_flush_denormal(False)
 
 
+def test_configure_torch_keeps_determinism_without_filling_every_new_tensor():
+    """Deterministic algorithms stay on; the NaN fill of new tensors (a third of a CPU
+    training step) is off."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        configure_torch(Params(num_threads=0, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+        torch.set_flush_denormal(False)
+
+
 def test_validation_ties_go_to_the_later_epoch_as_in_the_reference(tmp_path):
     params = tiny_params(tmp_path, epochs=2)
     result = fit(params, RandomClips(16, params), validate=lambda model: {"val": {"t2v": {"R1": 50.0}}})
