@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         mfu = model_flops_utilisation(flops_per_step, seconds_per_step, peak) if peak else None
         figures.update(flops_per_step=flops_per_step, peak_flops=peak, mfu=mfu, mfu_formula=MFU_FORMULA)
         achieved = flops_per_step / seconds_per_step / 1e12
-        print(f"{flops_per_step / 1e12:.2f} TFLOP/step, {achieved:.1f} TFLOP/s achieved; "
+        print(f"{flops_per_step / 1e12:.4g} TFLOP/step, {achieved:.4g} TFLOP/s achieved; "
               + (f"MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s" if mfu is not None
                  else "MFU: unknown peak for this device (give --peak-tflops)"))
         print(MFU_FORMULA)
