@@ -38,3 +38,16 @@ def test_train_step_writes_its_figures_as_json(tmp_path):
     assert figures["clips_per_s"] > 0 and len(figures["clips_per_s_windows"]) == 2
     assert figures["machine"] and figures["threads"] >= 1 and figures["torch"] == __import__("torch").__version__
     assert figures["command"].startswith("python bench/train_step.py --warmup 1")
+
+
+def test_readme_performance_table_is_what_report_generates():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    readme = (ROOT / "README.md").read_text()
+    assert report.rewrite(readme, report.render(ROOT / "docs" / "results")) == readme, \
+        "README's performance table is stale: run `python bench/report.py`"
+    rows, baseline = report.table_rows(report.load_results(ROOT / "docs" / "results"))
+    assert baseline and any(row["source"].startswith("quoted") for row in rows)
