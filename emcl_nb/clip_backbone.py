@@ -212,7 +212,25 @@ def encode_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.flatten(2).transpose(1, 2)                                        # [N, g*g, C]
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)      # [N, 1, C]
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [N, 1 + g*g, C]
-    x = visual.ln_pre(x)
-    x = visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)             # [N, 1 + g*g, C]
-    x = visual.ln_post(x[:, 0, :])                                          # [N, C]
+    x = visual.ln_pre(x).permute(1, 0, 2)                                   # [1 + g*g, N, C]
+    for block in visual.transformer.resblocks:
+        x = residual_block(block, x)
+    x = visual.ln_post(x[0])                                                # [N, C] (CLS)
     return x @ visual.proj if visual.proj is not None else x                # [N, D]
+
+
+def residual_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's ResidualAttentionBlock (no attention mask) on x [L,N,C], in fewer passes than
+    nn.MultiheadAttention and QuickGELU take: q, k, v are views of one projection (no
+    zero-filled gradient buffers per chunk), and x * sigmoid(1.702 x) is computed as
+    silu(1.702 x) / 1.702 (one fused kernel each way). Equal within float rounding."""
+    attn = block.attn
+    L, N, C = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)    # [L, N, 3C]
+    q, k, v = qkv.view(L, N, 3, heads, C // heads).permute(2, 1, 3, 0, 4).unbind(0)  # [N, H, L, C/H]
+    h = F.scaled_dot_product_attention(q, k, v)                              # [N, H, L, C/H]
+    h = h.permute(2, 0, 1, 3).reshape(L, N, C)                               # [L, N, C]
+    x = x + F.linear(h, attn.out_proj.weight, attn.out_proj.bias)
+    h = block.mlp.c_fc(block.ln_2(x))                                        # [L, N, 4C]
+    return x + block.mlp.c_proj(F.silu(1.702 * h) / 1.702)                   # [L, N, C]
