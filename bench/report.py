@@ -53,11 +53,12 @@ def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
 def render(folder: Path) -> str:
     """The markdown between the markers."""
     rows, baseline = table_rows(load_results(folder))
-    lines = ["Training step, CPU reference configuration (tiny CLIP width 128, 2 layers, patch 32; "
+    intro = ("Training step, CPU reference configuration (tiny CLIP width 128, 2 layers, patch 32; "
              "224 px, 12 frames, batch 16, 32 words, seqTransf 2 layers, fp32, 2 threads). "
              "clips/s is the median of the runs listed; x reference divides by the reference "
              "without anomaly mode. Quoted rows were measured on the reference code by an earlier "
-             "session, not by this repository's scripts.", "",
+             "session, not by this repository's scripts.")
+    lines = [intro, "",
              "| what | clips/s | runs | x reference | ms/step | peak memory | machine | command | source |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -77,8 +78,8 @@ def loader_table(results: list[dict]) -> list[str]:
     loaders = [r for r in results if isinstance(r.get("clips_per_s"), dict)]
     if not loaders:
         return []
-    lines = ["", "Training loader, decoding with decord vs reading the decoded-frame cache "
-             "(median of alternating rounds):", "",
+    title = "Training loader, decoding with decord vs reading the decoded-frame cache (median of alternating rounds):"
+    lines = ["", title, "",
              "| loader | clips/s | rounds | settings | machine | command | source |", "|---|---|---|---|---|---|---|"]
     for result in loaders:
         machine, settings = result["machine"], result["settings"]
