@@ -16,7 +16,7 @@ from clip.model import CLIP, ResidualAttentionBlock
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emcl_nb.clip_backbone import CONTEXT_LENGTH, encode_frames, encode_text, load_clip_model, normalize_frames
+from emcl_nb.clip_backbone import CONTEXT_LENGTH, encode_text, encode_uint8_frames, load_clip_model
 from emcl_nb.distributed import all_gather_with_grad
 from emcl_nb.emcl import EMCL
 from emcl_nb.loss import symmetric_infonce
@@ -186,9 +186,9 @@ class EMCLNet(nn.Module):
     def encode_video(self, video: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Per-frame features [B,T,D] after temporal aggregation, not normalised.
 
-        `video` [B,T,3,H,W] uint8 is normalised here (on its device). Padded frames
-        (mask 0) are set to zero after normalisation, as the reference feeds them, so their
-        pixels never change a result.
+        `video` [B,T,3,H,W] uint8 is normalised here (on its device, folded into the patch
+        embedding). Padded frames (mask 0) are encoded as zero frames after normalisation,
+        as the reference feeds them, so their pixels never change a result.
         """
         if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be uint8 frames [B, T, 3, H, W] (normalised inside "
@@ -196,9 +196,9 @@ class EMCLNet(nn.Module):
         B, T = video.shape[:2]
         if tuple(frame_mask.shape) != (B, T):
             raise ValueError(f"frame_mask must be [B, T] = {(B, T)}; got {tuple(frame_mask.shape)}")
-        frames = normalize_frames(video.flatten(0, 1))                           # [B*T, 3, H, W]
-        frames = frames * frame_mask.reshape(B * T, 1, 1, 1).to(frames.dtype)
-        f = encode_frames(self.clip, frames).float().reshape(B, T, -1)            # [B, T, D]
+        keep = frame_mask.reshape(B * T)                                          # [B*T]
+        f = encode_uint8_frames(self.clip, video.flatten(0, 1), keep)             # [B*T, D]
+        f = f.float().reshape(B, T, -1)                                           # [B, T, D]
         return self.aggregate(f, frame_mask)
 
     def aggregate(self, f: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from emcl_nb.clip_backbone import (
     build_tiny_clip,
     encode_frames,
     encode_text,
+    encode_uint8_frames,
     load_clip_model,
     normalize_frames,
 )
@@ -133,3 +134,40 @@ def test_normalize_frames_uses_clip_statistics():
     mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
     assert torch.allclose(out[0, :, 0, 0], -mean / std)
     assert torch.allclose(out[1, :, 0, 0], (1 - mean) / std)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_folded_normalisation_matches_normalising_the_pixels(tiny_clip, frozen):
+    """encode_uint8_frames (normalisation folded into conv1, mask on its output) equals
+    normalising and masking the pixels first: outputs and every gradient, conv1 frozen or not."""
+    tiny_clip.visual.conv1.requires_grad_(not frozen)
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    keep = torch.tensor([1, 1, 0, 1, 0, 1])                            # two padded frames
+    weights = torch.randn(6, 64, generator=g)                          # a loss that sees every output
+
+    def run(encode):
+        tiny_clip.zero_grad(set_to_none=True)
+        out = encode()
+        (out * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in tiny_clip.visual.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    fused, fused_grads = run(lambda: encode_uint8_frames(tiny_clip, frames, keep))
+    plain, plain_grads = run(lambda: encode_frames(
+        tiny_clip, normalize_frames(frames) * keep.view(-1, 1, 1, 1).float()))
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max())
+    assert fused_grads.keys() == plain_grads.keys()
+    assert ("conv1.weight" in fused_grads) == (not frozen)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max()), name
+    # padded frames do not depend on their pixels
+    other = frames.clone()
+    other[keep == 0] = 255 - other[keep == 0]
+    with torch.no_grad():
+        assert torch.allclose(encode_uint8_frames(tiny_clip, other, keep), fused, atol=1e-6)
+
+
+def test_uint8_frame_encoder_checks_size(tiny_clip):
+    with pytest.raises(ValueError, match="image_size=32"):
+        encode_uint8_frames(tiny_clip, torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.ones(2))

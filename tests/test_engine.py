@@ -1,6 +1,8 @@
 """Training engine on random tensors: the loss falls, resume is exact, mistakes stop early."""
 import json
 import math
+import resource
+import sys
 
 import pytest
 import torch
@@ -294,6 +296,35 @@ def test_configure_torch_flushes_denormals_that_slow_the_em_step():
         assert (denormal * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_configure_torch_keeps_determinism_without_filling_every_new_tensor():
+    """Deterministic algorithms stay on; the NaN fill of new tensors (a third of a CPU
+    training step) is off."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        configure_torch(Params(num_threads=0, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_configure_torch_reuses_freed_large_blocks_instead_of_faulting_them_in_again():
+    configure_torch(Params(num_threads=0))
+    torch.set_flush_denormal(False)
+
+    def faults_of_a_fresh_64_mib_tensor() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 * 2**20).fill_(1.0)                 # 64 MiB, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_a_fresh_64_mib_tensor()
+    assert faults_of_a_fresh_64_mib_tensor() < 1000        # 16,384 pages if handed back to the OS
 
 
 def test_validation_ties_go_to_the_later_epoch_as_in_the_reference(tmp_path):
