@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 NBVAL_OVERRIDES ?= synthetic_train=400 synthetic_test=50 synthetic_val=50 epochs=6 \
   run=nbval progress=false anno_path=outputs/data/synthetic-nbval video_path=outputs/data/synthetic-nbval/videos
 
-.PHONY: setup demo test test-unit test-notebooks notebooks ablations clean
+.PHONY: setup demo test lint test-unit test-notebooks notebooks ablations clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m emcl_nb.demo
 
-test: setup test-unit test-notebooks
+test: setup lint test-unit test-notebooks
+
+# ruff's rules are in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(PY) -m ruff check .
 
 test-unit: setup
 	$(PY) -m pytest tests

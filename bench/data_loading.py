@@ -1,6 +1,8 @@
-"""Benchmark: the project's training loader against a reference-style float64 PIL pipeline.
+"""Benchmark: the project's training loader against a reference-style float64 PIL pipeline,
+or (--cache) against itself reading the decoded-frame cache.
 
     .venv/bin/python bench/data_loading.py [--videos 48 --clips 160 --workers 2 --batch 16]
+    .venv/bin/python bench/data_loading.py --cache [--rounds 3] [--json docs/results/data_loading-cpu.json]
 
 Generates synthetic videos of compressed size (short side 224, 3 fps, 12 s) in a
 temporary folder, then loads the same training samples through
@@ -12,13 +14,23 @@ temporary folder, then loads the same training samples through
   the short side + centre crop -> ToTensor -> Normalize -> float64 numpy. Without decord
   the frames are read with PyAV instead.
 
-Both read the same frame indices with the same DataLoader settings, and the script
-prints clips/s, bytes per batch and the ratios. Not a test: the numbers depend on the
-machine (and on other work sharing its cores).
+With --cache the two loaders are emcl_nb's TrainDataset decoding with decord (`decord`)
+and reading the decoded-frame cache built first (`cache`, emcl_nb.data.frame_cache),
+timed alternately for --rounds rounds so that other work on the machine slows both alike;
+the cache's size and build time are printed with them.
+
+Both read the same frame indices with the same DataLoader settings (no in-memory clip
+cache), and the script prints clips/s, bytes per batch and the ratios; --json writes
+them with the machine and the command. Not a test: the numbers depend on the machine
+(and on other work sharing its cores).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +43,10 @@ from torchvision import transforms
 
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
+from emcl_nb.data.frame_cache import build_frame_cache, describe
 from emcl_nb.data.synthetic import CAPTION_TEMPLATES, generate_synthetic
 from emcl_nb.data.video import load_clip
+from emcl_nb.io import atomic_write_json
 from emcl_nb.params import load_params
 
 try:
@@ -78,15 +92,48 @@ def batch_bytes(batch) -> int:
 
 
 def measure(loader, clips: int) -> tuple[float, int]:
-    """Clips per second over about `clips` samples (after one warm-up batch), bytes per batch."""
+    """Clips per second over about `clips` samples (after one warm-up batch; as many
+    epochs as that takes), bytes per batch."""
     batches = iter(loader)
     size = batch_bytes(next(batches))          # warm-up: worker start, first decode
     seen, start = 0, time.perf_counter()
-    for batch in batches:
-        seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
-        if seen >= clips:
-            break
+    while seen < clips:
+        for batch in batches:
+            seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
+            if seen >= clips:
+                break
+        batches = iter(loader)
     return seen / (time.perf_counter() - start), size
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def compare_with_cache(params, annotations, args) -> dict:
+    """Build the frame cache, then time the decoding and the cached loader alternately."""
+    report = build_frame_cache(params.replace(frame_cache=True), "train", progress=False)
+    print(describe(report))
+    loaders = {"decord": build_loader(TrainDataset(annotations, params, train=True), params, train=True),
+               "cache": build_loader(TrainDataset(annotations, params.replace(frame_cache=True), train=True),
+                                     params, train=True)}
+    rounds = {name: [] for name in loaders}
+    for _ in range(args.rounds):
+        for name, loader in loaders.items():
+            rounds[name].append(round(measure(loader, args.clips)[0], 1))
+    for name, rates in rounds.items():
+        print(f"{name:>9}: {statistics.median(rates):7.1f} clips/s (median; rounds {rates})")
+    ratio = statistics.median(rounds["cache"]) / statistics.median(rounds["decord"])
+    print(f"cache / decord: {ratio:.2f}x clips/s")
+    return {"clips_per_s": {name: statistics.median(rates) for name, rates in rounds.items()},
+            "rounds": rounds, "cache_over_decord": round(ratio, 2),
+            "cache": {key: report[key] for key in ("clips", "frames", "bytes", "build_seconds")}}
 
 
 def main() -> None:
@@ -95,7 +142,12 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=160, help="clips timed per pipeline")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both pipelines)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--augment", action="store_true", help="the reference RandAugment policy (timm) in the project loader")
+    parser.add_argument("--augment", action="store_true",
+                        help="the reference RandAugment policy (timm) in the project loader")
+    parser.add_argument("--cache", action="store_true",
+                        help="compare decoding with decord against the decoded-frame cache")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (--cache)")
+    parser.add_argument("--json", help="also write the figures, machine and command to this file")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="emcl-bench-") as tmp:
@@ -108,22 +160,40 @@ def main() -> None:
         params = load_params("synthetic", dict(
             anno_path=str(folder), video_path=str(folder / "videos"), image_size=224,
             max_frames=12, video_framerate=1, batch_size=args.batch, num_workers=args.workers,
-            train_augment=args.augment, progress=False), use_env=False)
+            train_augment=args.augment, cache_decoded_clips=False, progress=False,
+            frame_cache_dir=str(Path(tmp) / "frame_cache")), use_env=False)
         annotations = load_annotations(params, "train")
         torch.manual_seed(0)
-        project = build_loader(TrainDataset(annotations, params, train=True), params, train=True)
-        reference = DataLoader(ReferenceStyleDataset(annotations, params), batch_size=args.batch,
-                               shuffle=True, num_workers=args.workers, drop_last=True)
-        results = {name: measure(loader, args.clips)
-                   for name, loader in (("project", project), ("reference", reference))}
+        print(f"{len(annotations)} training pairs, batch {args.batch}, {args.workers} workers, "
+              f"{params.max_frames} frames of {params.image_size}px, augment={args.augment}, "
+              f"reader: {BACKEND or 'PyAV (decord missing)'}")
+        results = compare_with_cache(params, annotations, args) if args.cache \
+            else compare_with_reference(params, annotations, args)
+    if args.json:
+        atomic_write_json(Path(args.json), {
+            "command": " ".join(["python", "bench/data_loading.py", *sys.argv[1:]]),
+            "machine": machine(), "settings": {
+                "videos": args.videos, "training_pairs": len(annotations), "batch": args.batch,
+                "workers": args.workers, "frames": params.max_frames, "image_size": params.image_size,
+                "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False},
+            "note": "loaders timed alternately, medians over rounds; other processes may share the "
+                    "cores (load_average_1min, taken at the end)", **results})
+        print(f"wrote {args.json}")
 
-    print(f"{len(annotations)} training pairs, batch {args.batch}, {args.workers} workers, "
-          f"{params.max_frames} frames of {params.image_size}px, augment={args.augment}, "
-          f"reference reader: {BACKEND or 'PyAV (decord missing)'}")
+
+def compare_with_reference(params, annotations, args) -> dict:
+    """Time the project's loader, then the reference-style float64 pipeline."""
+    project = build_loader(TrainDataset(annotations, params, train=True), params, train=True)
+    reference = DataLoader(ReferenceStyleDataset(annotations, params), batch_size=args.batch,
+                           shuffle=True, num_workers=args.workers, drop_last=True)
+    results = {name: measure(loader, args.clips)
+               for name, loader in (("project", project), ("reference", reference))}
     for name, (rate, size) in results.items():
         print(f"{name:>9}: {rate:7.1f} clips/s  {size / 2**20:8.1f} MiB per batch")
     (p_rate, p_size), (r_rate, r_size) = results["project"], results["reference"]
     print(f"project / reference: {p_rate / r_rate:.2f}x clips/s, {r_size / p_size:.1f}x fewer bytes per batch")
+    return {"clips_per_s": {name: round(rate, 1) for name, (rate, _) in results.items()},
+            "mib_per_batch": {name: round(size / 2**20, 1) for name, (_, size) in results.items()}}
 
 
 if __name__ == "__main__":

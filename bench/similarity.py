@@ -27,8 +27,8 @@ import time
 import torch
 
 from emcl_nb.emcl import EMCL
-from emcl_nb.runtime import configure_torch
 from emcl_nb.params import Params
+from emcl_nb.runtime import configure_torch
 from emcl_nb.similarity import block_similarity, block_similarity_loop
 
 
@@ -63,7 +63,7 @@ def bench(device: torch.device, args) -> None:
     t, f, frame_mask = random_features(args.n, args.dim, args.frames, args.scale, device)
     emcl = EMCL(args.bases, stage_num=args.stages, init=args.init, dim=args.dim,
                 generator=torch.Generator().manual_seed(1)).to(device).eval()
-    kwargs = dict(temp=3.0, emcl=emcl, block_size=args.block)
+    kwargs = dict(temp=3.0, emcl_module=emcl, block_size=args.block)
     # warm-up (CUDA context, kernels, allocator) on a small slice
     block_similarity(t[:2 * args.block], f[:2 * args.block], frame_mask[:2 * args.block], **kwargs)
     if device.type == "cuda":
@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--init", choices=("reference", "distinct"), default="reference")
     parser.add_argument("--scale", type=float, default=1.0, help="std of the random features")
     parser.add_argument("--max-blocks", type=int, default=None,
-                        help="blocks per batched call (default: the library's: 4 blocks of 32 x 32 on a CPU, 64 on a GPU)")
+                        help="blocks per batched call (default: the library's: "
+                             "4 blocks of 32 x 32 on a CPU, 64 on a GPU)")
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from emcl_nb import stats
 from emcl_nb.io import atomic_write_json, atomic_write_text
-from emcl_nb.params import REPO_ROOT, RESUME_FIELDS, Params, load_params, repo_relative
+from emcl_nb.params import REPO_ROOT, RESUME_FIELDS, SCORING_FIELDS, Params, load_params, repo_relative
 
 GRID_DATASET = "synthetic-ablations"
 GRID_RUN = "grid"
@@ -151,7 +151,7 @@ def correction_rank(features, model, scoring) -> int | None:
     from emcl_nb.attention import em_block
     from emcl_nb.emcl import effective_rank
 
-    if scoring.emcl is None:
+    if scoring.emcl_module is None:
         return None
     first = range(min(scoring.block_size, features.n_texts, features.n_videos))
     block = em_block(model, features, first, first, scoring=scoring)
@@ -161,7 +161,7 @@ def correction_rank(features, model, scoring) -> int | None:
 def score_setting(features, model, params: Params, mode: str | None, overrides: dict) -> dict:
     """Plain test metrics of one scoring setting, the per-query T2V R@1 hits (tie rule of
     emcl_nb.metrics) and the rank of its EMCL correction."""
-    from emcl_nb.evaluate import score, scoring_setup
+    from emcl_nb.scoring import score, scoring_setup
     from emcl_nb.metrics import PLAIN, evaluate_similarity, query_recall
 
     sim = score(features, params, model, emcl_mode=mode, **overrides)                # [A, V]
@@ -177,8 +177,6 @@ def run_scores(params: Params, settings: dict[str, tuple[str | None, dict]]) -> 
     Cached in out_dir/SCORES_FILE for the checkpoint they came from (its size and mtime) and
     the scoring parameters; only settings not cached there load the model and score. The
     training time stays with its checkpoint when the scores are made again."""
-    from emcl_nb.evaluate import SCORING_FIELDS
-
     last, trained_seconds = ensure_complete(params)
     path = params.out_dir / SCORES_FILE
     checkpoint = _checkpoint_stamp(last)

@@ -1,7 +1,8 @@
 """Checkpoints: one file holds everything needed to resume a run exactly.
 
 A checkpoint is a dict with the model and optimiser states, the schedule, the loss scaler,
-the epoch and step it was taken after, the parameters of the run and the RNG states.
+the epoch and step it was taken after, the parameters of the run, the model's
+`ModelConfig` and the RNG states.
 It is written atomically, so a killed run never leaves a truncated file.
 
 Every checkpoint, ours and the reference code's, is read with `weights_only=True`: tensors,
@@ -29,7 +30,7 @@ def _numpy_rng_globals() -> list:
     plain data: an ndarray of uint32, under numpy 2's module name or numpy 1's (a file
     keeps the name of the numpy that wrote it)."""
     try:
-        from numpy._core.multiarray import _reconstruct          # numpy >= 2
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:                                           # numpy 1.x
         from numpy.core.multiarray import _reconstruct
     return [*((_reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy._core", "numpy.core")),
@@ -76,6 +77,7 @@ def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler
         "epoch": epoch,
         "step": step,
         "params": params,
+        "model_config": model.config.to_dict(),
         "metrics": metrics or {},
         "rng": rng_state(),
     }
@@ -143,7 +145,7 @@ def _unsafe_globals(path: Path) -> list[str]:
 #   (absent) emcl.basis_init / emcl.basis_directions  -> re-created from the seed, with a
 #                                         warning: the reference keeps its EMCL bases in a
 #                                         plain attribute that is never saved
-#                                         (reference-defects.md #2).
+#                                         (docs/reference-differences.md #2).
 
 EMCL_BUFFERS = ("emcl.basis_init", "emcl.basis_directions")
 DROPPED_KEYS = ("clip.input_resolution", "clip.context_length", "clip.vocab_size")
@@ -202,7 +204,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
     """Load an EMCLNet's weights from our checkpoint ({"format": FORMAT, "model": ...}) or
     from a reference-code state dict (key mapping above), given as a path or already loaded.
 
-    EMCL bases the file lacks are re-created from `seed` (default: the model's params.seed)
+    EMCL bases the file lacks are re-created from `seed` (default: the model's config.seed)
     with a warning. Any other missing or unexpected key, or a shape that differs, is a
     `CheckpointError` naming a few of them.
     """
@@ -212,7 +214,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
     else:
         source, state = source or "the given state dict", path_or_state
     weights, layout = _unwrap_state(state, source)
-    seed = model.params.seed if seed is None else seed
+    seed = model.config.seed if seed is None else seed
 
     expected = model.state_dict()
     missing = set(expected) - set(weights)
@@ -241,7 +243,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
         weights = {**weights, **{f"emcl.{key}": value for key, value in fresh.state_dict().items()}}
         warnings.warn(
             f"{source} has no EMCL bases ({', '.join(recreated)}): the reference code never saves "
-            f"them (reference-defects.md #2), so they were re-created as the initial values drawn "
+            f"them (docs/reference-differences.md #2), so they were re-created as the initial values drawn "
             f"from seed {seed}. Scores with EMCL on may differ from those of the run that wrote it.",
             stacklevel=2)
     model.load_state_dict(weights)

@@ -1,4 +1,4 @@
-"""The EMCL module (method.md §4): an EM step over the feature channels of a stacked batch.
+"""The EMCL module (docs/method.md §4): an EM step over the feature channels of a stacked batch.
 
 X [N,D] holds the rows of one block (pooled videos, then texts). The D channels are the
 data points and the K bases live in sample space R^N. With no gradient, `stage_num` EM

@@ -1,7 +1,10 @@
-"""Training engine: optimiser, schedule, precision, the epoch loop, checkpoints and resume.
+"""Training engine: `train_step` (one update), `train_one_epoch` (one pass over the loader)
+and `fit`, which orchestrates them: device, model, resume, DDP, validation and model
+selection, checkpoints.
 
 `fit(params, train_set)` trains in-process (a notebook calls it directly) and under
 `torchrun` (one process per GPU, or gloo processes on CPU). Only rank 0 writes files.
+Over 300 lines: the step log and the resume checks stay beside the loop whose state they keep.
 """
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -21,10 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb import distributed
 from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
-from emcl_nb.io import (atomic_write_json, atomic_write_text, folder_lock, naming_full_disk,
-                        sweep_temp_files)
-from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
+from emcl_nb.io import atomic_write_json, atomic_write_text, folder_lock, naming_full_disk, sweep_temp_files
 from emcl_nb.optim import build_optimizer
+from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
 from emcl_nb.progress import progress_bar
 from emcl_nb.runtime import autocast, autocast_dtype, configure_torch, seed_everything, to_device
 
@@ -192,6 +194,57 @@ def _promote_reference(pending: Path, reference: Path, saved_step: int) -> None:
         pending.unlink()
 
 
+def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *,
+               dtype: torch.dtype | None, grad_clip: float) -> torch.Tensor:
+    """One update on a batch already on the model's device: the loss under autocast,
+    backward through the loss scaler, unscale, clip the global gradient norm, optimiser and
+    schedule steps, clamp logit_scale. Returns the loss (on the device: no host sync)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with autocast(unwrap(model).device, dtype):
+        loss = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    unwrap(model).clamp_logit_scale()
+    return loss
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step_log: StepLog, *,
+                    epoch: int, step: int, dtype: torch.dtype | None, grad_clip: float,
+                    world_size: int = 1, after_step: Callable[[int, int], None] | None = None,
+                    progress: bool = True, desc: str = "") -> tuple[int, int]:
+    """One pass over `loader` from global step `step`: `train_step` on each batch, its loss
+    and learning rates into `step_log`, then `after_step(epoch, step)`.
+    Returns (the global step after the pass, training samples skipped as unreadable)."""
+    device = unwrap(model).device
+    model.train()
+    _set_epoch(loader, epoch)
+    step_log.last_flush = time.perf_counter()
+    bar = progress_bar(loader, desc=desc, leave=False, disable=not progress)
+    skipped = 0
+    for batch in bar:
+        skipped += len(batch["skipped"])
+        if len(batch["skipped"]) and world_size > 1:
+            raise RuntimeError(
+                "a clip failed to decode during multi-process training (the warning above "
+                "names the file): ranks need equal batches. Fix or remove the file.")
+        lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's
+        loss = train_step(model, to_device(batch, device), optimizer, scheduler, scaler,
+                          dtype=dtype, grad_clip=grad_clip)
+        step_log.add(step, epoch, loss, lrs)
+        step += 1
+        if after_step is not None:
+            after_step(epoch, step)
+        if not step_log.pending and progress:     # just flushed: shows the logged value
+            bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
+    step_log.flush()
+    return step, skipped
+
+
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
         reference: Callable[[nn.Module], dict] | None = None, resume: bool = True,
         on_log: Callable[[list], None] | None = None,
@@ -211,6 +264,34 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
     check_setup(params, len(train_set), env.world_size)
     with folder_lock(params.out_dir) if env.is_main else contextlib.nullcontext():
         return _fit(params, train_set, env, validate, reference, resume, on_log, on_epoch_end)
+
+
+@dataclass
+class _RunState:
+    """What a run carries from epoch to epoch (and from a checkpoint when it resumes)."""
+    epoch: int = 0                   # completed epochs
+    step: int = 0
+    history: list = field(default_factory=list)
+    best_score: float = -math.inf   # best validation T2V R@1 so far
+    selection: dict = field(default_factory=dict)   # the reference selection's record
+
+    def metrics(self) -> dict:
+        return {"history": self.history, "best_score": self.best_score, "reference": self.selection}
+
+
+def _resume(params: Params, state: dict, path: Path, model, optimizer, scheduler, scaler,
+            run: _RunState) -> _RunState:
+    """Load a `last.pt` state into the training objects; the run state it saved."""
+    check_resumable(params, state["params"], path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    metrics = state["metrics"]
+    return _RunState(epoch=state["epoch"], step=state["step"], history=metrics.get("history", []),
+                     best_score=metrics.get("best_score", -math.inf),
+                     selection=metrics.get("reference", run.selection))
 
 
 def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
@@ -237,37 +318,26 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
     seed_everything(params.seed)
     model = build_model(params).to(device)
     loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * params.epochs
+    total_steps = len(loader) * params.epochs
     optimizer, scheduler = build_optimizer(model, params, total_steps)
     dtype = autocast_dtype(device, params.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    start_epoch, step, history, best_score, collapse_warned = 0, 0, [], -math.inf, False
-    selection = {"split": params.reference_split, "every": reference_every, "evaluations": [],
-                 "best": None}
+    run = _RunState(selection={"split": params.reference_split, "every": reference_every,
+                               "evaluations": [], "best": None})
     if resume and last_path.exists():
-        state = read_checkpoint(last_path)
-        check_resumable(params, state["params"], last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        history = state["metrics"].get("history", [])
-        best_score = state["metrics"].get("best_score", -math.inf)
-        selection = state["metrics"].get("reference", selection)
+        run = _resume(params, read_checkpoint(last_path), last_path, model, optimizer, scheduler,
+                      scaler, run)
         if env.is_main:
-            _promote_reference(pending_reference, reference_path, step)
-            _truncate_log(log_path, step)
-            atomic_write_json(out_dir / "history.json", history)   # killed before it was written
-            if start_epoch >= params.epochs:
-                print(f"[emcl_nb] run {params.run} is complete: {start_epoch}/{params.epochs} epochs; "
+            _promote_reference(pending_reference, reference_path, run.step)
+            _truncate_log(log_path, run.step)
+            atomic_write_json(out_dir / "history.json", run.history)   # killed before it was written
+            if run.epoch >= params.epochs:
+                print(f"[emcl_nb] run {params.run} is complete: {run.epoch}/{params.epochs} epochs; "
                       f"delete {repo_relative(out_dir)} (or train with --no-resume) to retrain")
             else:
-                print(f"[emcl_nb] resuming {repo_relative(last_path)} after epoch {start_epoch} "
-                      f"(step {step} of {total_steps})")
+                print(f"[emcl_nb] resuming {repo_relative(last_path)} after epoch {run.epoch} "
+                      f"(step {run.step} of {total_steps})")
     elif env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (log_path, reference_path, pending_reference, out_dir / "reference.json"):  # of an earlier run
@@ -277,47 +347,25 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
     if env.world_size > 1:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     step_log = StepLog(log_path if env.is_main else None, params.log_every,
                        params.batch_size, on_log if env.is_main else None)
 
-    for epoch in range(start_epoch, params.epochs):
-        model.train()
-        _set_epoch(loader, epoch)
-        step_log.last_flush = time.perf_counter()
-        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{params.epochs}", leave=False,
-                   disable=not (params.progress and env.is_main))
-        skipped = 0
-        for batch in bar:
-            skipped += len(batch["skipped"])
-            if len(batch["skipped"]) and env.world_size > 1:
-                raise RuntimeError(
-                    "a clip failed to decode during multi-process training (the warning above "
-                    "names the file): ranks need equal batches. Fix or remove the file.")
-            batch = to_device(batch, device)
-            with autocast(device, dtype):
-                loss = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
-            scheduler.step()
-            unwrap(model).clamp_logit_scale()
-            step_log.add(step, epoch, loss, lrs)
-            step += 1
-            if reference_every and (step == 1 or step % reference_every == 0):
-                if reference is not None and env.is_main:
-                    _reference_step(reference, model, params, selection, pending_reference, epoch, step)
-                distributed.barrier()
-            if not step_log.pending and env.is_main:     # just flushed: shows the logged value
-                bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
-        step_log.flush()
+    def select(epoch: int, step: int) -> None:
+        """The reference's step-wise selection, after update 1 and every reference_every."""
+        if reference_every and (step == 1 or step % reference_every == 0):
+            if reference is not None and env.is_main:
+                _reference_step(reference, model, params, run.selection, pending_reference, epoch, step)
+            distributed.barrier()
+
+    collapse_warned = False
+    for epoch in range(run.epoch, params.epochs):
+        run.step, skipped = train_one_epoch(
+            model, loader, optimizer, scheduler, scaler, step_log, epoch=epoch, step=run.step,
+            dtype=dtype, grad_clip=params.grad_clip, world_size=env.world_size, after_step=select,
+            progress=params.progress and env.is_main, desc=f"epoch {epoch + 1}/{params.epochs}")
         last_loss = step_log.last_record["loss"]
 
-        record = {"epoch": epoch + 1, "step": step, "loss": last_loss, "skipped_samples": skipped}
+        record = {"epoch": epoch + 1, "step": run.step, "loss": last_loss, "skipped_samples": skipped}
         if validate is not None and env.is_main:
             model.eval()
             record.update(validate(unwrap(model)))
@@ -327,23 +375,22 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
                               f"one), the data and the loss curve.", stacklevel=2)
                 collapse_warned = True
         # ties go to the later epoch, as in the reference (`best_score <= R1`)
-        improved = "val" in record and record["val"]["t2v"]["R1"] >= best_score
+        improved = "val" in record and record["val"]["t2v"]["R1"] >= run.best_score
         if improved:
-            best_score = record["val"]["t2v"]["R1"]
-        history.append(record)
+            run.best_score = record["val"]["t2v"]["R1"]
+        run.history.append(record)
         if env.is_main:
-            metrics = {"history": history, "best_score": best_score, "reference": selection}
             # best first: a run killed in between resumes before this epoch and redoes it
             if improved:
-                save_checkpoint(best_path, model=unwrap(model), epoch=epoch + 1, step=step,
-                                params=params.to_dict(), metrics=metrics)
+                save_checkpoint(best_path, model=unwrap(model), epoch=epoch + 1, step=run.step,
+                                params=params.to_dict(), metrics=run.metrics())
             save_checkpoint(last_path, model=unwrap(model), optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=step,
-                            params=params.to_dict(), metrics=metrics)
-            _promote_reference(pending_reference, reference_path, step)
-            atomic_write_json(out_dir / "history.json", history)
+                            scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=run.step,
+                            params=params.to_dict(), metrics=run.metrics())
+            _promote_reference(pending_reference, reference_path, run.step)
+            atomic_write_json(out_dir / "history.json", run.history)
             if reference_every:
-                atomic_write_json(out_dir / "reference.json", selection)
+                atomic_write_json(out_dir / "reference.json", run.selection)
             print(f"[emcl_nb] epoch {epoch + 1}/{params.epochs}: loss {last_loss:.4f}"
                   + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))
         distributed.barrier()
@@ -352,4 +399,4 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
 
     return FitResult(out_dir=out_dir, last_checkpoint=last_path,
                      best_checkpoint=best_path if best_path.exists() else None,
-                     history=history, log_path=log_path)
+                     history=run.history, log_path=log_path)

@@ -1,422 +1,45 @@
-"""Evaluation: encode a split once, cache the features, score them, compute the metrics.
+"""Evaluating a run: its checkpoints scored on a split, the report and the command line.
 
     python -m emcl_nb.evaluate --params <name|yaml> [--checkpoint PATH] [--split test]
                                [--emcl on|off|inference] [--set key=value ...]
 
-1. `encode_split`: every text and every video of a split encoded exactly once (a video is
-   not re-encoded per caption, reference-defects.md #10) -> `Features`.
-2. `load_or_encode`: the same, through a cache `out_dir/features/<split>-<tag>.pt`. The tag
-   hashes everything that changes the features: the encoder weights (the EMCL bases are
-   left out: they act after encoding), the annotations and video files, max_words,
-   max_frames, video_framerate, image_size, the precision. Re-scoring with other EMCL
-   settings never re-encodes a video.
-3. `score`: the similarity matrix [texts, videos] with the block protocol
-   (evaluation.md, reference-defects.md #3) and one of three EMCL modes: "on" (the model's
-   trained module, or a fresh one when K / stages / λ / β / init are overridden), "off"
-   (pooling + cosine), "inference" (EMCL applied at test time only, method.md §7).
-4. `evaluate_model` / `make_validator` / `make_reference_validator` / `evaluate_run`:
-   plain and DSL metrics, the per-epoch validation and the reference's step-wise selection
-   used by the training engine, and the final report (`out_dir/metrics.json`,
-   `out_dir/metrics.md`) beside the published numbers.
+`evaluate_run` loads each checkpoint (`load_for_evaluation`), encodes the split through the
+feature cache (emcl_nb.encode), scores it (emcl_nb.scoring) and writes `out_dir/metrics.json`
+and `out_dir/metrics.md` beside the published numbers. `load_split` is what the evaluation,
+ablation and attention notebooks start from.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader
 
-from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint, seeded_emcl
-from emcl_nb.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from emcl_nb.metrics import DSL, PLAIN, TIE_RULE, evaluate_similarity, format_table
-from emcl_nb.params import (CHOICES, FEATURE_FIELDS, MODEL_FIELDS, REPO_ROOT, Params,
-                            ParamsError, load_params, parse_overrides)
-from emcl_nb.progress import progress_bar
-from emcl_nb.runtime import autocast, autocast_dtype, configure_torch
-from emcl_nb.similarity import similarity_matrix
+from emcl_nb.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from emcl_nb.encode import Features, load_or_encode
+from emcl_nb.io import atomic_write_json, atomic_write_text
+from emcl_nb.metrics import DSL, TIE_RULE, format_table
+from emcl_nb.params import CHOICES, MODEL_FIELDS, REPO_ROOT, SCORING_FIELDS, Params, load_params, parse_overrides
+from emcl_nb.progress import note
+from emcl_nb.runtime import configure_torch
+from emcl_nb.scoring import evaluate_model
 
-# Settings that change only the scoring, never the features: `score` accepts them as overrides.
-SCORING_FIELDS = ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_beta", "emcl_init",
-                  "inference_emcl_bases", "inference_emcl_stages", "inference_emcl_lamd",
-                  "inference_emcl_beta", "inference_block_size", "dsl_t2v_temp", "dsl_v2t_temp")
-# Params field -> EMCL attribute, for re-scoring a trained model with other EMCL settings.
-EMCL_SETTINGS = {"emcl_bases": "num_bases", "emcl_stages": "stage_num", "emcl_lamd": "lamd",
-                 "emcl_beta": "beta", "emcl_init": "init"}
 REFERENCE_PROTOCOL = "reference protocol"
-# A text whose scores over all videos span less than this scores them alike (float32 cosines).
-CONSTANT_SPREAD = 1e-5
-CACHE_VERSION = 3                # 2: Features.dropped; 3: the fp32 head (features differ under autocast)
-UNREADABLE_VIDEO = "unreadable video"
 
-
-def note(text: str, notes: list | None = None) -> None:
-    """Print a note for the user and keep it with the results."""
-    print(f"[emcl_nb] note: {text}")
-    if notes is not None:
-        notes.append(text)
-
-
-# ---------------------------------------------------------------------------------------
-# 1. Encoding
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class Features:
-    """Encoded split: every text and every video once, on the CPU in float32."""
-    split: str
-    text: torch.Tensor           # [A, D] EOT features, not normalised
-    video: torch.Tensor          # [V, T, D] frame features after temporal aggregation
-    frame_mask: torch.Tensor     # [V, T] int64, 0 = padded frame
-    text_video: torch.Tensor     # [A] int64 index (row of `video`) of each text's video
-    video_ids: list[str]
-    captions: list[str]
-    skipped_videos: list[str] = field(default_factory=list)   # unreadable, left out with their texts
-    dropped: dict = field(default_factory=dict)   # reason -> texts (queries) left out of the split
-
-    @property
-    def n_texts(self) -> int:
-        return self.text.shape[0]
-
-    @property
-    def n_videos(self) -> int:
-        return self.video.shape[0]
-
-    @property
-    def single_sentence(self) -> bool:
-        """One caption per video, text i <-> video i: the true pairs are the diagonal."""
-        return self.n_texts == self.n_videos and torch.equal(self.text_video, torch.arange(self.n_texts))
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
-
-
-def split_loaders(annotations, params: Params, persistent: bool = True) -> tuple[DataLoader, DataLoader]:
-    """(texts, videos) loaders of one split for `encode_split`. Kept across calls (as the
-    per-epoch validation does), their workers and decoded-clip caches persist."""
-    from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader
-    return (build_loader(TextDataset(annotations, params), params, train=False, persistent=persistent),
-            build_loader(VideoDataset(annotations, params), params, train=False, persistent=persistent))
-
-
-def encode_split(model, params: Params, split: str, device: torch.device | None = None, *,
-                 annotations=None, loaders: tuple[DataLoader, DataLoader] | None = None) -> Features:
-    """Encode every text and every video of `split` once (batch_size_val per batch).
-
-    `loaders`: `split_loaders(annotations, params)` to reuse (built here when None, for
-    this one pass: their workers end with it).
-    Videos that cannot be read are skipped when params.on_bad_sample == "skip": they and
-    their texts are left out with a warning, and listed in `skipped_videos`.
-    """
-    from emcl_nb.data.annotations import load_annotations
-
-    annotations = annotations if annotations is not None else load_annotations(params, split)
-    text_loader, video_loader = loaders or split_loaders(annotations, params, persistent=False)
-    device = device or model.device
-    model.eval()
-    n_texts, n_videos, T = len(annotations), annotations.num_videos, params.max_frames
-    text = torch.zeros(n_texts, model.embed_dim)
-    video = torch.zeros(n_videos, T, model.embed_dim)
-    frame_mask = torch.zeros(n_videos, T, dtype=torch.int64)
-    present = torch.zeros(n_videos, dtype=torch.bool)
-    bar = dict(disable=not params.progress, leave=False, unit="batch")
-
-    with torch.no_grad(), autocast(device, autocast_dtype(device, params.precision)):
-        for batch in progress_bar(text_loader, desc=f"encode {split} texts", **bar):
-            features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
-            text[batch["index"]] = features.float().cpu()                                 # [B, D]
-        for batch in progress_bar(video_loader, desc=f"encode {split} videos", **bar):
-            features = model.encode_video(batch["video"].to(device), batch["frame_mask"].to(device))
-            index = batch["video_index"]
-            video[index] = features.float().cpu()                                         # [B, T, D]
-            frame_mask[index] = batch["frame_mask"]
-            present[index] = True
-
-    text_video = torch.from_numpy(annotations.video_index).long()
-    result = Features(split, text, video, frame_mask, text_video, list(annotations.video_ids),
-                      [sample.caption for sample in annotations.samples],
-                      dropped=dict(annotations.dropped))
-    return result if present.all() else _drop_videos(result, present)
-
-
-def _drop_videos(features: Features, present: torch.Tensor) -> Features:
-    """Leave out the videos that were not read, and their texts (re-indexing the rest)."""
-    skipped = [vid for vid, ok in zip(features.video_ids, present.tolist()) if not ok]
-    if not present.any():
-        raise RuntimeError(f"no video of the {features.split} split could be read; "
-                           f"the warnings above name the files")
-    new_index = torch.cumsum(present.long(), 0) - 1                                       # [V]
-    keep_text = present[features.text_video]                                              # [A]
-    warnings.warn(f"{len(skipped)} unreadable {features.split} video(s) and {int((~keep_text).sum())} "
-                  f"caption(s) left out of the evaluation: {skipped[:5]}", stacklevel=3)
-    return Features(
-        features.split, features.text[keep_text], features.video[present],
-        features.frame_mask[present], new_index[features.text_video[keep_text]],
-        [vid for vid, ok in zip(features.video_ids, present.tolist()) if ok],
-        [c for c, ok in zip(features.captions, keep_text.tolist()) if ok], skipped,
-        {**features.dropped, UNREADABLE_VIDEO: int((~keep_text).sum())})
-
-
-# ---------------------------------------------------------------------------------------
-# 2. Feature cache
-# ---------------------------------------------------------------------------------------
-
-def weights_fingerprint(model) -> str:
-    """SHA-256 of the encoder weights (names, dtypes, shapes, bytes). The EMCL bases are left
-    out: they act after encoding, so re-scoring with other bases reuses the features.
-
-    Cached on the model (`_emcl_nb_fingerprint`) and recomputed only when a tensor is
-    replaced or updated in place (its storage or version counter changes). Writes through
-    `tensor.data` bypass the version counter and are not seen."""
-    encoder = sorted((name, tensor) for name, tensor in model.state_dict(keep_vars=True).items()
-                     if not name.startswith("emcl."))
-    stamp = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in encoder)
-    cached = getattr(model, "_emcl_nb_fingerprint", None)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    digest = hashlib.sha256()
-    for name, tensor in encoder:
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    model._emcl_nb_fingerprint = (stamp, digest.hexdigest())
-    return model._emcl_nb_fingerprint[1]
-
-
-def annotations_fingerprint(annotations) -> str:
-    """SHA-256 of the captions, their videos and each video file's size and mtime."""
-    digest = hashlib.sha256()
-    for sample, video_index in zip(annotations.samples, annotations.video_index.tolist()):
-        digest.update(f"{sample.caption}|{video_index}|{sample.start}|{sample.end}\n".encode())
-    for video_id, path in zip(annotations.video_ids, annotations.video_paths):
-        stat = Path(path).stat()
-        digest.update(f"{video_id}|{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def feature_key(model, params: Params, split: str, annotations, device: torch.device) -> dict:
-    """Everything the features of `split` depend on."""
-    return {"version": CACHE_VERSION, "split": split, "weights": weights_fingerprint(model),
-            "annotations": annotations_fingerprint(annotations),
-            "precision": str(autocast_dtype(device, params.precision) or torch.float32),
-            **{name: getattr(params, name) for name in FEATURE_FIELDS}}
-
-
-def cache_path(params: Params, key: dict) -> Path:
-    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return params.out_dir / "features" / f"{key['split']}-{tag}.pt"
-
-
-def load_or_encode(model, params: Params, split: str, device: torch.device | None = None, *,
-                   cache: bool = True, annotations=None) -> Features:
-    """`encode_split` through the cache in out_dir/features (written atomically).
-    A cached file whose key does not match, or that cannot be read, is re-encoded."""
-    from emcl_nb.data.annotations import load_annotations
-
-    if not cache:
-        return encode_split(model, params, split, device, annotations=annotations)
-    annotations = annotations if annotations is not None else load_annotations(params, split)
-    device = device or model.device
-    key = feature_key(model, params, split, annotations, device)
-    path = cache_path(params, key)
-    if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored["key"] == key:
-                return Features(**stored["features"])
-        except Exception as error:  # noqa: BLE001 - a broken cache file is re-made
-            note(f"feature cache {path} is unreadable ({error}); encoding again")
-    features = encode_split(model, params, split, device, annotations=annotations)
-    atomic_torch_save({"key": key, "features": features.to_dict()}, path)
-    return features
-
-
-# ---------------------------------------------------------------------------------------
-# 3. Scoring
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class Scoring:
-    """How a similarity matrix is computed: the EMCL module (or None), where features are
-    normalised (block_logits), the block size, the settings used and notes for the user."""
-    mode: str
-    emcl: torch.nn.Module | None
-    normalize: str
-    block_size: int
-    dsl_temps: tuple[float, float]       # (t2v, v2t) DSL temperatures
-    settings: dict
-    notes: list[str] = field(default_factory=list)
-
-
-def scoring_setup(model, params: Params, emcl_mode: str | None = None, **overrides) -> Scoring:
-    """The scoring of `emcl_mode` (default params.emcl), with `overrides` of SCORING_FIELDS.
-
-    on:        the model's trained EMCL module. Overriding K / stages / λ / β / init builds a
-               fresh module with those settings; it keeps the trained bases when K and init
-               match, otherwise it draws initial bases from params.seed (with a note).
-    off:       the model's pooling + cosine, no EMCL.
-    inference: EMCL as an inference-only module (method.md §7): inference_emcl_* settings,
-               reference init drawn from params.seed, inference_block_size blocks, applied to
-               the L2-normalised embeddings with no renormalisation afterwards. With mean
-               pooling this is the EMCL block of the reference inference module (V video + A text rows per
-               block; its logits divided by logit_scale, the same ranks); with text pooling
-               the A*V text-pooled rows (our extension).
-    """
-    mode = emcl_mode or params.emcl
-    if mode not in CHOICES["emcl"]:
-        raise ParamsError(f"emcl_mode must be one of {', '.join(CHOICES['emcl'])}; got {mode!r}")
-    not_scoring = sorted(set(overrides) - set(SCORING_FIELDS))
-    if not_scoring:
-        raise ParamsError(f"{', '.join(not_scoring)} cannot be changed when re-scoring: only "
-                          f"{', '.join(SCORING_FIELDS)} can. Settings that change the features "
-                          f"(e.g. max_frames) go in params, and the split is encoded again.")
-    p = params.replace(**overrides)
-    device, dsl_temps = model.device, (p.dsl_t2v_temp, p.dsl_v2t_temp)
-    if mode == "off":
-        return Scoring(mode, None, "after", p.block_size, dsl_temps, {"block_size": p.block_size})
-
-    if mode == "inference":
-        settings = dict(num_bases=p.inference_emcl_bases, stage_num=p.inference_emcl_stages,
-                        lamd=p.inference_emcl_lamd, beta=p.inference_emcl_beta, init="reference")
-        emcl = seeded_emcl(p.seed, momentum=p.emcl_momentum, dim=model.embed_dim, **settings)
-        return Scoring(mode, emcl.to(device), "before", p.inference_block_size, dsl_temps,
-                       {**settings, "seed": p.seed, "block_size": p.inference_block_size})
-
-    trained = model.emcl
-    current = {attr: getattr(trained, attr) for attr in EMCL_SETTINGS.values()}
-    wanted = {**current, **{EMCL_SETTINGS[k]: getattr(p, k) for k in overrides if k in EMCL_SETTINGS}}
-    scoring = Scoring(mode, trained, "after", p.block_size, dsl_temps,
-                      {**wanted, "block_size": p.block_size})
-    if model.params.emcl != "on":
-        note(f"the model was trained with emcl={model.params.emcl}: its EMCL module holds "
-             f"untrained initial bases", scoring.notes)
-    if wanted != current:
-        scoring.emcl = seeded_emcl(p.seed, momentum=trained.momentum, dim=model.embed_dim,
-                                   **wanted).to(device)
-        if (wanted["num_bases"], wanted["init"]) == (current["num_bases"], current["init"]):
-            scoring.emcl.load_state_dict(trained.state_dict())              # the trained bases
-        else:
-            scoring.settings["seed"] = p.seed
-            note(f"EMCL re-scored with {wanted}: the trained bases have K={current['num_bases']}, "
-                 f"init={current['init']!r}, so initial bases were drawn from seed {p.seed}",
-                 scoring.notes)
-    return scoring
-
-
-def score(features: Features, params: Params, model, *, emcl_mode: str | None = None,
-          **overrides) -> torch.Tensor:
-    """Similarity matrix [texts, videos] (float32, CPU) of cached or fresh `features`.
-    See `scoring_setup` for the modes and overrides. Puts the model in eval mode."""
-    return _score(features, model, scoring_setup(model.eval(), params, emcl_mode, **overrides))
-
-
-def _score(features: Features, model, scoring: Scoring) -> torch.Tensor:
-    device = model.device
-    sim = similarity_matrix(features.text.to(device), features.video.to(device),
-                            features.frame_mask.to(device), temp=model.temp, emcl=scoring.emcl,
-                            block_size=scoring.block_size, normalize=scoring.normalize,
-                            pooling=model.pooling)
-    return sim.float().cpu()                                                   # [A, V]
-
-
-# ---------------------------------------------------------------------------------------
-# 4. Metrics
-# ---------------------------------------------------------------------------------------
-
-def evaluate_features(features: Features, params: Params, model, *, emcl_mode: str | None = None,
-                      scoring: Scoring | None = None, **overrides) -> dict:
-    """Plain and DSL metrics of `features` scored with `model` (see `score`).
-
-    One caption per video: ranks against the diagonal; several (MSVD, MSR-VTT val):
-    multi-sentence metrics with each text's video. Returns {"t2v", "v2t", "dsl_t2v",
-    "dsl_v2t" (the DSL ones use the whole test query bank: transductive), "n_texts",
-    "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", "dropped_queries"
-    (reason -> texts left out before scoring), "constant_rows" (texts scoring every video
-    alike: a collapsed model), ...}.
-    `scoring`: a `scoring_setup` result to reuse (it must match `emcl_mode` and `overrides`).
-    """
-    scoring = scoring or scoring_setup(model.eval(), params, emcl_mode, **overrides)
-    sim = _score(features, model, scoring)
-    text_video = None if features.single_sentence else features.text_video
-    metrics = evaluate_similarity(sim, text_video, dsl_temps=scoring.dsl_temps)
-    return {
-        "split": features.split,
-        "t2v": metrics[PLAIN]["t2v"], "v2t": metrics[PLAIN]["v2t"],
-        "dsl_t2v": metrics[DSL]["t2v"], "dsl_v2t": metrics[DSL]["v2t"], "dsl": DSL,
-        "n_texts": features.n_texts, "n_videos": features.n_videos,
-        "chance_R1": 100.0 / features.n_videos,
-        "protocol": "single-sentence" if text_video is None else "multi-sentence",
-        "emcl_mode": scoring.mode, "scoring": scoring.settings, "notes": scoring.notes,
-        "skipped_videos": features.skipped_videos, "dropped_queries": features.dropped,
-        "constant_rows": int((sim.amax(dim=1) - sim.amin(dim=1) <= CONSTANT_SPREAD).sum()),
-    }
-
-
-def evaluate_model(model, params: Params, split: str = "test", *, emcl_mode: str | None = None,
-                   cache: bool = True, device: torch.device | None = None, **overrides) -> dict:
-    """Encode `split` (through the feature cache when `cache`), score it, return the metrics
-    of `evaluate_features`."""
-    features = load_or_encode(model, params, split, device, cache=cache)
-    return evaluate_features(features, params, model, emcl_mode=emcl_mode, **overrides)
-
-
-def _split_scorer(params: Params, split: str) -> Callable[[torch.nn.Module], dict]:
-    """model -> metrics of `split`, encoded afresh (weights change during training; not
-    cached). The loaders are built once, so their workers and decoded clips persist."""
-    from emcl_nb.data.annotations import load_annotations
-
-    annotations = load_annotations(params, split)
-    loaders = split_loaders(annotations, params)
-    return lambda model: evaluate_features(
-        encode_split(model, params, split, annotations=annotations, loaders=loaders), params, model)
-
-
-def make_validator(params: Params) -> Callable[[torch.nn.Module], dict] | None:
-    """The per-epoch validation for `engine.fit`: {"val": metrics} when the layout has a
-    validation split that is not the test set and params.eval_every_epoch. None otherwise,
-    and on every process but the main one (`engine.fit` validates on rank 0 only)."""
-    from emcl_nb.data.annotations import has_split
-    from emcl_nb.distributed import env_from_torchrun
-
-    if not (env_from_torchrun().is_main and params.eval_every_epoch and has_split(params, "val")):
-        return None
-    scorer = _split_scorer(params, "val")
-    return lambda model: {"val": scorer(model)}
-
-
-def make_reference_validator(params: Params, validator=None) -> Callable[[torch.nn.Module], dict] | None:
-    """The reference's model selection for `engine.fit` (params.reference_selection): the
-    metrics of params.reference_split (val for MSVD and LSMDC, test otherwise), scored every
-    params.reference_interval steps. None when not asked, and on every process but the main one.
-    When it selects on val, the per-epoch `validator` (make_validator) is reused: one set of
-    val loaders, workers and decoded clips serves both."""
-    from emcl_nb.distributed import env_from_torchrun
-
-    if not (params.reference_selection and env_from_torchrun().is_main):
-        return None
-    if params.reference_split == "val" and validator is not None:
-        return lambda model: validator(model)["val"]
-    return _split_scorer(params, params.reference_split)
-
-
-# ---------------------------------------------------------------------------------------
-# 5. Evaluating a run's checkpoints
-# ---------------------------------------------------------------------------------------
 
 def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
-    """(model, params, load report) for a checkpoint file. Our checkpoints carry their run's
-    parameters: the model is built with their MODEL_FIELDS (a note says where they differ
-    from `params`); a reference checkpoint is built from `params` as given."""
+    """(model, params, load report) for a checkpoint file. Our checkpoints carry their model
+    config (older ones: their run's parameters): the model is built with its MODEL_FIELDS (a
+    note says where they differ from `params`); a reference checkpoint is built from `params`
+    as given."""
     from emcl_nb.model import build_model
 
     path = Path(path)
     state = read_checkpoint(path)
-    trained = state.get("params") if isinstance(state, dict) and "format" in state else None
+    ours = isinstance(state, dict) and "format" in state
+    trained = (state.get("model_config") or state.get("params")) if ours else None
     if trained:
         changes = {name: trained[name] for name in MODEL_FIELDS
                    if name in trained and trained[name] != getattr(params, name)}

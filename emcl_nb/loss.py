@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE over a text x video similarity matrix (method.md §5)."""
+"""Symmetric InfoNCE over a text x video similarity matrix (docs/method.md §5)."""
 from __future__ import annotations
 
 import torch

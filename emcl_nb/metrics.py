@@ -1,6 +1,6 @@
 """Retrieval metrics (R@K, median / mean rank), multi-sentence (MSVD) metrics and DSL.
 
-Conventions (evaluation.md, reference-defects.md #8, #9):
+Conventions (docs/evaluation.md, docs/reference-differences.md #8, #9):
 - ties never help: a query whose true candidate is tied with `ties` others and beaten by
   `higher` is ranked as under random tie-breaking, where the true candidate is equally
   likely at each of the ties + 1 positions. R@K = clamp((K - higher) / (ties + 1), 0, 1)
@@ -178,7 +178,7 @@ def _v2t_metrics(sim: torch.Tensor, text_video) -> dict:
 
 
 def multi_sentence_metrics(sim, text_video) -> dict:
-    """Metrics when a video has several captions (MSVD), as evaluation.md defines them.
+    """Metrics when a video has several captions (MSVD), as docs/evaluation.md defines them.
 
     sim:        [texts, videos] scores, each video encoded once.
     text_video: [texts] index of each caption's video (column of `sim`).

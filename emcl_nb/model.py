@@ -16,11 +16,11 @@ from clip.model import CLIP, ResidualAttentionBlock
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emcl_nb.clip_backbone import (CONTEXT_LENGTH, encode_frames, encode_text, load_clip,
-                                   normalize_frames)
+from emcl_nb.clip_backbone import CONTEXT_LENGTH, encode_text, encode_uint8_frames, load_clip_model
 from emcl_nb.distributed import all_gather_with_grad
 from emcl_nb.emcl import EMCL
 from emcl_nb.loss import symmetric_infonce
+from emcl_nb.model_config import ModelConfig
 from emcl_nb.params import Params
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -33,7 +33,7 @@ NORMALIZE = ("after", "before")
 
 def pool_frames(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor,
                 temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text-conditioned frame pooling (method.md §3).
+    """Text-conditioned frame pooling (docs/method.md §3).
 
     t [...,A,D], f [...,V,T,D], frame_mask [...,V,T] -> v [...,A,V,D], w [...,A,V,T].
     w = softmax over all T of t·f/temp, then multiplied by the mask (no renormalisation).
@@ -62,15 +62,15 @@ def pool(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, pooling: st
     return pool_frames(t, f, frame_mask, temp)
 
 
-def block_logits(t: torch.Tensor, v: torch.Tensor, emcl: EMCL | None,
+def block_logits(t: torch.Tensor, v: torch.Tensor, emcl_module: EMCL | None,
                  normalize: str = "after") -> torch.Tensor:
     """Similarities S [...,A,V] of one block (or a stack of blocks) of texts and pooled videos.
 
     v is [...,A,V,D] (text pooling: one vector per pair) or [...,V,D] (mean pooling: one
-    per video). X = cat(video rows, t) per block goes through `emcl`, is split back, and
+    per video). X = cat(video rows, t) per block goes through `emcl_module`, is split back, and
     S[a,b] = t'[a]·v'[a,b] (or t'[a]·v'[b]). normalize="after" (training recipe):
     L2-normalise t', v' after EMCL. normalize="before" (EMCL as an inference-only module,
-    method.md §7): normalise the inputs and not the EMCL output. With emcl None both are
+    docs/method.md §7): normalise the inputs and not the EMCL output. With emcl_module None both are
     the plain cosine.
     """
     if normalize not in NORMALIZE:
@@ -78,13 +78,13 @@ def block_logits(t: torch.Tensor, v: torch.Tensor, emcl: EMCL | None,
     per_video = v.dim() == t.dim()
     if normalize == "before":
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
-    if emcl is not None:
+    if emcl_module is not None:
         rows = v if per_video else v.flatten(-3, -2)                      # [..., V or A*V, D]
         n = rows.shape[-2]
-        x = emcl(torch.cat([rows, t], dim=-2))                             # [..., n + A, D]
+        x = emcl_module(torch.cat([rows, t], dim=-2))                             # [..., n + A, D]
         v = x[..., :n, :].reshape(v.shape)                                 # [..., (A,) V, D]
         t = x[..., n:, :]                                                  # [..., A, D]
-    if normalize == "after" or emcl is None:
+    if normalize == "after" or emcl_module is None:
         t, v = F.normalize(t, dim=-1), F.normalize(v, dim=-1)
     if per_video:
         return t @ v.transpose(-1, -2)                                     # [..., A, V]
@@ -125,42 +125,37 @@ class TemporalTransformer(nn.Module):
 
 class EMCLNet(nn.Module):
     """CLIP (`self.clip`) + temporal aggregation + pooling (text-conditioned or mean) + EMCL
-    (`self.emcl`)."""
+    (`self.emcl`), built from a `ModelConfig` alone."""
 
-    def __init__(self, clip_model: CLIP, params: Params):
+    def __init__(self, clip_model: CLIP, config: ModelConfig):
         super().__init__()
         self.clip = clip_model
-        self.params = params
-        self.agg_module = params.agg_module
-        self.temp = params.temp
-        self.pooling = params.pooling
+        self.config = config
+        self.agg_module = config.agg_module
+        self.temp = config.temp
+        self.pooling = config.pooling
         D = clip_model.text_projection.shape[1]
         self.embed_dim = D
-        if params.freeze_patch_embedding:   # the reference freezes CLIP's patch embedding
-            clip_model.visual.conv1.requires_grad_(False)
 
-        if params.agg_module == "seqTransf":
-            if params.max_frames > CONTEXT_LENGTH:
-                raise ValueError(f"agg_module=seqTransf has {CONTEXT_LENGTH} frame positions; "
-                                 f"got max_frames={params.max_frames}")
+        if config.agg_module == "seqTransf":
             self.frame_position_embeddings = nn.Embedding(CONTEXT_LENGTH, D)
-            self.transformerClip = TemporalTransformer(D, params.num_hidden_layers, max(1, D // 64))
-            if params.clip_weights != "tiny":
+            self.transformerClip = TemporalTransformer(D, config.num_hidden_layers, max(1, D // 64))
+            if config.clip_weights != "tiny":
                 # The trick transfers pretrained structure. A random CLIP's text positions are
                 # drawn with std 0.01, 1 % of a frame feature's norm, which would hide the
                 # frame order; the fresh N(0, 1) table keeps it visible.
                 self._copy_from_clip_text()
-        elif params.agg_module == "seqLSTM":
+        elif config.agg_module == "seqLSTM":
             self.lstm_visual = nn.LSTM(input_size=D, hidden_size=D, num_layers=1, batch_first=True)
-        elif params.agg_module != "None":
-            raise ValueError(f"agg_module must be None, seqLSTM or seqTransf; got {params.agg_module!r}")
+        elif config.agg_module != "None":
+            raise ValueError(f"agg_module must be None, seqLSTM or seqTransf; got {config.agg_module!r}")
 
         # Always built, so that the state_dict is the same for every `emcl` mode. The initial
-        # bases are the first draw of a generator seeded with params.seed: the reference
+        # bases are the first draw of a generator seeded with config.seed: the reference
         # builds its EMCL module first after seeding, so seed s gives the reference's values.
-        self.emcl = EMCL(params.emcl_bases, params.emcl_stages, params.emcl_momentum,
-                         params.emcl_lamd, params.emcl_beta, init=params.emcl_init, dim=D,
-                         generator=torch.Generator().manual_seed(params.seed))
+        self.emcl = EMCL(config.emcl_bases, config.emcl_stages, config.emcl_momentum,
+                         config.emcl_lamd, config.emcl_beta, init=config.emcl_init, dim=D,
+                         generator=torch.Generator().manual_seed(config.seed))
 
     def _copy_from_clip_text(self) -> None:
         """Initialisation trick: frame positions from CLIP's text positional embedding, the
@@ -191,9 +186,9 @@ class EMCLNet(nn.Module):
     def encode_video(self, video: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Per-frame features [B,T,D] after temporal aggregation, not normalised.
 
-        `video` [B,T,3,H,W] uint8 is normalised here (on its device). Padded frames
-        (mask 0) are set to zero after normalisation, as the reference feeds them, so their
-        pixels never change a result.
+        `video` [B,T,3,H,W] uint8 is normalised here (on its device, folded into the patch
+        embedding). Padded frames (mask 0) are encoded as zero frames after normalisation,
+        as the reference feeds them, so their pixels never change a result.
         """
         if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be uint8 frames [B, T, 3, H, W] (normalised inside "
@@ -201,9 +196,9 @@ class EMCLNet(nn.Module):
         B, T = video.shape[:2]
         if tuple(frame_mask.shape) != (B, T):
             raise ValueError(f"frame_mask must be [B, T] = {(B, T)}; got {tuple(frame_mask.shape)}")
-        frames = normalize_frames(video.flatten(0, 1))                           # [B*T, 3, H, W]
-        frames = frames * frame_mask.reshape(B * T, 1, 1, 1).to(frames.dtype)
-        f = encode_frames(self.clip, frames).float().reshape(B, T, -1)            # [B, T, D]
+        keep = frame_mask.reshape(B * T)                                          # [B*T]
+        f = encode_uint8_frames(self.clip, video.flatten(0, 1), keep)             # [B*T, D]
+        f = f.float().reshape(B, T, -1)                                           # [B, T, D]
         return self.aggregate(f, frame_mask)
 
     def aggregate(self, f: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
@@ -232,13 +227,13 @@ class EMCLNet(nn.Module):
     # ---- scoring and loss ----
 
     def score(self, t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, *,
-              emcl: EMCL | None, normalize: str = "after") -> torch.Tensor:
+              emcl_module: EMCL | None, normalize: str = "after") -> torch.Tensor:
         """S [A,V]: pooling + EMCL on the whole (A x V) block + cosine (see block_logits),
         in fp32 under autocast too."""
         with self.fp32_head():
             t, f = t.float(), f.float()
             v, _ = pool(t, f, frame_mask, self.pooling, self.temp)                # [(A,) V, D]
-            return block_logits(t, v, emcl, normalize)
+            return block_logits(t, v, emcl_module, normalize)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Symmetric InfoNCE over the global batch (t, f, frame_mask gathered over ranks).
@@ -247,8 +242,8 @@ class EMCLNet(nn.Module):
         f = self.encode_video(batch["video"], batch["frame_mask"])                # [B, T, D]
         t, f = all_gather_with_grad(t), all_gather_with_grad(f)                   # [B_global, ...]
         frame_mask = all_gather_with_grad(batch["frame_mask"])                    # [B_global, T]
-        emcl = self.emcl if self.params.emcl == "on" else None
-        sims = self.score(t, f, frame_mask, emcl=emcl)                            # [B_global, B_global], fp32
+        emcl_module = self.emcl if self.config.emcl == "on" else None
+        sims = self.score(t, f, frame_mask, emcl_module=emcl_module)              # [B_global, B_global], fp32
         return symmetric_infonce(sims, self.clip.logit_scale)                     # fp32 ops under autocast too
 
     def clamp_logit_scale(self) -> None:
@@ -257,9 +252,20 @@ class EMCLNet(nn.Module):
             self.clip.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
 
 
-def build_model(params: Params) -> EMCLNet:
-    """EMCLNet on the CLIP named by params.clip_weights (fp32, CPU; move it afterwards)."""
-    clip_model = load_clip(params.clip_weights, params.clip_cache, tiny_width=params.tiny_width,
-                           tiny_layers=params.tiny_layers, tiny_patch=params.tiny_patch,
-                           image_size=params.image_size)
-    return EMCLNet(clip_model, params)
+def build_model(params: Params, clip_model: CLIP | None = None) -> EMCLNet:
+    """EMCLNet of the run's `ModelConfig` (fp32, CPU; move it afterwards), on `clip_model` or
+    the CLIP named by params.clip_weights. The run's settings that are not the model's are
+    applied here: the frame count the temporal positions must cover, and the frozen patch
+    embedding."""
+    config = ModelConfig.from_params(params)
+    if config.agg_module == "seqTransf" and params.max_frames > CONTEXT_LENGTH:
+        raise ValueError(f"agg_module=seqTransf has {CONTEXT_LENGTH} frame positions; "
+                         f"got max_frames={params.max_frames}")
+    if clip_model is None:
+        clip_model = load_clip_model(config.clip_weights, params.clip_cache, tiny_width=config.tiny_width,
+                               tiny_layers=config.tiny_layers, tiny_patch=config.tiny_patch,
+                               image_size=config.image_size)
+    model = EMCLNet(clip_model, config)
+    if params.freeze_patch_embedding:   # the reference freezes CLIP's patch embedding
+        model.clip.visual.conv1.requires_grad_(False)
+    return model

@@ -3,14 +3,14 @@ parameter groups, BertAdam (or AdamW) and the warm-up + cosine schedule."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from emcl_nb.params import Params
 
-# Parameters exempt from weight decay (reference-defects.md #11): biases and norm gains
+# Parameters exempt from weight decay (docs/reference-differences.md #11): biases and norm gains
 # (all 1-D tensors), embeddings and CLIP's logit scale.
 NO_DECAY_NAME_PARTS = ("embedding", "class_embedding", "logit_scale")
 # The reference's exemptions (decay_exempt=reference): names holding one of these. CLIP's
@@ -65,25 +65,25 @@ class BertAdam(torch.optim.Optimizer):
                     self.state[p]["exp_avg"] = torch.zeros_like(p)
                     self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
             grads = [p.grad for p in params]
-            if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6)
+            if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6), in place as there
                 norms = torch._foreach_norm(grads)
                 torch._foreach_add_(norms, 1e-6)
                 scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
                 torch._foreach_clamp_max_(scales, 1.0)
-                grads = torch._foreach_mul(grads, scales)
+                torch._foreach_mul_(grads, scales)
             exp_avg = [self.state[p]["exp_avg"] for p in params]
             exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
             beta1, beta2 = group["betas"]
-            torch._foreach_mul_(exp_avg, beta1)
-            torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+            # Fewest passes over the tensors (the token embedding is most of them); each
+            # line equals the formula of the docstring within float rounding.
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)                # b1 m + (1-b1) g
             torch._foreach_mul_(exp_avg_sq, beta2)
             torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
             denom = torch._foreach_sqrt(exp_avg_sq)
             torch._foreach_add_(denom, group["eps"])
-            update = torch._foreach_div(exp_avg, denom)
-            if group["weight_decay"] > 0:
-                torch._foreach_add_(update, params, alpha=group["weight_decay"])
-            torch._foreach_add_(params, update, alpha=-group["lr"])
+            if group["weight_decay"] > 0:                                  # p - lr wd p
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"])  # - lr m / denom
         return loss
 
 

@@ -3,6 +3,7 @@
 The same `Params` drives the notebooks, the command-line tools and `torchrun`:
 `load_params("msvd", {"epochs": 2})` or `load_params("msvd", ["epochs=2"])`.
 Unknown keys and wrong types are errors that name the key and list the valid ones.
+Over 300 lines: every field, its section and roles, and its checks live in this one place.
 """
 from __future__ import annotations
 
@@ -30,100 +31,166 @@ class ParamsError(ValueError):
     """A parameter file or override that cannot be used; the message says how to fix it."""
 
 
+# Roles a field plays in the checks (its `roles` metadata); the field groups below are
+# derived from them and from the sections, never listed by hand.
+DATA = "data"                  # what a video or caption becomes as model input
+FEATURE = "feature"            # changes the encoded features besides the data fields
+MODEL = "model"                # defines the trained model (ModelConfig)
+TRAINING = "training"          # sets the data order or the optimisation
+SELECTION = "selection"        # what the reference's step-wise selection records
+SCORING = "scoring"            # changes only the scoring of encoded features
+PATH = "path"                  # a path taken from the repository root when relative
+EVAL_MAY_CHANGE = "eval may change"   # a training setting evaluation of a finished run may change
+SECTIONS = ("run", "data", "synthetic", "model", "train", "eval")
+
+
+def _field(section: str, default, *roles: str, emcl_attr: str | None = None):
+    """A Params field with its section and roles (dataclass metadata); `emcl_attr`: the EMCL
+    attribute it sets, for re-scoring a trained model with other EMCL settings."""
+    metadata = {"section": section, "roles": frozenset(roles), "emcl_attr": emcl_attr}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def in_run(default, *roles):
+    return _field("run", default, *roles)
+
+
+def in_data(default, *roles):
+    return _field("data", default, *roles)
+
+
+def in_synthetic(default, *roles):
+    return _field("synthetic", default, *roles)
+
+
+def in_model(default, *roles, emcl_attr=None):
+    return _field("model", default, *roles, emcl_attr=emcl_attr)
+
+
+def in_train(default, *roles):
+    return _field("train", default, *roles)
+
+
+def in_eval(default, *roles):
+    return _field("eval", default, *roles)
+
+
 @dataclass
 class Params:
     # ---- run ----
-    dataset: str = "synthetic"          # name of the parameter file in params/
-    run: str = "default"                # outputs go to <output_root>/<dataset>/<run>/
-    output_root: str = "outputs"
-    seed: int = 0
-    device: str = "auto"                # auto | cpu | cuda
-    num_threads: int = 0                # torch CPU threads; 0 = torch's default
-    deterministic: bool = True          # torch.use_deterministic_algorithms where supported
+    dataset: str = in_run("synthetic")              # name of the parameter file in params/
+    run: str = in_run("default")                    # outputs go to <output_root>/<dataset>/<run>/
+    output_root: str = in_run("outputs", PATH)
+    seed: int = in_run(0, TRAINING, EVAL_MAY_CHANGE)
+    device: str = in_run("auto")                    # auto | cpu | cuda
+    num_threads: int = in_run(0)                    # torch CPU threads; 0 = torch's default
+    deterministic: bool = in_run(True)              # torch.use_deterministic_algorithms where supported
 
     # ---- data ----
-    layout: str = "msrvtt"              # annotation layout: msrvtt | msvd | lsmdc | activity | didemo
-    anno_path: str = ""                 # folder with the annotation files
-    video_path: str = ""                # folder with the (compressed) videos
-    msrvtt_train_csv: str = "MSRVTT_train.9k.csv"
-    msrvtt_val_csv: str = ""            # validation ids held out of training (e.g. MSRVTT_val.full.csv); "" = none
-    max_words: int = 32
-    max_frames: int = 12
-    video_framerate: int = 1            # frames sampled per second of video
-    image_size: int = 224               # frame side fed to CLIP
-    train_augment: bool = True          # timm rand-m7-n4-mstd0.5-inc1 on training clips (one policy per clip)
-    num_workers: int = 4
-    cache_decoded_clips: bool = False   # keep decoded clips in memory in each loader worker (small sets)
-    on_bad_sample: str = "skip"         # skip | raise: what to do with a missing/corrupt video or empty caption
+    # annotation layout: msrvtt | msvd | lsmdc | activity | didemo
+    layout: str = in_data("msrvtt", DATA)
+    anno_path: str = in_data("", PATH)              # folder with the annotation files
+    video_path: str = in_data("", PATH)             # folder with the (compressed) videos
+    msrvtt_train_csv: str = in_data("MSRVTT_train.9k.csv", TRAINING)
+    # validation ids held out of training (e.g. MSRVTT_val.full.csv); "" = none
+    msrvtt_val_csv: str = in_data("", TRAINING)
+    max_words: int = in_data(32, DATA)
+    max_frames: int = in_data(12, DATA)
+    video_framerate: int = in_data(1, DATA)         # frames sampled per second of video
+    image_size: int = in_data(224, DATA, MODEL)     # frame side fed to CLIP
+    # timm rand-m7-n4-mstd0.5-inc1 on training clips (one policy per clip)
+    train_augment: bool = in_data(True, TRAINING)
+    num_workers: int = in_data(4)
+    # keep decoded clips in memory in each loader worker (small sets)
+    cache_decoded_clips: bool = in_data(False)
+    # read sampled frames from the on-disk decoded-frame cache (built by ensure_data or
+    # `python -m emcl_nb.data.frame_cache`)
+    frame_cache: bool = in_data(False)
+    # where frame caches go; "" = <output_root>/frame_cache/<dataset>
+    frame_cache_dir: str = in_data("", PATH)
+    # skip | raise: what to do with a missing/corrupt video or empty caption
+    on_bad_sample: str = in_data("skip", FEATURE)
 
     # ---- synthetic dataset (layout msrvtt, generated by emcl_nb.data.synthetic) ----
-    synthetic: bool = False             # anno_path holds a generated synthetic set, made on first use
-    synthetic_distractors: int = 0      # extra moving shapes not named by the captions (harder task)
-    synthetic_shape_scale: float = 1.0  # shape size factor (radius 10-14 % of the side x this)
-    synthetic_templates: int = 3        # caption paraphrases per video, 1-7 (more is harder)
-    synthetic_seed: int = 0             # draws the synthetic videos (independent of the training seed)
-    synthetic_train: int = 500
-    synthetic_test: int = 100
-    synthetic_val: int = 50             # held-out validation videos (msrvtt_val_csv)
-    synthetic_frames: int = 24          # frames per generated video (at synthetic_fps)
-    synthetic_fps: int = 3
-    synthetic_size: int = 64            # generated frame side, pixels
+    # anno_path holds a generated synthetic set, made on first use
+    synthetic: bool = in_synthetic(False)
+    # extra moving shapes not named by the captions (harder task)
+    synthetic_distractors: int = in_synthetic(0)
+    synthetic_shape_scale: float = in_synthetic(1.0)  # shape size factor (radius 10-14 % of the side x this)
+    synthetic_templates: int = in_synthetic(3)      # caption paraphrases per video, 1-7 (more is harder)
+    # draws the synthetic videos (independent of the training seed)
+    synthetic_seed: int = in_synthetic(0)
+    synthetic_train: int = in_synthetic(500)        # training videos
+    synthetic_test: int = in_synthetic(100)         # test videos (one caption each)
+    synthetic_val: int = in_synthetic(50)           # held-out validation videos (msrvtt_val_csv)
+    synthetic_frames: int = in_synthetic(24)        # frames per generated video (at synthetic_fps)
+    synthetic_fps: int = in_synthetic(3)            # frames per second of the generated videos
+    synthetic_size: int = in_synthetic(64)          # generated frame side, pixels (even)
 
-    # ---- model ----
-    clip_weights: str = "ViT-B/32"      # ViT-B/32 | ViT-B/16 | ViT-L/14 | tiny | path/to/weights.pt
-    clip_cache: str = "~/.cache/clip"   # folder where named CLIP weights are looked up
-    tiny_width: int = 128               # tiny CLIP: transformer width (= embedding dim)
-    tiny_layers: int = 2                # tiny CLIP: layers of each tower
-    tiny_patch: int = 16                # tiny CLIP: ViT patch size
-    agg_module: str = "seqTransf"       # None | seqLSTM | seqTransf
-    num_hidden_layers: int = 4          # temporal transformer depth
-    pooling: str = "text"               # text (text-conditioned frame weights) | mean (CLIP4Clip meanP)
-    temp: float = 3.0                   # text-conditioned pooling temperature
-
-    # ---- EMCL ----
-    emcl: str = "on"                    # on (train + eval) | off (no EMCL) | inference (eval only)
-    emcl_bases: int = 32                # K
-    emcl_stages: int = 9                # EM iterations
-    emcl_momentum: float = 0.9
-    emcl_lamd: float = 1.0
-    emcl_beta: float = 3.0
-    emcl_init: str = "reference"        # reference (±1 constants, collapses) | distinct (K distinct bases)
+    # ---- model (ModelConfig) ----
+    # ViT-B/32 | ViT-B/16 | ViT-L/14 | tiny | path/to/weights.pt
+    clip_weights: str = in_model("ViT-B/32", MODEL)
+    clip_cache: str = in_model("~/.cache/clip")     # folder where named CLIP weights are looked up
+    tiny_width: int = in_model(128, MODEL)          # tiny CLIP: transformer width (= embedding dim)
+    tiny_layers: int = in_model(2, MODEL)           # tiny CLIP: layers of each tower
+    tiny_patch: int = in_model(16, MODEL)           # tiny CLIP: ViT patch size
+    agg_module: str = in_model("seqTransf", MODEL)  # None | seqLSTM | seqTransf
+    num_hidden_layers: int = in_model(4, MODEL)     # temporal transformer depth
+    # text (text-conditioned frame weights) | mean (CLIP4Clip meanP)
+    pooling: str = in_model("text", MODEL)
+    temp: float = in_model(3.0, MODEL)              # text-conditioned pooling temperature
+    # on (train + eval) | off (no EMCL) | inference (eval only)
+    emcl: str = in_model("on", MODEL)
+    emcl_bases: int = in_model(32, MODEL, SCORING, emcl_attr="num_bases")   # K
+    emcl_stages: int = in_model(9, MODEL, SCORING, emcl_attr="stage_num")   # EM iterations
+    emcl_momentum: float = in_model(0.9, MODEL)
+    emcl_lamd: float = in_model(1.0, MODEL, SCORING, emcl_attr="lamd")
+    emcl_beta: float = in_model(3.0, MODEL, SCORING, emcl_attr="beta")
+    # reference (±1 constants, collapses) | distinct (K distinct bases)
+    emcl_init: str = in_model("reference", MODEL, SCORING, emcl_attr="init")
 
     # ---- training ----
-    epochs: int = 5
-    batch_size: int = 128               # global batch, split over processes
-    lr: float = 1e-4                    # new modules
-    coef_lr: float = 1e-3               # CLIP parameters get lr * coef_lr
-    optimizer: str = "bertadam"         # bertadam (the reference: Adam without bias correction) | adamw
-    weight_decay: float = 0.2
-    decay_exempt: str = "norms"         # norms: biases, norm gains, embeddings, logit_scale get no
-                                        # weight decay | reference: only names with "bias" / "LayerNorm"
-    warmup_proportion: float = 0.1
-    grad_clip: float = 1.0              # global gradient norm clip (and BertAdam's per-tensor clip);
-                                        # = world size restores the reference's 1/W gradient regime
-    freeze_patch_embedding: bool = True  # the reference freezes CLIP's visual.conv1
-    precision: str = "auto"             # auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU) | fp32 | bf16 | fp16
-    log_every: int = 10                 # steps between writes of log.jsonl (one host sync; NaN checks)
-    progress: bool = True               # tqdm progress bars
+    epochs: int = in_train(5, TRAINING)
+    batch_size: int = in_train(128, TRAINING)       # global batch, split over processes
+    lr: float = in_train(1e-4, TRAINING)            # new modules
+    coef_lr: float = in_train(1e-3, TRAINING)       # CLIP parameters get lr * coef_lr
+    # bertadam (the reference: Adam without bias correction) | adamw
+    optimizer: str = in_train("bertadam", TRAINING)
+    weight_decay: float = in_train(0.2, TRAINING)
+    # norms: biases, norm gains, embeddings, logit_scale get no weight decay | reference: only names with
+    # "bias" / "LayerNorm"
+    decay_exempt: str = in_train("norms", TRAINING)
+    warmup_proportion: float = in_train(0.1, TRAINING)
+    # global gradient norm clip (and BertAdam's per-tensor clip); = world size restores the reference's
+    # 1/W gradient regime
+    grad_clip: float = in_train(1.0, TRAINING)
+    freeze_patch_embedding: bool = in_train(True, TRAINING)  # the reference freezes CLIP's visual.conv1
+    # auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = in_train("auto", TRAINING, EVAL_MAY_CHANGE)
+    # steps between writes of log.jsonl (one host sync; NaN checks)
+    log_every: int = in_train(10)
+    progress: bool = in_train(True)                 # tqdm progress bars
 
     # ---- evaluation ----
-    batch_size_val: int = 128
-    block_size: int = 32                # texts x videos per EMCL block (reference protocol)
-    dsl_t2v_temp: float = 0.01
-    dsl_v2t_temp: float = 0.01
-    eval_every_epoch: bool = True       # validate each epoch on a non-test split where one exists
-    reference_selection: bool = False   # the reference's model selection as a labelled extra row: score
-                                        # its split (val: msvd, lsmdc; test: others) at step 1 and every
-                                        # reference_eval_steps steps, keep the best as reference.pt
-    reference_eval_steps: int = 0       # 0 = the reference's 3 * n_display: 150 (msrvtt), 30 (others)
-    inference_emcl_bases: int = 7       # settings of EMCL as an inference-only module (method.md §7)
-    inference_emcl_stages: int = 10
-    inference_emcl_lamd: float = 0.1
-    inference_emcl_beta: float = 4.0
-    inference_block_size: int = 64
-
-    # ---- published numbers to compare against (from the release README) ----
-    published: dict = field(default_factory=dict)
+    batch_size_val: int = in_eval(128)
+    block_size: int = in_eval(32, SCORING)          # texts x videos per EMCL block (reference protocol)
+    dsl_t2v_temp: float = in_eval(0.01, SCORING)
+    dsl_v2t_temp: float = in_eval(0.01, SCORING)
+    eval_every_epoch: bool = in_eval(True)          # validate each epoch on a non-test split where one exists
+    # the reference's model selection as a labelled extra row: score its split (val: msvd, lsmdc; test:
+    # others) at step 1 and every reference_eval_steps steps, keep the best as reference.pt
+    reference_selection: bool = in_eval(False, SELECTION)
+    # 0 = the reference's 3 * n_display: 150 (msrvtt), 30 (others)
+    reference_eval_steps: int = in_eval(0, SELECTION)
+    # settings of EMCL as an inference-only module (docs/method.md §7)
+    inference_emcl_bases: int = in_eval(7, SCORING)
+    inference_emcl_stages: int = in_eval(10, SCORING)
+    inference_emcl_lamd: float = in_eval(0.1, SCORING)
+    inference_emcl_beta: float = in_eval(4.0, SCORING)
+    inference_block_size: int = in_eval(64, SCORING)
+    published: dict = in_eval({})                   # published numbers to compare against (release README)
 
     # ---- derived ----
     @property
@@ -146,7 +213,7 @@ class Params:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "Params":
+    def replace(self, **changes) -> Params:
         """A copy with `changes` applied and validated like an override."""
         return _apply(self, changes, source="replace()")
 
@@ -184,24 +251,25 @@ LIMITS = {
 }
 _TYPES = typing.get_type_hints(Params)
 FIELDS = tuple(f.name for f in dataclasses.fields(Params))
-PATH_FIELDS = ("anno_path", "video_path", "output_root")
-# Field groups, each listed once: the feature cache, checkpoint loading and resuming use them.
-# What a video or caption becomes as model input:
-DATA_FIELDS = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
+
+
+def fields_where(*, section: str | None = None, role: str | None = None) -> tuple[str, ...]:
+    """Names of the Params fields in `section` and/or with `role`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(Params)
+                 if (section is None or f.metadata["section"] == section)
+                 and (role is None or role in f.metadata["roles"]))
+
+
+PATH_FIELDS = fields_where(role=PATH)
+DATA_FIELDS = fields_where(role=DATA)
 # Change the encoded features (the feature cache key):
-FEATURE_FIELDS = DATA_FIELDS + ("on_bad_sample",)
+FEATURE_FIELDS = DATA_FIELDS + fields_where(role=FEATURE)
 # Define the trained model (taken from our checkpoints when evaluating them):
-MODEL_FIELDS = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
-                "agg_module", "num_hidden_layers", "pooling", "temp", "emcl", "emcl_bases", "emcl_stages",
-                "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
-# Set the data order and the optimisation:
-TRAINING_FIELDS = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
-                   "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "decay_exempt", "warmup_proportion",
-                   "grad_clip", "freeze_patch_embedding", "precision")
+MODEL_FIELDS = fields_where(role=MODEL)
+TRAINING_FIELDS = fields_where(role=TRAINING)
 # Draw the synthetic set (checked only when params.synthetic is set):
-SYNTHETIC_FIELDS = tuple(name for name in FIELDS if name.startswith("synthetic"))
-# Decide what the reference's step-wise selection records during training:
-SELECTION_FIELDS = ("reference_selection", "reference_eval_steps")
+SYNTHETIC_FIELDS = fields_where(section="synthetic")
+SELECTION_FIELDS = fields_where(role=SELECTION)
 # A run resumes only with the values it was started with; on_bad_sample may change, so
 # that a run stopped by a bad video can go on.
 RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS + SYNTHETIC_FIELDS
@@ -209,8 +277,21 @@ RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS
 # A finished run is reused for evaluation only if it was trained on this data with this
 # recipe; settings evaluation may change (max_frames, precision, the seed of inference-only
 # bases) and the model fields (taken from the checkpoint) are not checked.
-REUSE_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("seed", "precision")) \
-    + SYNTHETIC_FIELDS
+REUSE_FIELDS = tuple(name for name in TRAINING_FIELDS
+                     if name not in fields_where(role=EVAL_MAY_CHANGE)) + SYNTHETIC_FIELDS
+# Settings that change only the scoring, never the features (re-scoring accepts them):
+SCORING_FIELDS = fields_where(role=SCORING)
+# Params field -> EMCL attribute, for re-scoring a trained model with other EMCL settings.
+EMCL_SETTINGS = {f.name: f.metadata["emcl_attr"] for f in dataclasses.fields(Params)
+                 if f.metadata["emcl_attr"]}
+
+
+def synthetic_settings(params: Params | None = None) -> dict:
+    """`generate_synthetic`'s arguments from the synthetic_* fields of `params` (default: the
+    Params defaults, the one place they are stated): synthetic_train -> train, ..."""
+    params = params or Params()
+    return {name.removeprefix("synthetic_"): getattr(params, name)
+            for name in SYNTHETIC_FIELDS if name != "synthetic"}
 
 
 def available_datasets() -> list[str]:

@@ -44,3 +44,10 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     if in_kernel() and not kwargs.get("disable"):
         kwargs = {"file": DisplayLine(), "mininterval": 0.5, "ncols": 100, **kwargs}
     return tqdm(iterable, **kwargs)
+
+
+def note(text: str, notes: list | None = None) -> None:
+    """Print a note for the user and keep it with the results."""
+    print(f"[emcl_nb] note: {text}")
+    if notes is not None:
+        notes.append(text)

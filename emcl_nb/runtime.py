@@ -3,7 +3,9 @@ autocast precision, moving batches to the device."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import random
+import sys
 
 import numpy as np
 import torch
@@ -21,14 +23,43 @@ def configure_torch(params: Params) -> None:
     """Threads, denormals and determinism: the same parameters give the same numbers.
 
     Denormal floats (below 1.2e-38) flush to zero: the EM softmax produces many, and CPU
-    arithmetic on them is 10-20x slower (the EMCL step of a training batch took 15 ms
-    instead of 1.5 ms); no value above float32 resolution changes.
+    arithmetic on them is slow (README, "Benchmark notes"); no value above float32
+    resolution changes.
+
+    Deterministic mode would also fill every new tensor with NaN (a debugging aid against
+    reading uninitialised memory): ~1,000 extra full passes per training step, a third of
+    a CPU step. It is turned off; the algorithms stay deterministic.
     """
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     if params.num_threads > 0:
         torch.set_num_threads(params.num_threads)
     if params.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+# glibc's mallopt options (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
+    """Keep freed blocks up to `limit` bytes in the process for reuse (glibc only; True if set).
+
+    glibc hands every block over 32 MiB straight back to the OS when it is freed, so each
+    training step faults the pages of its large tensors (frames, activations, the token
+    embedding's gradient) in again: ~50,000 page faults and ~0.1 s of kernel time per CPU
+    step of the reference configuration. With the thresholds raised they are reused; the
+    cost is that the process keeps its peak heap.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, limit) and libc.mallopt(M_TRIM_THRESHOLD, limit))
+    except (OSError, AttributeError):   # not glibc (musl, ...): leave malloc as it is
+        return False
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

@@ -1,8 +1,8 @@
-"""The evaluation similarity matrix of EMCL-Net, computed block by block (evaluation.md).
+"""The evaluation similarity matrix of EMCL-Net, computed block by block (docs/evaluation.md).
 
 EMCL mixes everything in its input, so the reference scores the test set in blocks of
 `block_size` texts x `block_size` videos (the last chunks smaller) and a pair's score depends
-on its block: the block size is part of the protocol (reference-defects.md #3).
+on its block: the block size is part of the protocol (docs/reference-differences.md #3).
 
 - `block_similarity_loop`: the reference loop over blocks, kept as the test oracle.
 - `block_similarity`: the same scores with all blocks batched on the device: blocks of the
@@ -13,7 +13,7 @@ on its block: the block size is part of the protocol (reference-defects.md #3).
 
 Pooling "text" stacks A*V text-pooled video vectors and A texts per block; "mean" stacks
 V mean-pooled video vectors and A texts (the EMCL block of the reference inference module).
-- `similarity_matrix`: picks one of the above from `emcl` and `block_size`.
+- `similarity_matrix`: picks one of the above from `emcl_module` and `block_size`.
 """
 from __future__ import annotations
 
@@ -21,11 +21,9 @@ import torch
 
 from emcl_nb.model import block_logits, pool
 
-# (text, video) pairs scored per batched call by default: 64 blocks of 32 x 32. At D 512 one
-# copy of the pooled vectors is 128 MiB and the whole call peaks near 1 GiB (bench/similarity.py).
+# (text, video) pairs scored per batched call: 64 blocks of 32 x 32 keep one call near 1 GiB at D 512.
 MAX_PAIRS_PER_BATCH = 65_536
-# On a CPU, calls that stay in cache win: 4 blocks of 32 x 32 per call ran the 1,000 x 1,000
-# MSR-VTT matrix 1.28x faster than the loop, 64 blocks 0.76x (bench/similarity.py, 2 cores).
+# On a CPU, calls that stay in cache win (README, "Benchmark notes").
 MAX_PAIRS_PER_BATCH_CPU = 4_096
 
 
@@ -38,29 +36,29 @@ def _check_inputs(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, bl
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
 
-def _check_eval_mode(emcl):
+def _check_eval_mode(emcl_module):
     """EMCL must not update its bases while scoring the test set (no momentum update)."""
-    if emcl is not None and emcl.training:
+    if emcl_module is not None and emcl_module.training:
         raise RuntimeError("the EMCL module is in training mode and would update its bases while "
-                           "scoring; call model.eval() (or emcl.eval()) before computing similarities")
-    return emcl
+                           "scoring; call model.eval() (or emcl_module.eval()) before computing similarities")
+    return emcl_module
 
 
 @torch.no_grad()
-def score_block(t, f, frame_mask, *, temp: float, emcl, normalize: str = "after",
+def score_block(t, f, frame_mask, *, temp: float, emcl_module, normalize: str = "after",
                 pooling: str = "text") -> torch.Tensor:
     """Scores of one block, or of G stacked blocks: t [..,A,D], f [..,V,T,D] -> [..,A,V].
 
     `pooling`: "text" (text-conditioned, `temp`) or "mean" (CLIP4Clip meanP). `normalize`
     is passed to `block_logits`: "after" EMCL (trained model) or "before" it (EMCL as an
-    inference-only module, method.md §7).
+    inference-only module, docs/method.md §7).
     """
     pooled, _ = pool(t, f, frame_mask, pooling, temp)                  # [.., (A,) V, D]
-    return block_logits(t, pooled, _check_eval_mode(emcl), normalize)  # [.., A, V]
+    return block_logits(t, pooled, _check_eval_mode(emcl_module), normalize)  # [.., A, V]
 
 
 @torch.no_grad()
-def block_similarity_loop(t, f, frame_mask, *, temp: float, emcl, block_size: int,
+def block_similarity_loop(t, f, frame_mask, *, temp: float, emcl_module, block_size: int,
                           normalize: str = "after", pooling: str = "text") -> torch.Tensor:
     """The reference protocol: a Python loop over (text chunk, video chunk) blocks -> [A, V].
 
@@ -71,7 +69,7 @@ def block_similarity_loop(t, f, frame_mask, *, temp: float, emcl, block_size: in
     for row in range(0, t.shape[0], block_size):
         for col in range(0, f.shape[0], block_size):
             rows, cols = slice(row, row + block_size), slice(col, col + block_size)
-            sim[rows, cols] = score_block(t[rows], f[cols], frame_mask[cols], temp=temp, emcl=emcl,
+            sim[rows, cols] = score_block(t[rows], f[cols], frame_mask[cols], temp=temp, emcl_module=emcl_module,
                                            normalize=normalize, pooling=pooling)
     return sim
 
@@ -84,7 +82,7 @@ def _chunks(n: int, block_size: int):
 
 
 @torch.no_grad()
-def block_similarity(t, f, frame_mask, *, temp: float, emcl, block_size: int,
+def block_similarity(t, f, frame_mask, *, temp: float, emcl_module, block_size: int,
                      normalize: str = "after", pooling: str = "text",
                      max_blocks_per_batch: int | None = None) -> torch.Tensor:
     """The block protocol's scores [A, V], all blocks batched on the device.
@@ -114,40 +112,40 @@ def block_similarity(t, f, frame_mask, *, temp: float, emcl, block_size: int,
             for start in range(0, n_blocks, per_call):
                 block = torch.arange(start, min(start + per_call, n_blocks), device=t.device)
                 i, j = block // n_video_chunks, block % n_video_chunks                    # [G], [G]
-                out[i, j] = score_block(texts[i], videos[j], masks[j], temp=temp, emcl=emcl,
+                out[i, j] = score_block(texts[i], videos[j], masks[j], temp=temp, emcl_module=emcl_module,
                                         normalize=normalize, pooling=pooling)            # [G, a, b]
     return sim
 
 
 @torch.no_grad()
-def full_similarity(t, f, frame_mask, *, temp: float, emcl=None, normalize: str = "after",
+def full_similarity(t, f, frame_mask, *, temp: float, emcl_module=None, normalize: str = "after",
                     pooling: str = "text", chunk_size: int | None = None) -> torch.Tensor:
     """Scores [A, V] without the block protocol.
 
-    With `emcl`: one block holding the whole matrix (what `block_size >= max(A, V)` means;
+    With `emcl_module`: one block holding the whole matrix (what `block_size >= max(A, V)` means;
     needs A x V x D floats). Without EMCL: pooling + cosine, computed `chunk_size` texts at
     a time to bound memory (None: as many as make MAX_PAIRS_PER_BATCH pairs); each score
     depends only on its own pair, so the chunking does not change the result.
     """
     _check_inputs(t, f, frame_mask, None)
-    if emcl is not None:
-        return score_block(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize,
+    if emcl_module is not None:
+        return score_block(t, f, frame_mask, temp=temp, emcl_module=emcl_module, normalize=normalize,
                            pooling=pooling)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
     chunk_size = chunk_size or max(1, MAX_PAIRS_PER_BATCH // max(1, f.shape[0]))
-    return torch.cat([score_block(rows, f, frame_mask, temp=temp, emcl=None, pooling=pooling)
+    return torch.cat([score_block(rows, f, frame_mask, temp=temp, emcl_module=None, pooling=pooling)
                       for rows in t.split(chunk_size)])                # [A, V]
 
 
-def similarity_matrix(t, f, frame_mask, *, temp: float, emcl, block_size: int,
+def similarity_matrix(t, f, frame_mask, *, temp: float, emcl_module, block_size: int,
                       normalize: str = "after", pooling: str = "text",
                       max_blocks_per_batch: int | None = None) -> torch.Tensor:
     """The evaluation matrix [A, V]: batched blocks when EMCL is used, a chunked cosine when
-    not. `emcl, normalize` as set by `evaluate.scoring_setup`; `pooling` the model's."""
-    if emcl is None or block_size >= max(t.shape[0], f.shape[0]):
-        return full_similarity(t, f, frame_mask, temp=temp, emcl=emcl, normalize=normalize,
+    not. `emcl_module, normalize` as set by `scoring.scoring_setup`; `pooling` the model's."""
+    if emcl_module is None or block_size >= max(t.shape[0], f.shape[0]):
+        return full_similarity(t, f, frame_mask, temp=temp, emcl_module=emcl_module, normalize=normalize,
                                pooling=pooling)
-    return block_similarity(t, f, frame_mask, temp=temp, emcl=emcl, block_size=block_size,
+    return block_similarity(t, f, frame_mask, temp=temp, emcl_module=emcl_module, block_size=block_size,
                             normalize=normalize, pooling=pooling,
                             max_blocks_per_batch=max_blocks_per_batch)

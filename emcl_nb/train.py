@@ -26,7 +26,7 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     from emcl_nb.data.annotations import load_annotations
     from emcl_nb.data.dataset import TrainDataset, shutdown_workers
     from emcl_nb.data.prepare import ensure_data
-    from emcl_nb.evaluate import make_reference_validator, make_validator
+    from emcl_nb.validation import make_reference_validator, make_validator
 
     env = distributed.env_from_torchrun()
     distributed.init_distributed(distributed.resolve_device(params.device, env), env)

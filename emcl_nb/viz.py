@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,25 +17,6 @@ import torch
 from emcl_nb.params import repo_relative
 
 RECALL_KS = (1, 5, 10, 50)
-
-
-def video_frames(params, split: str, video_ids: list[str], *, annotations=None) -> np.ndarray:
-    """uint8 [V,T,S,S,3]: the frames the model sees (test sampling and transform) for some
-    videos of `split`; padded or unreadable frames are black. Pass the split's
-    `annotations` when already loaded, to skip reading them (and walking the videos) again."""
-    from emcl_nb.data.annotations import load_annotations
-    from emcl_nb.data.dataset import VideoDataset
-
-    annotations = annotations if annotations is not None else load_annotations(params, split)
-    dataset = VideoDataset(annotations, params)
-    position = {vid: i for i, vid in enumerate(annotations.video_ids)}
-    S = params.image_size
-    out = np.zeros((len(video_ids), params.max_frames, S, S, 3), dtype=np.uint8)
-    for row, video_id in enumerate(video_ids):
-        item = dataset[position[video_id]]
-        if isinstance(item, dict):
-            out[row] = item["video"].permute(0, 2, 3, 1).numpy()                # [T, S, S, 3]
-    return out
 
 
 # Figures of many different video frames (noisy pixels PNG cannot compress) are stored as

@@ -110,3 +110,14 @@ def test_scores_are_cached_per_checkpoint(monkeypatch, tmp_path):
     torch.save({"params": params.to_dict(), "epoch": 1, "changed": True}, last)   # retrained
     assert ablations.run_scores(params, off)["scores"] == {"off": {"hits": [1.0]}}
     assert scored == ["off", "trained", "off", "off"]
+
+
+def test_importing_the_ablations_does_not_import_matplotlib_or_widgets():
+    """The EM analysis the ablations use is kept apart from its figures and the explorer."""
+    import subprocess
+    import sys
+
+    code = ("import emcl_nb.ablations, sys; "
+            "assert 'matplotlib' not in sys.modules and 'ipywidgets' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

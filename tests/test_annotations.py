@@ -1,4 +1,4 @@
-"""Annotation loaders on small files in each dataset's exact layout (datasets.md)."""
+"""Annotation loaders on small files in each dataset's exact layout (docs/data.md)."""
 import csv
 import json
 import logging
@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 
 import emcl_nb.data.annotations as annotations_module
-from emcl_nb.data.annotations import (BROKEN_CLIP, EMPTY_CAPTION, LSMDC_BROKEN_CLIPS,
-                                      MISSING_VIDEO, NO_CAPTIONS, AnnotationError, find_videos,
-                                      has_split, load_annotations)
+from emcl_nb.data.annotations import (
+    BROKEN_CLIP,
+    EMPTY_CAPTION,
+    LSMDC_BROKEN_CLIPS,
+    MISSING_VIDEO,
+    NO_CAPTIONS,
+    AnnotationError,
+    find_videos,
+    has_split,
+    load_annotations,
+)
 from emcl_nb.params import Params
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "annotations"
@@ -157,22 +165,26 @@ def test_real_msrvtt_validation_list_is_held_out_of_training(tmp_path):
     assert not set(train.video_ids) & set(val.video_ids)
 
 
-def test_loading_200k_captions_is_fast(tmp_path, monkeypatch):
-    """~200k MSR-VTT captions over 10k videos: parsing and assembly (the video folder walk,
-    file-system bound, is done once outside the timing) well under a second."""
-    ids = [f"video{i}" for i in range(10_000)]
-    write_msrvtt(tmp_path / "anno", ids, [("video0", "x")], captions_per_video=20)
-    make_videos(tmp_path / "videos", ids)
-    params = params_for("msrvtt", tmp_path)
-    videos = find_videos(tmp_path / "videos")
-    monkeypatch.setattr(annotations_module, "find_videos", lambda video_path: videos)
-    best = float("inf")
-    for _ in range(2):                              # best of two: shared, busy cores
-        began = time.perf_counter()
-        annotations = load_annotations(params, "train")
-        best = min(best, time.perf_counter() - began)
-    assert len(annotations) == 200_000 and annotations.num_videos == 10_000
-    assert best < 1.0, f"loading 200k captions took {best:.2f} s"
+def test_loading_captions_scales_linearly(tmp_path, monkeypatch):
+    """Parsing and assembly grow linearly with the captions (MSR-VTT: ~200k over 10k videos):
+    10x the captions may take at most 30x the time, where a quadratic step would take ~100x.
+    A ratio, not a time limit, so it holds on any CPU and on busy cores."""
+    def best_load_time(root: Path, num_videos: int) -> float:
+        ids = [f"video{i}" for i in range(num_videos)]
+        write_msrvtt(root / "anno", ids, [("video0", "x")], captions_per_video=20)
+        make_videos(root / "videos", ids)
+        videos = find_videos(root / "videos")      # the file-system walk is timed elsewhere
+        monkeypatch.setattr(annotations_module, "find_videos", lambda video_path: videos)
+        best = float("inf")
+        for _ in range(3):                          # best of three: shared, busy cores
+            began = time.perf_counter()
+            annotations = load_annotations(params_for("msrvtt", root), "train")
+            best = min(best, time.perf_counter() - began)
+        assert len(annotations) == 20 * num_videos and annotations.num_videos == num_videos
+        return best
+
+    small, large = best_load_time(tmp_path / "small", 1_000), best_load_time(tmp_path / "large", 10_000)
+    assert large < 30 * small, f"10x the captions took {large / small:.0f}x the time ({small:.3f} s -> {large:.3f} s)"
 
 
 # ---------------------------------------------------------------- MSVD
@@ -186,7 +198,7 @@ def write_msvd(anno: Path, splits: dict, captions: dict):
 
 def recall_at_1(sim, video_index, caption_groups):
     """Text-to-video and video-to-text R@1 (%) of a texts x videos matrix, multi-sentence
-    protocol (evaluation.md): v2t scores a group by its best caption."""
+    protocol (docs/evaluation.md): v2t scores a group by its best caption."""
     true = sim[np.arange(len(sim)), video_index]
     t2v_rank = 1 + (sim > true[:, None]).sum(axis=1)
     group_best = np.stack([sim[group].max(axis=0) for group in caption_groups])   # [groups, videos]
@@ -212,7 +224,7 @@ def test_msvd_caption_groups_score_a_perfect_matrix_100(tmp_path):
 
     sim = (te.video_index[:, None] == np.arange(te.num_videos)[None]).astype(float)
     assert recall_at_1(sim, te.video_index, te.caption_groups) == (100.0, 100.0)
-    # the check has teeth: groups misaligned by two captions (like defect #8) score below 100
+    # the check has teeth: groups misaligned by two captions (like docs/reference-differences.md #8) score below 100
     shifted = [[i + 2 for i in g if i + 2 < len(te)] for g in te.caption_groups]
     assert recall_at_1(sim, te.video_index, shifted)[1] < 100.0
 
@@ -269,7 +281,8 @@ def test_lsmdc_lines_broken_clips_and_missing_videos(tmp_path):
 def test_activity_paragraphs_and_segments(tmp_path):
     anno = tmp_path / "anno"
     anno.mkdir()
-    entry = lambda d, sents: {"duration": d, "timestamps": [[0, 1]] * len(sents), "sentences": sents}
+    def entry(d, sents):
+        return {"duration": d, "timestamps": [[0, 1]] * len(sents), "sentences": sents}
     (anno / "train_ids.json").write_text(json.dumps(["v_aaa", "v_bbb"]))
     (anno / "train.json").write_text(json.dumps({
         "v_aaa": entry(82.73, ["A man runs.", " He jumps. "]),

@@ -11,12 +11,14 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from emcl_nb import attention, viz  # noqa: E402
+from emcl_nb import attention, em_explorer, em_figures, viz  # noqa: E402
+from emcl_nb.data import frames as frames_module  # noqa: E402
 from emcl_nb.data.synthetic import generate_synthetic  # noqa: E402
-from emcl_nb.evaluate import Features, encode_split, scoring_setup  # noqa: E402
+from emcl_nb.emcl import effective_rank  # noqa: E402
+from emcl_nb.encode import Features, encode_split  # noqa: E402
 from emcl_nb.model import build_model, pool_frames  # noqa: E402
 from emcl_nb.params import Params  # noqa: E402
-from emcl_nb.emcl import effective_rank  # noqa: E402
+from emcl_nb.scoring import scoring_setup  # noqa: E402
 from emcl_nb.similarity import score_block  # noqa: E402
 
 N_TEST, A = 6, 4
@@ -51,8 +53,8 @@ def features(model, params) -> Features:
 
 
 @pytest.fixture(scope="module")
-def block(model, features) -> attention.EMBlock:
-    return attention.em_block(model, features, range(A))
+def block(model, features, params) -> attention.EMBlock:
+    return attention.em_block(model, features, range(A), params=params)
 
 
 @pytest.fixture(autouse=True)
@@ -113,20 +115,20 @@ def test_block_invariants(block):
     assert not torch.allclose(block.sim, block.sim_plain)          # beta R changed the scores
 
 
-def test_block_scores_are_the_evaluation_scores(block, model, features):
+def test_block_scores_are_the_evaluation_scores(block, model, params, features):
     vi = block.video_indices
     t, f, mask = features.text[:A], features.video[vi], features.frame_mask[vi]
-    expected = score_block(t, f, mask, temp=model.temp, emcl=model.emcl)
+    expected = score_block(t, f, mask, temp=model.temp, emcl_module=model.emcl)
     assert torch.allclose(block.sim, expected, atol=1e-6)
-    assert torch.allclose(block.sim_plain, score_block(t, f, mask, temp=model.temp, emcl=None), atol=1e-6)
+    assert torch.allclose(block.sim_plain, score_block(t, f, mask, temp=model.temp, emcl_module=None), atol=1e-6)
     # eval mode: the kept bases did not move
     before = model.emcl.basis_init.clone()
-    attention.em_block(model, features, range(A))
+    attention.em_block(model, features, range(A), params=params)
     assert torch.equal(model.emcl.basis_init, before)
 
 
-def test_chosen_videos_and_absent_positives(model, features):
-    block = attention.em_block(model, features, [0, 1], [5, 1, 3])
+def test_chosen_videos_and_absent_positives(model, params, features):
+    block = attention.em_block(model, features, [0, 1], [5, 1, 3], params=params)
     assert block.video_ids == [features.video_ids[i] for i in (5, 1, 3)]
     assert block.positive.tolist() == [-1, 1]                     # video 0 is not in the block
     assert block.w.shape[:2] == (2, 3) and block.mu_video.shape[:2] == (2, 3)
@@ -134,8 +136,8 @@ def test_chosen_videos_and_absent_positives(model, features):
 
 def test_reference_recipe_collapses_and_distinct_bases_do_not(params):
     features = random_features()
-    reference = attention.em_block(make_model(params, emcl_init="reference"), features, range(6))
-    distinct = attention.em_block(make_model(params, emcl_init="distinct"), features, range(6))
+    reference = attention.em_block(make_model(params, emcl_init="reference"), features, range(6), params=params)
+    distinct = attention.em_block(make_model(params, emcl_init="distinct"), features, range(6), params=params)
     assert reference.rank <= 2
     assert distinct.rank > 2
     # reference: at most two distinct bases, so at most two distinct responsibility columns
@@ -144,29 +146,30 @@ def test_reference_recipe_collapses_and_distinct_bases_do_not(params):
 
 
 def test_inference_only_emcl(params, features):
-    """A model trained without EMCL gets the inference-only module (method.md §7):
+    """A model trained without EMCL gets the inference-only module (docs/method.md §7):
     its K, beta, and scores on normalised inputs with no renormalisation afterwards."""
     model = make_model(params, emcl="off")
-    block = attention.em_block(model, features, range(A))
+    block = attention.em_block(model, features, range(A), params=params)
     assert block.mode == "inference"
     assert block.z.shape[1] == params.inference_emcl_bases and block.beta == params.inference_emcl_beta
-    scoring = scoring_setup(model, model.params, "inference")
+    scoring = scoring_setup(model, params, "inference")
     vi = block.video_indices
     expected = score_block(features.text[:A], features.video[vi], features.frame_mask[vi],
-                           temp=model.temp, emcl=scoring.emcl, normalize="before")
+                           temp=model.temp, emcl_module=scoring.emcl_module, normalize="before")
     assert torch.allclose(block.sim, expected, atol=1e-6)
     with pytest.raises(ValueError, match="no EM step"):
-        attention.em_block(model, features, range(A), emcl_mode="off")
+        attention.em_block(model, features, range(A), emcl_mode="off", params=params)
 
 
 def test_modality_gap_numbers():
     text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     video = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
     assert attention.modality_gap(text, video) == pytest.approx(math.sqrt(2))
-    model = make_model(Params(clip_weights="tiny", tiny_width=64, tiny_layers=1, image_size=32,
-                              num_hidden_layers=1, emcl_bases=8, device="cpu"))
+    params = Params(clip_weights="tiny", tiny_width=64, tiny_layers=1, image_size=32,
+                    num_hidden_layers=1, emcl_bases=8, device="cpu")
+    model = make_model(params)
     features = random_features()
-    block = attention.em_block(model, features, range(6))
+    block = attention.em_block(model, features, range(6), params=params)
     for gap in (block.gap_before, block.gap_after):
         assert math.isfinite(gap) and 0 < gap < 2                  # unit vectors: at most 2 apart
     # before EMCL: the normalised texts and their text-conditioned pooled videos
@@ -189,12 +192,12 @@ def test_pca_keeps_distances_of_planar_points():
 # ---------------------------------------------------------------- figures, frames, explorer
 
 def test_plots_return_figures_with_their_axes(block, params, features, tmp_path):
-    frames = attention.frame_reader(params, features)(block.video_indices)
-    cases = {"responsibilities": (attention.plot_responsibilities(block), 2),     # heat map + colour bar
-             "loadings": (attention.plot_basis_loadings(block), 3),               # videos, texts, colour bar
-             "weights": (attention.plot_frame_weights(block, top=3), 3),          # one bar chart per video
-             "thumbs": (attention.plot_frame_weights(block, frames, top=3), 6),   # + a strip of frames each
-             "gap": (attention.plot_modality_gap(block), 2)}                      # before, after
+    frames = frames_module.frame_reader(params, features)(block.video_indices)
+    cases = {"responsibilities": (em_figures.plot_responsibilities(block), 2),     # heat map + colour bar
+             "loadings": (em_figures.plot_basis_loadings(block), 3),               # videos, texts, colour bar
+             "weights": (em_figures.plot_frame_weights(block, top=3), 3),          # one bar chart per video
+             "thumbs": (em_figures.plot_frame_weights(block, frames, top=3), 6),   # + a strip of frames each
+             "gap": (em_figures.plot_modality_gap(block), 2)}                      # before, after
     for name, (fig, n_axes) in cases.items():
         assert isinstance(fig, matplotlib.figure.Figure), name
         assert len(fig.axes) == n_axes, name
@@ -209,12 +212,10 @@ def test_plots_return_figures_with_their_axes(block, params, features, tmp_path)
 
 def test_frame_reader_gives_the_sampled_frames_and_reads_annotations_once(params, features,
                                                                           monkeypatch):
-    from emcl_nb.data import annotations
-
     reads = []
-    real = annotations.load_annotations
-    monkeypatch.setattr(annotations, "load_annotations", lambda *a, **k: reads.append(a) or real(*a, **k))
-    read = attention.frame_reader(params, features)
+    real = frames_module.load_annotations
+    monkeypatch.setattr(frames_module, "load_annotations", lambda *a, **k: reads.append(a) or real(*a, **k))
+    read = frames_module.frame_reader(params, features)
     frames = read([2, 0])
     assert np.array_equal(read([0])[0], frames[1]) and len(reads) == 1
     assert frames.dtype.name == "uint8"
@@ -225,13 +226,13 @@ def test_frame_reader_gives_the_sampled_frames_and_reads_annotations_once(params
     assert not (frames[0] == frames[1]).all()
 
 
-def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
+def test_explorer_shows_the_chosen_caption(model, params, features, monkeypatch):
     pytest.importorskip("ipywidgets")
     shown = []
     real = attention.em_block
     monkeypatch.setattr(attention, "em_block",
                         lambda *args, **kw: shown.append(args[2]) or real(*args, **kw))
-    widget = attention.explorer(model, features, top=3)
+    widget = em_explorer.explorer(model, features, params=params, top=3)
     controls, scores, _ = widget.children                  # the controls stay above the output
     dropdown, status = controls.children
     assert len(dropdown.options) == features.n_texts
@@ -241,9 +242,9 @@ def test_explorer_shows_the_chosen_caption(model, features, monkeypatch):
     assert "evaluation score" in scores.value and "S in this block" in scores.value
 
 
-def test_basis_loadings_label_rows_with_the_caption_numbers_of_the_split(model, features):
-    block = attention.em_block(model, features, [4, 2])
-    fig = attention.plot_basis_loadings(block)
+def test_basis_loadings_label_rows_with_the_caption_numbers_of_the_split(model, params, features):
+    block = attention.em_block(model, features, [4, 2], params=params)
+    fig = em_figures.plot_basis_loadings(block)
     left, right = fig.axes[:2]
     assert [label.get_text() for label in left.get_yticklabels()] == ["caption 4", "caption 2"]
     assert [label.get_text().split(":")[0] for label in right.get_yticklabels()] == ["4", "2"]
@@ -258,8 +259,8 @@ def test_correction_rank_is_the_rank_of_the_correction_added(model, params, feat
     rank = correction_rank(features, model, on)
     # the same block scored the way evaluation scores it, and the correction it added
     score_block(features.text[:4], features.video[:4], features.frame_mask[:4], temp=model.temp,
-                emcl=on.emcl, normalize=on.normalize)
-    assert rank == int(effective_rank(2.0 * on.emcl.last.recon)) >= 1
+                emcl_module=on.emcl_module, normalize=on.normalize)
+    assert rank == int(effective_rank(2.0 * on.emcl_module.last.recon)) >= 1
     assert correction_rank(features, model, scoring_setup(model, params, "on", emcl_beta=0.0)) == 0
     assert correction_rank(features, model, scoring_setup(model, params, "off")) is None
 
@@ -268,11 +269,11 @@ def test_the_views_work_on_a_mean_pooling_model(params):
     """meanP + EMCL at inference: one EM row per video, repeated for every caption."""
     model = make_model(params.replace(pooling="mean", agg_module="None", emcl="off"))
     features = encode_split(model, params, "test")
-    block = attention.em_block(model, features, range(A))
+    block = attention.em_block(model, features, range(A), params=params)
     V = len(block.video_ids)
     assert block.recon.shape[0] == V + A                     # N = V + A rows entered the EM
     assert block.mu_video.shape[:2] == (A, V) and torch.equal(block.mu_video[0], block.mu_video[-1])
     assert "N = " in attention.describe(block)
-    for figure in (attention.plot_basis_loadings(block), attention.plot_modality_gap(block),
-                   attention.plot_frame_weights(block), attention.plot_responsibilities(block)):
+    for figure in (em_figures.plot_basis_loadings(block), em_figures.plot_modality_gap(block),
+                   em_figures.plot_frame_weights(block), em_figures.plot_responsibilities(block)):
         assert figure.axes

@@ -4,9 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emcl_nb.clip_backbone import (CLIP_MEAN, CLIP_STD, InvalidWeightsError, WeightsNotFoundError,
-                                   build_tiny_clip, encode_frames, encode_text, load_clip,
-                                   normalize_frames)
+from emcl_nb.clip_backbone import (
+    CLIP_MEAN,
+    CLIP_STD,
+    InvalidWeightsError,
+    WeightsNotFoundError,
+    build_tiny_clip,
+    encode_frames,
+    encode_text,
+    encode_uint8_frames,
+    load_clip_model,
+    normalize_frames,
+)
 
 
 @pytest.fixture
@@ -27,9 +36,9 @@ def tiny_kwargs(p):
 
 def test_tiny_is_seeded_and_shaped(tiny_params, outputs):
     torch.manual_seed(5)
-    a = load_clip("tiny", "unused", **tiny_kwargs(tiny_params))
+    a = load_clip_model("tiny", "unused", **tiny_kwargs(tiny_params))
     torch.manual_seed(5)
-    b = load_clip("tiny", "unused", **tiny_kwargs(tiny_params))
+    b = load_clip_model("tiny", "unused", **tiny_kwargs(tiny_params))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     text, frames = outputs(a)
     assert text.shape == (3, 64) and frames.shape == (2, 64)
@@ -46,7 +55,7 @@ def test_state_dict_and_torchscript_archive_load_the_same(tiny_clip, outputs, ma
     torch.jit.save(torch.jit.trace(tiny_clip.eval(), example), str(tmp_path / "archive.pt"))
 
     for name in ("state.pt", "archive.pt"):
-        loaded = load_clip(str(tmp_path / name), "unused", image_size=32)
+        loaded = load_clip_model(str(tmp_path / name), "unused", image_size=32)
         text, frames = outputs(loaded)
         assert torch.allclose(text, want_text, atol=1e-5), name      # fp32 kept (no fp16 rounding)
         assert torch.allclose(frames, want_frames, atol=1e-5), name
@@ -55,13 +64,13 @@ def test_state_dict_and_torchscript_archive_load_the_same(tiny_clip, outputs, ma
 
 def test_official_name_is_looked_up_in_cache(tiny_clip, tmp_path):
     torch.save(tiny_clip.state_dict(), tmp_path / "ViT-B-32.pt")
-    loaded = load_clip("ViT-B/32", str(tmp_path), image_size=32)
+    loaded = load_clip_model("ViT-B/32", str(tmp_path), image_size=32)
     assert torch.equal(loaded.text_projection, tiny_clip.text_projection)
 
 
 def test_missing_named_weights_give_one_clear_error(tmp_path):
     with pytest.raises(WeightsNotFoundError) as info:
-        load_clip("ViT-B/16", str(tmp_path))
+        load_clip_model("ViT-B/16", str(tmp_path))
     message = str(info.value)
     for part in ("ViT-B-16.pt", str(tmp_path), "clip_weights", "clip_cache",
                  "https://openaipublic.azureedge.net/clip/models/"):
@@ -71,26 +80,26 @@ def test_missing_named_weights_give_one_clear_error(tmp_path):
 
 def test_missing_path_gives_clear_error(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="clip_weights") as info:
-        load_clip(str(tmp_path / "nope.pt"), str(tmp_path))
+        load_clip_model(str(tmp_path / "nope.pt"), str(tmp_path))
     assert str(tmp_path / "nope.pt") in str(info.value)
 
 
 def test_invalid_files_give_clear_errors(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"this is not a model")
     with pytest.raises(InvalidWeightsError, match="garbage.pt"):
-        load_clip(str(tmp_path / "garbage.pt"), str(tmp_path))
+        load_clip_model(str(tmp_path / "garbage.pt"), str(tmp_path))
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(InvalidWeightsError, match="not a CLIP model"):
-        load_clip(str(tmp_path / "other.pt"), str(tmp_path))
+        load_clip_model(str(tmp_path / "other.pt"), str(tmp_path))
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
     with pytest.raises(InvalidWeightsError, match="state dict"):
-        load_clip(str(tmp_path / "list.pt"), str(tmp_path))
+        load_clip_model(str(tmp_path / "list.pt"), str(tmp_path))
 
 
 def test_image_size_must_match_loaded_weights(tiny_clip, tmp_path):
     torch.save(tiny_clip.state_dict(), tmp_path / "state.pt")
     with pytest.raises(ValueError, match="image_size=32"):
-        load_clip(str(tmp_path / "state.pt"), "unused", image_size=224)
+        load_clip_model(str(tmp_path / "state.pt"), "unused", image_size=224)
 
 
 def test_tiny_width_must_be_a_multiple_of_64():
@@ -125,3 +134,40 @@ def test_normalize_frames_uses_clip_statistics():
     mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
     assert torch.allclose(out[0, :, 0, 0], -mean / std)
     assert torch.allclose(out[1, :, 0, 0], (1 - mean) / std)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_folded_normalisation_matches_normalising_the_pixels(tiny_clip, frozen):
+    """encode_uint8_frames (normalisation folded into conv1, mask on its output) equals
+    normalising and masking the pixels first: outputs and every gradient, conv1 frozen or not."""
+    tiny_clip.visual.conv1.requires_grad_(not frozen)
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    keep = torch.tensor([1, 1, 0, 1, 0, 1])                            # two padded frames
+    weights = torch.randn(6, 64, generator=g)                          # a loss that sees every output
+
+    def run(encode):
+        tiny_clip.zero_grad(set_to_none=True)
+        out = encode()
+        (out * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in tiny_clip.visual.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    fused, fused_grads = run(lambda: encode_uint8_frames(tiny_clip, frames, keep))
+    plain, plain_grads = run(lambda: encode_frames(
+        tiny_clip, normalize_frames(frames) * keep.view(-1, 1, 1, 1).float()))
+    assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max())
+    assert fused_grads.keys() == plain_grads.keys()
+    assert ("conv1.weight" in fused_grads) == (not frozen)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max()), name
+    # padded frames do not depend on their pixels
+    other = frames.clone()
+    other[keep == 0] = 255 - other[keep == 0]
+    with torch.no_grad():
+        assert torch.allclose(encode_uint8_frames(tiny_clip, other, keep), fused, atol=1e-6)
+
+
+def test_uint8_frame_encoder_checks_size(tiny_clip):
+    with pytest.raises(ValueError, match="image_size=32"):
+        encode_uint8_frames(tiny_clip, torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.ones(2))

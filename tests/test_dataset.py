@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from emcl_nb.data.annotations import load_annotations
-from emcl_nb.data.dataset import (TextDataset, TrainDataset, VideoDataset, _tokenizer,
-                                  build_loader, tokenize)
+from emcl_nb.data.dataset import TextDataset, TrainDataset, VideoDataset, _tokenizer, build_loader, tokenize
 from emcl_nb.data.ffmpeg import write_video
 from emcl_nb.data.transforms import FrameTransform, build_transform, resize_center_crop
 from emcl_nb.data.video import VideoReadError
@@ -131,7 +130,8 @@ def test_augmentation_is_the_reference_policy():
         assert op.kwargs["fillcolor"] == (128, 128, 128)
         assert op.kwargs["resample"] == Image.BICUBIC
     translate = policy.ops[REFERENCE_OPS.index("TranslateXRel")]
-    assert abs(translate.level_fn(10, translate.hparams)[0]) == pytest.approx(0.45)   # of the frame's own width (random sign)
+    # of the frame's own width (random sign)
+    assert abs(translate.level_fn(10, translate.hparams)[0]) == pytest.approx(0.45)
 
 
 def test_every_frame_gets_the_draw_timm_makes_for_the_clip_seed():
@@ -204,7 +204,8 @@ def test_augmented_epochs_do_not_depend_on_worker_count(params, train_annotation
     for a, b in zip(single, workers, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = epoch_batches(dataset, params, epoch=2, num_workers=0)
-    order = lambda batches: torch.cat([b["index"] for b in batches]).tolist()
+    def order(batches):
+        return torch.cat([b["index"] for b in batches]).tolist()
     assert order(single) != order(other)
     # the same sample is augmented differently in another epoch, identically when repeated
     assert torch.equal(dataset[(1, 5)]["video"], dataset[(1, 5)]["video"])

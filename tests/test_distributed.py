@@ -5,8 +5,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb.distributed import all_gather_with_grad
-from emcl_nb.runtime import seed_everything
 from emcl_nb.model import build_model
+from emcl_nb.runtime import seed_everything
 from tests.test_engine import RandomClips, tiny_params
 
 GLOBAL_BATCH = 8

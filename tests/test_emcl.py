@@ -10,7 +10,7 @@ from emcl_nb.emcl import EMCL, effective_rank, reference_basis_init
 
 
 def recipe(x: torch.Tensor, m: torch.Tensor, stages: int, lamd: float, beta: float):
-    """method.md §4 written out with explicit loops over channels and bases."""
+    """docs/method.md §4 written out with explicit loops over channels and bases."""
     N, D = x.shape
     K = m.shape[1]
     mu = m.repeat(N, 1)                                        # [N, K]

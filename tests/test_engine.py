@@ -1,6 +1,8 @@
 """Training engine on random tensors: the loss falls, resume is exact, mistakes stop early."""
 import json
 import math
+import resource
+import sys
 
 import pytest
 import torch
@@ -8,10 +10,10 @@ import torch
 import emcl_nb.model
 from emcl_nb.checkpoint import read_checkpoint
 from emcl_nb.engine import NonFiniteLossError, TrainingSetupError, fit
-from emcl_nb.optim import build_optimizer, warmup_cosine
-from emcl_nb.runtime import configure_torch
 from emcl_nb.model import build_model
+from emcl_nb.optim import build_optimizer, warmup_cosine
 from emcl_nb.params import Params, repo_relative
+from emcl_nb.runtime import configure_torch
 
 SOT, EOT = 49406, 49407
 
@@ -296,6 +298,35 @@ def test_configure_torch_flushes_denormals_that_slow_the_em_step():
         torch.set_flush_denormal(False)
 
 
+def test_configure_torch_keeps_determinism_without_filling_every_new_tensor():
+    """Deterministic algorithms stay on; the NaN fill of new tensors (a third of a CPU
+    training step) is off."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        configure_torch(Params(num_threads=0, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_configure_torch_reuses_freed_large_blocks_instead_of_faulting_them_in_again():
+    configure_torch(Params(num_threads=0))
+    torch.set_flush_denormal(False)
+
+    def faults_of_a_fresh_64_mib_tensor() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 * 2**20).fill_(1.0)                 # 64 MiB, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_a_fresh_64_mib_tensor()
+    assert faults_of_a_fresh_64_mib_tensor() < 1000        # 16,384 pages if handed back to the OS
+
+
 def test_validation_ties_go_to_the_later_epoch_as_in_the_reference(tmp_path):
     params = tiny_params(tmp_path, epochs=2)
     result = fit(params, RandomClips(16, params), validate=lambda model: {"val": {"t2v": {"R1": 50.0}}})
@@ -397,3 +428,31 @@ def test_validation_that_looks_collapsed_warns_once(tmp_path, val, sign):
     with pytest.warns(UserWarning, match=sign) as caught:
         fit(params, RandomClips(16, params), validate=lambda model: {"val": val})
     assert sum(sign in str(w.message) for w in caught) == 1
+
+
+def test_train_step_is_one_whole_update(tmp_path):
+    """train_step: the loss, an optimiser step on the clipped gradients, a schedule step and
+    logit_scale clamped to ln 100."""
+    from emcl_nb.engine import train_step
+    from emcl_nb.model import MAX_LOGIT_SCALE
+
+    params = tiny_params(tmp_path, warmup_proportion=0.5)
+    torch.manual_seed(0)
+    model = build_model(params).train()
+    optimizer, scheduler = build_optimizer(model, params, total_steps=4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    clips = RandomClips(8, params)
+    batch = {key: torch.stack([clips[i][key] for i in range(8)]) for key in ("text_ids", "text_mask",
+                                                                             "video", "frame_mask")}
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(MAX_LOGIT_SCALE + 1.0)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    lrs_before = [group["lr"] for group in optimizer.param_groups]
+    loss = train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=params.grad_clip)
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+    assert float(model.clip.logit_scale.detach()) == pytest.approx(MAX_LOGIT_SCALE, abs=1e-6)   # clamped (float32)
+    assert scheduler.last_epoch == 1 and [group["lr"] for group in optimizer.param_groups] != lrs_before
+    # the first update runs at warm-up lr 0: the weights only move from the second on
+    train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=params.grad_clip)
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))

@@ -7,11 +7,12 @@ import pytest
 import torch
 import yaml
 
-from emcl_nb import evaluate
+from emcl_nb import encode, evaluate, scoring, validation
 from emcl_nb.checkpoint import CheckpointError, load_model_weights, save_checkpoint, seeded_emcl
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.synthetic import generate_synthetic
 from emcl_nb.model import build_model
+from emcl_nb.model_config import ModelConfig
 from emcl_nb.params import REPO_ROOT, Params, ParamsError
 from emcl_nb.similarity import similarity_matrix
 
@@ -65,7 +66,7 @@ def test_each_video_is_encoded_once_and_multi_sentence_metrics_are_used(params, 
     original = model.encode_video
     monkeypatch.setattr(model, "encode_video",
                         lambda video, mask: encoded.append(video.shape[0]) or original(video, mask))
-    features = evaluate.encode_split(model, params, "val")
+    features = encode.encode_split(model, params, "val")
     assert sum(encoded) == N_VAL                                    # not once per caption (#10)
     assert features.text.shape == (N_VAL * CAPTIONS_PER_VIDEO, model.embed_dim)
     assert features.video.shape == (N_VAL, params.max_frames, model.embed_dim)
@@ -77,7 +78,7 @@ def test_each_video_is_encoded_once_and_multi_sentence_metrics_are_used(params, 
     ids, mask = tokenize(features.captions[5], params.max_words)
     torch.testing.assert_close(features.text[5], model.encode_text(ids, mask)[0].detach())
 
-    result = evaluate.evaluate_features(features, params, model)
+    result = scoring.evaluate_features(features, params, model)
     assert result["protocol"] == "multi-sentence"
     assert (result["n_texts"], result["n_videos"]) == (N_VAL * CAPTIONS_PER_VIDEO, N_VAL)
     assert result["chance_R1"] == pytest.approx(100 / N_VAL)
@@ -86,7 +87,7 @@ def test_each_video_is_encoded_once_and_multi_sentence_metrics_are_used(params, 
 
 
 def test_test_split_is_single_sentence(params):
-    result = evaluate.evaluate_model(make_model(params), params, "test", cache=False)
+    result = scoring.evaluate_model(make_model(params), params, "test", cache=False)
     assert result["protocol"] == "single-sentence"
     assert (result["n_texts"], result["n_videos"]) == (N_TEST, N_TEST)
     assert "whole test query bank" in result["dsl"]
@@ -97,18 +98,18 @@ def test_test_split_is_single_sentence(params):
 def test_reference_checkpoint_loads_with_a_warning_and_scores_like_its_model(params, tmp_path):
     source = make_model(params, seed=0)
     seed_bases(source, params.seed)
-    features = evaluate.encode_split(source, params, "test")
-    expected = evaluate.score(features, params, source, emcl_mode="on")
+    features = encode.encode_split(source, params, "test")
+    expected = scoring.score(features, params, source, emcl_mode="on")
     path = tmp_path / "pytorch_model.bin.4"
     torch.save({"state_dict": reference_layout(source)}, path)
 
     target = make_model(params, seed=1)           # other weights and other EMCL bases
-    before = evaluate.score(evaluate.encode_split(target, params, "test"), params, target, emcl_mode="on")
+    before = scoring.score(encode.encode_split(target, params, "test"), params, target, emcl_mode="on")
     assert not torch.allclose(before, expected)
     with pytest.warns(UserWarning, match="no EMCL bases"):
         report = load_model_weights(target, path)
     assert report.layout == "reference" and report.recreated == ["emcl.basis_init"]
-    after = evaluate.score(evaluate.encode_split(target, params, "test"), params, target, emcl_mode="on")
+    after = scoring.score(encode.encode_split(target, params, "test"), params, target, emcl_mode="on")
     torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
 
 
@@ -137,89 +138,104 @@ def test_our_checkpoint_loads_exactly_including_the_trained_bases(params, tmp_pa
         assert torch.equal(target.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("stored", ["model_config", "params only (older checkpoints)"])
+def test_a_checkpoint_builds_the_model_it_was_trained_as(params, tmp_path, stored):
+    trained = params.replace(agg_module="seqLSTM", temp=2.0, emcl_bases=5)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model=make_model(trained), epoch=1, step=1, params=trained.to_dict())
+    state = torch.load(path, weights_only=False)
+    assert state["model_config"] == ModelConfig.from_params(trained).to_dict()
+    if stored != "model_config":
+        del state["model_config"]
+        torch.save(state, path)
+    model, run_params, _ = evaluate.load_for_evaluation(path, params, torch.device("cpu"))
+    assert model.config == ModelConfig.from_params(trained)
+    assert (run_params.agg_module, run_params.temp, run_params.emcl_bases) == ("seqLSTM", 2.0, 5)
+
+
 # ---------------------------------------------------------------- feature cache
 
 def test_cached_features_rescore_without_encoding(params, monkeypatch):
     model = make_model(params)
-    fresh = evaluate.evaluate_model(model, params, "test", cache=False)
-    first = evaluate.evaluate_model(model, params, "test", cache=True)
+    fresh = scoring.evaluate_model(model, params, "test", cache=False)
+    first = scoring.evaluate_model(model, params, "test", cache=True)
     cached_files = list((params.out_dir / "features").glob("test-*.pt"))
     assert len(cached_files) == 1
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("a video was encoded again")
     monkeypatch.setattr(model, "encode_video", no_encoding)
-    again = evaluate.evaluate_model(model, params, "test", cache=True)
+    again = scoring.evaluate_model(model, params, "test", cache=True)
     for result in (first, again):
         for key in ("t2v", "v2t", "dsl_t2v", "dsl_v2t"):
             assert result[key] == fresh[key]
     # other EMCL settings re-score the cached features; the trained bases stay in the model
     bases = model.emcl.basis_init.clone()
-    features = evaluate.load_or_encode(model, params, "test")
-    plain = evaluate.score(features, params, model)
-    rescored = evaluate.score(features, params, model, emcl_beta=0.5, block_size=2)
+    features = encode.load_or_encode(model, params, "test")
+    plain = scoring.score(features, params, model)
+    rescored = scoring.score(features, params, model, emcl_beta=0.5, block_size=2)
     assert not torch.allclose(plain, rescored)
     assert torch.equal(model.emcl.basis_init, bases)
     # settings that change the features miss the cache (and would encode)
     with pytest.raises(AssertionError, match="encoded again"):
-        evaluate.load_or_encode(model, params.replace(max_frames=3), "test")
+        encode.load_or_encode(model, params.replace(max_frames=3), "test")
     # so do other weights
     with torch.no_grad():
         model.clip.visual.proj.add_(0.01)
     with pytest.raises(AssertionError, match="encoded again"):
-        evaluate.load_or_encode(model, params, "test")
+        encode.load_or_encode(model, params, "test")
 
 
 def test_cache_key_ignores_the_emcl_bases(params):
     model = make_model(params)
-    before = evaluate.weights_fingerprint(model)
+    before = encode.weights_fingerprint(model)
     with torch.no_grad():
         model.emcl.basis_init.neg_()
-    assert evaluate.weights_fingerprint(model) == before
+    assert encode.weights_fingerprint(model) == before
     with torch.no_grad():
         model.frame_position_embeddings.weight[0, 0] += 1
-    assert evaluate.weights_fingerprint(model) != before
+    assert encode.weights_fingerprint(model) != before
 
 
 # ---------------------------------------------------------------- scoring modes
 
 def test_scoring_overrides_reuse_trained_bases_only_when_they_fit(params):
     model = make_model(params)
-    same = evaluate.scoring_setup(model, params, "on", emcl_beta=3.0)     # the module's own value
-    assert same.emcl is model.emcl and not same.notes
-    other_beta = evaluate.scoring_setup(model, params, "on", emcl_beta=1.0, emcl_stages=5)
-    assert other_beta.emcl is not model.emcl
-    assert (other_beta.emcl.beta, other_beta.emcl.stage_num) == (1.0, 5)
-    assert torch.equal(other_beta.emcl.basis_init, model.emcl.basis_init)
-    other_k = evaluate.scoring_setup(model, params, "on", emcl_bases=6)
-    assert other_k.emcl.num_bases == 6 and "seed" in other_k.notes[0]
+    same = scoring.scoring_setup(model, params, "on", emcl_beta=3.0)     # the module's own value
+    assert same.emcl_module is model.emcl and not same.notes
+    other_beta = scoring.scoring_setup(model, params, "on", emcl_beta=1.0, emcl_stages=5)
+    assert other_beta.emcl_module is not model.emcl
+    assert (other_beta.emcl_module.beta, other_beta.emcl_module.stage_num) == (1.0, 5)
+    assert torch.equal(other_beta.emcl_module.basis_init, model.emcl.basis_init)
+    other_k = scoring.scoring_setup(model, params, "on", emcl_bases=6)
+    assert other_k.emcl_module.num_bases == 6 and "seed" in other_k.notes[0]
     with pytest.raises(ParamsError, match="max_frames"):
-        evaluate.scoring_setup(model, params, "on", max_frames=8)
+        scoring.scoring_setup(model, params, "on", max_frames=8)
     with pytest.raises(ParamsError, match="emcl_mode"):
-        evaluate.scoring_setup(model, params, "sometimes")
+        scoring.scoring_setup(model, params, "sometimes")
 
 
 def test_inference_only_emcl_on_a_model_trained_without_it(params):
     params = params.replace(emcl="off")
     model = make_model(params)
-    features = evaluate.encode_split(model, params, "test")
-    plain = evaluate.score(features, params, model)                       # default: params.emcl
-    torch.testing.assert_close(plain, evaluate.score(features, params, model, emcl_mode="off"))
-    inference = evaluate.score(features, params, model, emcl_mode="inference")
+    features = encode.encode_split(model, params, "test")
+    plain = scoring.score(features, params, model)                       # default: the model's own mode
+    torch.testing.assert_close(plain, scoring.score(features, params, model, emcl_mode="off"))
+    inference = scoring.score(features, params, model, emcl_mode="inference")
     assert torch.isfinite(inference).all() and not torch.allclose(inference, plain)
-    # inference-only EMCL (method.md §7): inference_emcl_* settings, reference init drawn
+    # inference-only EMCL (docs/method.md §7): inference_emcl_* settings, reference init drawn
     # from params.seed, normalised inputs
     module = seeded_emcl(params.seed, num_bases=params.inference_emcl_bases,
                          stage_num=params.inference_emcl_stages, momentum=params.emcl_momentum,
                          lamd=params.inference_emcl_lamd, beta=params.inference_emcl_beta,
                          init="reference", dim=model.embed_dim)
     oracle = similarity_matrix(features.text, features.video, features.frame_mask, temp=model.temp,
-                               emcl=module, block_size=params.inference_block_size,
+                               emcl_module=module, block_size=params.inference_block_size,
                                normalize="before")
     torch.testing.assert_close(inference, oracle, rtol=0, atol=0)
     # with beta 0 EMCL adds nothing: normalised inputs, no renormalisation -> the plain cosine
     torch.testing.assert_close(
-        evaluate.score(features, params, model, emcl_mode="inference", inference_emcl_beta=0.0),
+        scoring.score(features, params, model, emcl_mode="inference", inference_emcl_beta=0.0),
         plain, rtol=0, atol=1e-6)
 
 
@@ -251,7 +267,7 @@ def reference_inference_logits(t, f, frame_mask, m, *, stages, lamd, beta, logit
 def test_mean_pooling_with_inference_emcl_is_the_reference_inference_module(params):
     params = params.replace(emcl="off", pooling="mean", agg_module="None", inference_block_size=3)
     model = make_model(params)
-    features = evaluate.encode_split(model, params, "test")
+    features = encode.encode_split(model, params, "test")
     module = seeded_emcl(params.seed, num_bases=params.inference_emcl_bases, stage_num=1,
                          momentum=0.9, lamd=1.0, beta=1.0, init="reference", dim=model.embed_dim)
     scale = float(model.clip.logit_scale.detach().exp())
@@ -259,9 +275,9 @@ def test_mean_pooling_with_inference_emcl_is_the_reference_inference_module(para
         features.text, features.video, features.frame_mask, module.basis_init,
         stages=params.inference_emcl_stages, lamd=params.inference_emcl_lamd,
         beta=params.inference_emcl_beta, logit_scale=scale, block=params.inference_block_size)
-    ours = evaluate.score(features, params, model, emcl_mode="inference")
+    ours = scoring.score(features, params, model, emcl_mode="inference")
     torch.testing.assert_close(ours * scale, want, rtol=1e-4, atol=1e-4 * scale)
-    plain = evaluate.score(features, params, model, emcl_mode="off")      # CLIP4Clip meanP
+    plain = scoring.score(features, params, model, emcl_mode="off")      # CLIP4Clip meanP
     assert (ours - plain).abs().max() > 1e-2                               # EMCL changed the scores
 
 
@@ -269,13 +285,13 @@ def test_mean_pooling_with_inference_emcl_is_the_reference_inference_module(para
 
 def test_validator_scores_val_and_the_reference_selection_its_split(params):
     model = make_model(params)
-    assert evaluate.make_validator(params.replace(eval_every_epoch=False)) is None
-    assert evaluate.make_validator(params.replace(msrvtt_val_csv="")) is None     # no val split
-    validated = evaluate.make_validator(params)(model)
+    assert validation.make_validator(params.replace(eval_every_epoch=False)) is None
+    assert validation.make_validator(params.replace(msrvtt_val_csv="")) is None     # no val split
+    validated = validation.make_validator(params)(model)
     assert set(validated) == {"val"} and validated["val"]["n_videos"] == N_VAL
-    assert validated["val"]["t2v"] == evaluate.evaluate_model(model, params, "val", cache=False)["t2v"]
-    assert evaluate.make_reference_validator(params) is None
-    reference = evaluate.make_reference_validator(params.replace(reference_selection=True))(model)
+    assert validated["val"]["t2v"] == scoring.evaluate_model(model, params, "val", cache=False)["t2v"]
+    assert validation.make_reference_validator(params) is None
+    reference = validation.make_reference_validator(params.replace(reference_selection=True))(model)
     assert reference["split"] == "test" and reference["n_videos"] == N_TEST    # msrvtt: on test
     assert (params.reference_split, params.reference_interval) == ("test", 150)
     assert params.replace(layout="msvd").reference_split == "val"
@@ -288,9 +304,10 @@ def test_validator_decodes_each_video_once_across_epochs(params, monkeypatch):
     from emcl_nb.data import dataset
     reads = []
     real_load_clip = dataset.load_clip
-    monkeypatch.setattr(dataset, "load_clip", lambda path, *a, **kw: reads.append(path) or real_load_clip(path, *a, **kw))
+    monkeypatch.setattr(dataset, "load_clip",
+                        lambda path, *a, **kw: reads.append(path) or real_load_clip(path, *a, **kw))
     model = make_model(params)
-    validate = evaluate.make_validator(params.replace(cache_decoded_clips=True))
+    validate = validation.make_validator(params.replace(cache_decoded_clips=True))
     first = validate(model)
     assert len(reads) == N_VAL
     assert validate(model) == first and len(reads) == N_VAL
@@ -300,14 +317,14 @@ def test_a_reference_selection_on_val_shares_the_validation_loaders(params, monk
     """MSVD / LSMDC select on val: the reference selection reuses the per-epoch validator's
     loaders (and their decoded clips) instead of building a second set."""
     built = []
-    real_split_loaders = evaluate.split_loaders
-    monkeypatch.setattr(evaluate, "split_loaders",
+    real_split_loaders = encode.split_loaders
+    monkeypatch.setattr(validation, "split_loaders",
                         lambda *a, **kw: built.append(a[1:]) or real_split_loaders(*a, **kw))
     model = make_model(params)
     on_val = params.replace(reference_selection=True, reference_eval_steps=0)
     monkeypatch.setattr(type(on_val), "reference_split", property(lambda self: "val"))
-    validate = evaluate.make_validator(on_val)
-    reference = evaluate.make_reference_validator(on_val, validate)
+    validate = validation.make_validator(on_val)
+    reference = validation.make_reference_validator(on_val, validate)
     assert reference(model)["t2v"] == validate(model)["val"]["t2v"]
     assert len(built) == 1
 
@@ -338,7 +355,7 @@ def test_evaluate_run_writes_best_last_and_reference_rows(params):
     assert list(results) == ["best", "last", "reference_protocol"]     # the headline first
     assert (results["best"]["epoch"], results["last"]["epoch"]) == (1, 2)
     for name, model in models.items():
-        direct = evaluate.evaluate_model(model, params, "test", cache=False)
+        direct = scoring.evaluate_model(model, params, "test", cache=False)
         key = "reference_protocol" if name == "reference" else name
         assert results[key]["t2v"] == direct["t2v"] and results[key]["v2t"] == direct["v2t"]
 
@@ -436,9 +453,9 @@ def test_our_checkpoints_load_with_weights_only(params, tmp_path):
 
 def test_collapsed_video_features_score_chance_and_are_flagged(params):
     model = make_model(params)
-    features = evaluate.encode_split(model, params, "test")
+    features = encode.encode_split(model, params, "test")
     features.video[:] = features.video[:1]                      # every video embedding the same
-    result = evaluate.evaluate_features(features, params, model, emcl_mode="off")
+    result = scoring.evaluate_features(features, params, model, emcl_mode="off")
     assert result["constant_rows"] == result["n_texts"] == N_TEST
     assert result["t2v"]["R1"] == pytest.approx(100 / N_TEST)   # chance, not 100
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from emcl_nb import io
-from emcl_nb.io import (DiskFullError, FolderBusyError, atomic_torch_save, atomic_write_text,
-                        folder_lock, sweep_temp_files)
+from emcl_nb.io import (
+    DiskFullError,
+    FolderBusyError,
+    atomic_torch_save,
+    atomic_write_text,
+    folder_lock,
+    sweep_temp_files,
+)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -5,9 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from emcl_nb.metrics import (DSL, PLAIN, dsl, evaluate_similarity, format_table, group_best_scores,
-                             metrics_from_counts, multi_sentence_metrics, query_ranks,
-                             query_recall, retrieval_metrics)
+from emcl_nb.metrics import (
+    DSL,
+    PLAIN,
+    dsl,
+    evaluate_similarity,
+    format_table,
+    group_best_scores,
+    metrics_from_counts,
+    multi_sentence_metrics,
+    query_ranks,
+    query_recall,
+    retrieval_metrics,
+)
 
 # Row i's true score (column i) is beaten by exactly i candidates: ranks 1, 2, 3, 4.
 KNOWN_RANKS = torch.tensor([

@@ -10,24 +10,25 @@ import torch.nn.functional as F
 from emcl_nb.checkpoint import seeded_emcl
 from emcl_nb.clip_backbone import normalize_frames
 from emcl_nb.emcl import EMCL
-from emcl_nb.evaluate import scoring_setup
 from emcl_nb.loss import symmetric_infonce
 from emcl_nb.model import EMCLNet, block_logits, mean_pool, pool_frames
+from emcl_nb.model_config import ModelConfig
+from emcl_nb.scoring import scoring_setup
 
 AGGS = ["None", "seqLSTM", "seqTransf"]
 
 
-def evaluation_scoring(model):
-    """(emcl module, normalize) that evaluation uses for the model's own params.emcl."""
-    scoring = scoring_setup(model, model.params)
-    return scoring.emcl, scoring.normalize
+def evaluation_scoring(model, params):
+    """(emcl module, normalize) that evaluation uses for the model's own config.emcl."""
+    scoring = scoring_setup(model, params)
+    return scoring.emcl_module, scoring.normalize
 
 
 def scores(model, batch, emcl="model"):
     with torch.no_grad():
         t = model.encode_text(batch["text_ids"], batch["text_mask"])
         f = model.encode_video(batch["video"], batch["frame_mask"])
-        return model.score(t, f, batch["frame_mask"], emcl=model.emcl if emcl == "model" else emcl)
+        return model.score(t, f, batch["frame_mask"], emcl_module=model.emcl if emcl == "model" else emcl)
 
 
 @pytest.mark.parametrize("agg, pooling", [(agg, "text") for agg in AGGS] + [("seqTransf", "mean")])
@@ -37,7 +38,7 @@ def test_shapes_loss_and_gradients(make_model, make_batch, agg, pooling):
     t = model.encode_text(batch["text_ids"], batch["text_mask"])
     f = model.encode_video(batch["video"], batch["frame_mask"])
     assert t.shape == (4, 64) and f.shape == (4, 4, 64)
-    assert model.score(t, f, batch["frame_mask"], emcl=model.emcl).shape == (4, 4)
+    assert model.score(t, f, batch["frame_mask"], emcl_module=model.emcl).shape == (4, 4)
     loss = model(batch)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
@@ -86,8 +87,9 @@ def test_temporal_transformer_is_non_causal_and_residual(make_model, make_batch)
         g = model.encode_video(changed, batch["frame_mask"])
         assert not torch.allclose(f[0, 0], g[0, 0], atol=1e-5)     # frame 0 sees the last frame
         for block in model.transformerClip.resblocks:              # zero residual branches -> f' = f
-            block.attn.out_proj.weight.zero_(); block.attn.out_proj.bias.zero_()
-            block.mlp.c_proj.weight.zero_(); block.mlp.c_proj.bias.zero_()
+            for layer in (block.attn.out_proj, block.mlp.c_proj):
+                layer.weight.zero_()
+                layer.bias.zero_()
         frames = model.clip.encode_image(normalize_frames(batch["video"][0])).unsqueeze(0)
         h = model.encode_video(batch["video"], batch["frame_mask"])
     # then Transformer(x) = x, so f' = f + (f + P[:T])
@@ -97,7 +99,7 @@ def test_temporal_transformer_is_non_causal_and_residual(make_model, make_batch)
 
 def test_init_trick_copies_clip_text_weights(tiny_clip, tiny_params):
     # loaded weights (any clip_weights but "tiny") get the trick; 3 temporal layers, CLIP text has 2
-    model = EMCLNet(tiny_clip, tiny_params.replace(clip_weights="ViT-B-32.pt"))
+    model = EMCLNet(tiny_clip, ModelConfig.from_params(tiny_params.replace(clip_weights="ViT-B-32.pt")))
     assert torch.equal(model.frame_position_embeddings.weight, model.clip.positional_embedding)
     ours, theirs = model.transformerClip.resblocks, model.clip.transformer.resblocks
     for i in range(2):
@@ -164,10 +166,11 @@ def test_head_after_clip_runs_in_fp32_under_autocast(make_model, make_batch):
     with torch.no_grad():
         t = model.encode_text(batch["text_ids"], batch["text_mask"])
         f = model.clip.encode_image(normalize_frames(batch["video"].flatten(0, 1))).float().reshape(4, 4, -1)
-        plain = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl=model.emcl)
+        plain = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl_module=model.emcl)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model.transformerClip.resblocks[0].mlp(f).dtype == torch.bfloat16   # autocast is on
-            head = model.aggregate(f, batch["frame_mask"]), model.score(t, f, batch["frame_mask"], emcl=model.emcl)
+            head = (model.aggregate(f, batch["frame_mask"]),
+                    model.score(t, f, batch["frame_mask"], emcl_module=model.emcl))
     for ours, want in zip(head, plain):
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
@@ -230,25 +233,25 @@ def test_symmetric_infonce_matches_manual():
         symmetric_infonce(torch.randn(3, 4), scale)
 
 
-def test_emcl_modes(make_model, make_batch):
+def test_emcl_modes(make_model, make_batch, tiny_params):
     batch = make_batch(4)
     off = make_model(emcl="off").eval()
     with torch.no_grad():
         t = off.encode_text(batch["text_ids"], batch["text_mask"])
         f = off.encode_video(batch["video"], batch["frame_mask"])
-        want = symmetric_infonce(off.score(t, f, batch["frame_mask"], emcl=None), off.clip.logit_scale)
+        want = symmetric_infonce(off.score(t, f, batch["frame_mask"], emcl_module=None), off.clip.logit_scale)
         assert torch.allclose(off(batch), want, atol=1e-6)
-    assert evaluation_scoring(off) == (None, "after")
+    assert evaluation_scoring(off, tiny_params) == (None, "after")
 
     on = make_model(emcl="on").train()
     m0 = on.emcl.basis_init.clone()
     on(batch)
     assert not torch.equal(on.emcl.basis_init, m0)                  # training updates the bases
-    assert evaluation_scoring(on) == (on.emcl, "after")
+    assert evaluation_scoring(on, tiny_params) == (on.emcl, "after")
 
     inference = make_model(emcl="inference")
-    module, normalize = evaluation_scoring(inference)
-    p = inference.params
+    module, normalize = evaluation_scoring(inference, tiny_params)
+    p = tiny_params
     assert normalize == "before" and not module.training
     assert (module.num_bases, module.stage_num, module.lamd, module.beta) == (
         p.inference_emcl_bases, p.inference_emcl_stages, p.inference_emcl_lamd, p.inference_emcl_beta)

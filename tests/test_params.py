@@ -1,7 +1,11 @@
 """Parameter files: every dataset loads, overrides are typed, mistakes are named."""
+import dataclasses
+import inspect
+
 import pytest
 
-from emcl_nb.params import FIELDS, ParamsError, available_datasets, load_params
+from emcl_nb import params as params_module
+from emcl_nb.params import FIELDS, Params, ParamsError, available_datasets, load_params
 
 DATASETS = ["synthetic", "msrvtt", "msvd", "lsmdc", "activity", "didemo"]
 
@@ -97,3 +101,64 @@ def test_relative_paths_are_relative_to_the_repository(tmp_path, monkeypatch):
     params = load_params("synthetic", use_env=False)
     assert params.anno_path.endswith("outputs/data/synthetic") and params.anno_path.startswith("/")
     assert str(tmp_path) not in params.anno_path
+
+
+# The field groups as they were listed by hand before they were derived from the tags.
+OLD_DATA = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
+OLD_MODEL = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
+             "agg_module", "num_hidden_layers", "pooling", "temp", "emcl", "emcl_bases", "emcl_stages",
+             "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
+OLD_TRAINING = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
+                "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "decay_exempt",
+                "warmup_proportion", "grad_clip", "freeze_patch_embedding", "precision")
+OLD_SYNTHETIC = ("synthetic", "synthetic_distractors", "synthetic_shape_scale", "synthetic_templates",
+                 "synthetic_seed", "synthetic_train", "synthetic_test", "synthetic_val",
+                 "synthetic_frames", "synthetic_fps", "synthetic_size")
+OLD_SELECTION = ("reference_selection", "reference_eval_steps")
+OLD_GROUPS = {
+    "PATH_FIELDS": ("anno_path", "video_path", "output_root", "frame_cache_dir"),
+    "DATA_FIELDS": OLD_DATA,
+    "FEATURE_FIELDS": OLD_DATA + ("on_bad_sample",),
+    "MODEL_FIELDS": OLD_MODEL,
+    "TRAINING_FIELDS": OLD_TRAINING,
+    "SYNTHETIC_FIELDS": OLD_SYNTHETIC,
+    "SELECTION_FIELDS": OLD_SELECTION,
+    "RESUME_FIELDS": OLD_MODEL + OLD_DATA + OLD_TRAINING + OLD_SYNTHETIC + OLD_SELECTION,
+    "REUSE_FIELDS": tuple(n for n in OLD_TRAINING if n not in ("seed", "precision")) + OLD_SYNTHETIC,
+    "SCORING_FIELDS": ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_beta", "emcl_init",
+                       "inference_emcl_bases", "inference_emcl_stages", "inference_emcl_lamd",
+                       "inference_emcl_beta", "inference_block_size", "dsl_t2v_temp", "dsl_v2t_temp"),
+}
+
+
+@pytest.mark.parametrize("name", OLD_GROUPS)
+def test_derived_field_groups_are_the_groups_once_listed_by_hand(name):
+    group = getattr(params_module, name)
+    assert len(group) == len(set(group)), f"{name} lists a field twice"
+    assert set(group) == set(OLD_GROUPS[name])
+
+
+def test_emcl_settings_map_the_scoring_fields_to_emcl_attributes():
+    assert params_module.EMCL_SETTINGS == {"emcl_bases": "num_bases", "emcl_stages": "stage_num",
+                                           "emcl_lamd": "lamd", "emcl_beta": "beta", "emcl_init": "init"}
+
+
+def test_every_field_has_a_section_and_the_model_config_is_the_model_fields():
+    from emcl_nb.model_config import ModelConfig
+
+    sections = {f.name: f.metadata.get("section") for f in dataclasses.fields(Params)}
+    assert set(sections.values()) == set(params_module.SECTIONS)
+    config_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert config_fields == set(params_module.MODEL_FIELDS) | {"seed"}
+
+
+def test_synthetic_defaults_are_stated_once():
+    from emcl_nb.data import synthetic
+
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(synthetic.generate_synthetic).parameters.items()
+                if name not in ("out_dir", "workers", "progress")}
+    assert defaults == params_module.synthetic_settings() == {
+        name.removeprefix("synthetic_"): value for name, value in Params().to_dict().items()
+        if name.startswith("synthetic_")}
+    assert params_module.synthetic_settings(Params(synthetic_train=7))["train"] == 7

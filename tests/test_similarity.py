@@ -1,11 +1,10 @@
 """Batched block similarity equals the reference loop over blocks; the EMCL-off path is
-pooling + cosine (method.md §3); evaluation never updates the EMCL bases."""
+pooling + cosine (docs/method.md §3); evaluation never updates the EMCL bases."""
 import pytest
 import torch
 
 from emcl_nb.emcl import EMCL
-from emcl_nb.similarity import (block_similarity, block_similarity_loop, full_similarity,
-                                similarity_matrix)
+from emcl_nb.similarity import block_similarity, block_similarity_loop, full_similarity, similarity_matrix
 
 DIM, FRAMES, TEMP = 32, 6, 3.0
 
@@ -42,7 +41,7 @@ def test_batched_blocks_equal_the_loop_oracle(init, scale, n_texts, n_videos, bl
                                               pooling):
     t, f, frame_mask = features(n_texts, n_videos, scale=scale)
     emcl = emcl_module(init)
-    kwargs = dict(temp=TEMP, emcl=emcl, block_size=block_size, pooling=pooling)
+    kwargs = dict(temp=TEMP, emcl_module=emcl, block_size=block_size, pooling=pooling)
     loop = block_similarity_loop(t, f, frame_mask, **kwargs)
     batched = block_similarity(t, f, frame_mask, max_blocks_per_batch=max_blocks, **kwargs)
     assert batched.shape == (n_texts, n_videos)
@@ -54,29 +53,29 @@ def test_batched_blocks_equal_the_loop_oracle(init, scale, n_texts, n_videos, bl
 def test_block_size_changes_the_scores_so_the_oracle_check_means_something():
     t, f, frame_mask = features(70, 45)
     emcl = emcl_module("distinct")
-    blocks = block_similarity(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=16)
-    whole = full_similarity(t, f, frame_mask, temp=TEMP, emcl=emcl)
+    blocks = block_similarity(t, f, frame_mask, temp=TEMP, emcl_module=emcl, block_size=16)
+    whole = full_similarity(t, f, frame_mask, temp=TEMP, emcl_module=emcl)
     assert (blocks - whole).abs().max() > 1e-3
 
 
 def test_whole_matrix_path_is_one_block():
     t, f, frame_mask = features(20, 12, scale=0.2)
     emcl = emcl_module("reference")
-    whole = full_similarity(t, f, frame_mask, temp=TEMP, emcl=emcl)
-    one_block = block_similarity_loop(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=20)
+    whole = full_similarity(t, f, frame_mask, temp=TEMP, emcl_module=emcl)
+    one_block = block_similarity_loop(t, f, frame_mask, temp=TEMP, emcl_module=emcl, block_size=20)
     assert (whole - one_block).abs().max() <= 1e-5
 
 
 def test_emcl_off_is_text_conditioned_pooling_and_cosine():
     t, f, frame_mask = features(23, 17)
-    # method.md §3 by hand: softmax over all frames, mask after the softmax, no renormalising.
+    # docs/method.md §3 by hand: softmax over all frames, mask after the softmax, no renormalising.
     weights = torch.softmax(torch.einsum("ad,vtd->avt", t, f) / TEMP, dim=-1) * frame_mask  # [A, V, T]
     pooled = torch.einsum("avt,vtd->avd", weights, f)                                      # [A, V, D]
     expected = torch.nn.functional.cosine_similarity(t[:, None, :], pooled, dim=-1)        # [A, V]
     for chunk_size in (5, 64):
-        got = full_similarity(t, f, frame_mask, temp=TEMP, emcl=None, chunk_size=chunk_size)
+        got = full_similarity(t, f, frame_mask, temp=TEMP, emcl_module=None, chunk_size=chunk_size)
         assert (got - expected).abs().max() <= 1e-5
-    routed = similarity_matrix(t, f, frame_mask, temp=TEMP, emcl=None, block_size=8)
+    routed = similarity_matrix(t, f, frame_mask, temp=TEMP, emcl_module=None, block_size=8)
     assert (routed - expected).abs().max() <= 1e-5
 
 
@@ -84,25 +83,25 @@ def test_evaluation_never_updates_the_bases():
     t, f, frame_mask = features(40, 40, scale=0.2)
     emcl = emcl_module("reference")
     before = {k: v.clone() for k, v in emcl.state_dict().items()}
-    block_similarity(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=16)
-    block_similarity_loop(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=16)
+    block_similarity(t, f, frame_mask, temp=TEMP, emcl_module=emcl, block_size=16)
+    block_similarity_loop(t, f, frame_mask, temp=TEMP, emcl_module=emcl, block_size=16)
     assert all(torch.equal(before[k], v) for k, v in emcl.state_dict().items())
     emcl.train()
     with pytest.raises(RuntimeError, match="eval"):
-        block_similarity(t, f, frame_mask, temp=TEMP, emcl=emcl, block_size=16)
+        block_similarity(t, f, frame_mask, temp=TEMP, emcl_module=emcl, block_size=16)
 
 
 def test_mismatched_shapes_are_refused():
     t, f, frame_mask = features(8, 8)
     with pytest.raises(ValueError, match="frame_mask"):
-        block_similarity(t, f, frame_mask[:, :-1], temp=TEMP, emcl=None, block_size=4)
+        block_similarity(t, f, frame_mask[:, :-1], temp=TEMP, emcl_module=None, block_size=4)
 
 
 def test_inference_only_emcl_normalising_before_matches_the_loop():
-    # method.md §7: K 7, 10 stages, lambda 0.1, beta 4, inputs normalised, no renormalising.
+    # docs/method.md §7: K 7, 10 stages, lambda 0.1, beta 4, inputs normalised, no renormalising.
     t, f, frame_mask = features(70, 45)
     emcl = EMCL(7, stage_num=10, lamd=0.1, beta=4.0, generator=torch.Generator().manual_seed(2)).eval()
-    kwargs = dict(temp=TEMP, emcl=emcl, block_size=32, normalize="before")
+    kwargs = dict(temp=TEMP, emcl_module=emcl, block_size=32, normalize="before")
     loop = block_similarity_loop(t, f, frame_mask, **kwargs)
     assert (block_similarity(t, f, frame_mask, **kwargs) - loop).abs().max() <= 1e-5
     assert (loop - block_similarity_loop(t, f, frame_mask, **{**kwargs, "normalize": "after"})).abs().max() > 1e-3

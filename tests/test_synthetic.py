@@ -7,9 +7,19 @@ import decord
 import numpy as np
 import pytest
 
-from emcl_nb.data.synthetic import (CAPTION_TEMPLATES, COLOURS, DEFAULT_TEMPLATES, DIRECTIONS,
-                                    _mask, _position, captions, generate_from_params,
-                                    generate_synthetic, plan_videos, render)
+from emcl_nb.data.synthetic import (
+    CAPTION_TEMPLATES,
+    COLOURS,
+    DEFAULT_TEMPLATES,
+    DIRECTIONS,
+    _mask,
+    _position,
+    captions,
+    generate_from_params,
+    generate_synthetic,
+    plan_videos,
+    render,
+)
 from emcl_nb.params import Params
 
 TINY = dict(train=6, val=2, test=4, frames=6, fps=3, size=32, progress=False)

@@ -91,14 +91,14 @@ def loaders_kept_alive(monkeypatch):
     """Something in the kernel keeps the loaders referenced after training or evaluation
     returns, as tqdm's notebook widget did (its widget model, alive in the kernel, held
     the loader)."""
-    from emcl_nb import engine, evaluate
+    from emcl_nb import encode, engine
     from emcl_nb.progress import progress_bar
     kept = []
 
     def holding_bar(iterable=None, **kwargs):
         kept.append(iterable)
         return progress_bar(iterable, **kwargs)
-    for module in (engine, evaluate):
+    for module in (engine, encode):
         monkeypatch.setattr(module, "progress_bar", holding_bar)
     return kept
 

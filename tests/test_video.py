@@ -4,8 +4,7 @@ import pytest
 
 from emcl_nb.data import video as video_module
 from emcl_nb.data.ffmpeg import write_video
-from emcl_nb.data.video import (VideoReadError, decode_size, load_clip, read_frames,
-                                sample_indices, video_info)
+from emcl_nb.data.video import VideoReadError, decode_size, load_clip, read_frames, sample_indices, video_info
 
 FPS = 3
 NUM_FRAMES = 10

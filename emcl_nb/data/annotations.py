@@ -1,7 +1,8 @@
 """Annotation loaders: one per published layout, all returning the same `Annotations`.
+Over 300 lines: five short readers that share one record type and one set of checks.
 
 `load_annotations(params, split)` reads the files of `params.layout` under
-`params.anno_path` (layouts in /work/shared/spec/datasets.md), finds every video by
+`params.anno_path` (layouts in docs/data.md), finds every video by
 walking `params.video_path` once (id = file name without its last extension) and drops
 or rejects bad samples according to `params.on_bad_sample`.
 
@@ -9,7 +10,7 @@ Samples are (caption, video, segment) pairs. Single-sentence layouts give each v
 sample; MSVD and the MSR-VTT training/validation splits give each video all its captions;
 ActivityNet and DiDeMo give each video one paragraph covering a segment. `caption_groups`
 lists, per video, the indices of its samples, which is what multi-sentence evaluation
-needs (and, unlike the reference, is built from the samples themselves: defect #8).
+needs (and, unlike the reference, is built from the samples themselves: docs/reference-differences.md #8).
 
 MSR-VTT validation (`msrvtt_val_csv`, e.g. MSRVTT_val.full.csv) uses every caption of
 every listed video from MSRVTT_data.json, like training; multi-sentence evaluation

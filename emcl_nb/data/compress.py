@@ -2,7 +2,7 @@
 
     python -m emcl_nb.data.compress --input_root RAW --output_root OUT [--workers N]
 
-Unlike the reference tool (reference-defects.md #14) portrait videos keep their aspect
+Unlike the reference tool (docs/reference-differences.md #14) portrait videos keep their aspect
 ratio (1080x1920 -> 224x398), the folder tree is kept (`RAW/a/b.avi` -> `OUT/a/b.mp4`),
 every ffmpeg failure is listed with its reason (nothing is copied in its place) and the
 exit status is non-zero when any failed. Non-square pixels are made square first (a

@@ -2,7 +2,7 @@
 
 - `TrainDataset`: (caption, clip) pairs, the batch of docs/architecture.md;
 - `TextDataset`: captions only, `VideoDataset`: each video once (evaluation encodes every
-  text and every video a single time, reference defect #10).
+  text and every video a single time, docs/reference-differences.md #10).
 
 Reproducibility: the loader's sampler hands each worker (epoch, index) pairs and the
 augmentation of a sample is seeded from (params.seed, epoch, index), so clips do not
@@ -25,9 +25,10 @@ import weakref
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from emcl_nb.data.annotations import Annotations
+from emcl_nb.data.frame_cache import FrameCache
 from emcl_nb.data.transforms import build_transform
 from emcl_nb.data.video import VideoReadError, load_clip
 from emcl_nb.params import Params
@@ -89,9 +90,13 @@ class _ClipReader:
         self.annotations, self.params = annotations, params
         self.transform = build_transform(params, annotations.layout, train)
         self.decoded: dict | None = {} if params.cache_decoded_clips else None
+        self.frame_cache = FrameCache(params, annotations) if params.frame_cache else None
 
     def _decode(self, video_index: int, start, end):
-        """Sampled frames + mask of a clip, kept in memory when `cache_decoded_clips`."""
+        """Sampled frames + mask of a clip: read from the frame cache when `frame_cache`,
+        else decoded (and kept in memory when `cache_decoded_clips`)."""
+        if self.frame_cache is not None:
+            return self.frame_cache.clip(video_index, start, end)
         key = (video_index, start, end)
         if self.decoded is not None and key in self.decoded:
             return self.decoded[key]
@@ -102,7 +107,6 @@ class _ClipReader:
         return clip
 
     def __call__(self, video_index: int, start, end, seed: int | None):
-        path = self.annotations.video_paths[video_index]
         try:
             frames, mask = self._decode(video_index, start, end)
         except VideoReadError as error:
@@ -110,10 +114,19 @@ class _ClipReader:
                 raise
             log.warning("skipping a sample: %s", error)
             return None
-        clip = self.transform(torch.from_numpy(frames).permute(0, 3, 1, 2), seed)
-        video = torch.zeros((len(mask), *clip.shape[1:]), dtype=torch.uint8)
-        video[:len(clip)] = clip
-        return video, torch.from_numpy(mask)
+        clip = self.transform(_as_tensor(frames).permute(0, 3, 1, 2), seed)
+        if len(clip) < len(mask):                       # zero frames after the real ones
+            clip = torch.cat([clip, clip.new_zeros((len(mask) - len(clip), *clip.shape[1:]))])
+        return clip.contiguous(), torch.from_numpy(mask)
+
+
+def _as_tensor(frames: np.ndarray) -> torch.Tensor:
+    """A tensor over `frames` without a copy. Frames from the frame cache are a read-only
+    memory map: the transforms return new tensors or views and never write in place, and
+    a write would fault rather than change the cache."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(frames)
 
 
 class TrainDataset(Dataset):
@@ -188,7 +201,8 @@ def collate(items: list) -> dict:
     if not kept:
         raise RuntimeError(f"every video of this batch failed to read (indices "
                            f"{skipped.tolist()}); the warnings above name the files")
-    batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]}
+    # default_collate stacks straight into shared memory in a loader worker (one copy fewer)
+    batch = {key: default_collate([item[key] for item in kept]) for key in kept[0]}
     batch["skipped"] = skipped
     return batch
 

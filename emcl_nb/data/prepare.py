@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from emcl_nb.data.annotations import SPLITS, split_files
+from emcl_nb.data.frame_cache import build_frame_caches
 from emcl_nb.data.synthetic import generate_from_params
 from emcl_nb.params import Params
 
@@ -42,7 +43,15 @@ def annotation_status(params: Params) -> dict[str, dict[str, bool]]:
 
 def ensure_data(params: Params, *, progress: bool | None = None) -> Path:
     """Generate the synthetic set (when `params.synthetic`) or check that the annotation
-    files and the video folder exist. Returns the annotation folder."""
+    files and the video folder exist, then, with `params.frame_cache`, build (or finish)
+    the decoded-frame cache of every split. Returns the annotation folder."""
+    folder = _ensure_files(params, progress)
+    if params.frame_cache:
+        build_frame_caches(params, progress=progress)
+    return folder
+
+
+def _ensure_files(params: Params, progress: bool | None) -> Path:
     if params.synthetic:
         return generate_from_params(params, progress)
     missing = [f"{split}: {name}" for split, files in annotation_status(params).items()

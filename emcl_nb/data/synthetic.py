@@ -14,7 +14,7 @@ shapes' size (a radius of 10-14 % of the frame side times the scale; smaller is 
 `templates` how many caption paraphrases each video gets (the first C of CAPTION_TEMPLATES;
 more is harder: the text encoder must learn more ways of saying the same thing).
 
-Written files (the `msrvtt` layout of datasets.md):
+Written files (the `msrvtt` layout of docs/data.md):
     DIR/videos/videoN.mp4          H.264, `frames` frames at `fps`, `size`x`size`
     DIR/MSRVTT_data.json           {"videos": [...drawn parameters...], "sentences": [...]}
     DIR/MSRVTT_train.9k.csv        video_id of the training videos
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write_json, atomic_write_text
+from ..params import synthetic_settings
 from ..progress import progress_bar
 from .ffmpeg import remove_partials, write_video
 
@@ -56,7 +57,9 @@ CAPTION_TEMPLATES = (
     "{c1} then {c2}: a {shape} moving {adv}",
     "a {shape} drifts {phrase} while switching from {c1} to {c2}",
 )
-DEFAULT_TEMPLATES = 3   # as the prototype in datasets.md; all 7 make a harder variant
+# The generator's defaults: those of the synthetic_* parameters (stated once, in Params).
+DEFAULTS = synthetic_settings()
+DEFAULT_TEMPLATES = DEFAULTS["templates"]   # all 7 make a harder variant
 # Every (shape, first colour, second colour, direction): 3 x 5 x 4 x 4 = 240.
 COMBOS = tuple((shape, c1, c2, direction) for shape in SHAPES for c1 in COLOURS
                for c2 in COLOURS if c2 != c1 for direction in DIRECTIONS)
@@ -186,10 +189,12 @@ def _annotation_files(videos: list[dict], seed: int, templates: int) -> dict[str
     }
 
 
-def generate_synthetic(out_dir, train: int = 500, test: int = 100, seed: int = 0,
-                       frames: int = 24, fps: int = 3, size: int = 64, val: int = 50,
-                       distractors: int = 0, shape_scale: float = 1.0,
-                       templates: int = DEFAULT_TEMPLATES, workers: int | None = None,
+def generate_synthetic(out_dir, train: int = DEFAULTS["train"], test: int = DEFAULTS["test"],
+                       seed: int = DEFAULTS["seed"], frames: int = DEFAULTS["frames"],
+                       fps: int = DEFAULTS["fps"], size: int = DEFAULTS["size"],
+                       val: int = DEFAULTS["val"], distractors: int = DEFAULTS["distractors"],
+                       shape_scale: float = DEFAULTS["shape_scale"],
+                       templates: int = DEFAULTS["templates"], workers: int | None = None,
                        progress: bool = True) -> Path:
     """Write the synthetic dataset to `out_dir` (see the module docstring); returns the folder.
 
@@ -253,28 +258,27 @@ def generate_from_params(params, progress: bool | None = None) -> Path:
     if Path(params.video_path).expanduser().resolve() != (anno / "videos").resolve():
         raise ValueError(f"synthetic data: video_path {params.video_path!r} must be "
                          f"anno_path/videos ({anno / 'videos'}); set video_path to it")
-    return generate_synthetic(
-        anno, train=params.synthetic_train, test=params.synthetic_test, val=params.synthetic_val,
-        seed=params.synthetic_seed, frames=params.synthetic_frames, fps=params.synthetic_fps,
-        size=params.synthetic_size, distractors=params.synthetic_distractors,
-        shape_scale=params.synthetic_shape_scale, templates=params.synthetic_templates,
-        progress=params.progress if progress is None else progress)
+    return generate_synthetic(anno, **synthetic_settings(params),
+                              progress=params.progress if progress is None else progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
-    for name, default, text in (("train", 500, "training videos"), ("val", 50, "validation videos"),
-                                ("test", 100, "test videos (one caption each)"),
-                                ("seed", 0, "random seed"), ("frames", 24, "frames per video"),
-                                ("fps", 3, "frames per second"), ("size", 64, "frame side, pixels (even)"),
-                                ("distractors", 0, "uncaptioned moving shapes per video (harder)"),
-                                ("templates", DEFAULT_TEMPLATES,
-                                 f"caption paraphrases per video, 1-{len(CAPTION_TEMPLATES)} (more is harder)"),
-                                ("workers", os.cpu_count(), "parallel processes")):
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
-    parser.add_argument("--shape_scale", type=float, default=1.0,
-                        help="shape size factor, 0.25-2.5 (default 1.0; smaller is harder)")
+    for name, text in (("train", "training videos"), ("val", "validation videos"),
+                       ("test", "test videos (one caption each)"), ("seed", "random seed"),
+                       ("frames", "frames per video"), ("fps", "frames per second"),
+                       ("size", "frame side, pixels (even)"),
+                       ("distractors", "uncaptioned moving shapes per video (harder)"),
+                       ("templates", f"caption paraphrases per video, 1-{len(CAPTION_TEMPLATES)} "
+                                     f"(more is harder)")):
+        parser.add_argument(f"--{name}", type=int, default=DEFAULTS[name],
+                            help=f"{text} (default {DEFAULTS[name]})")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help=f"parallel processes (default {os.cpu_count()})")
+    parser.add_argument("--shape_scale", type=float, default=DEFAULTS["shape_scale"],
+                        help=f"shape size factor, 0.25-2.5 (default {DEFAULTS['shape_scale']}; "
+                             f"smaller is harder)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     args = vars(parser.parse_args(argv))
     args["out_dir"], args["progress"] = args.pop("out"), not args.pop("no_progress")

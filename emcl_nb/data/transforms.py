@@ -8,7 +8,7 @@ probability 0.5 at magnitude 7 of 10 plus Gaussian noise of std 0.5, fills with 
 (128) and resamples bicubically. One draw of ops, probabilities, magnitudes and signs is
 made per clip and applied to every frame alike, as the reference's video transform does.
 Scaling to [0, 1] and CLIP's mean/std normalisation happen on the device
-(`EMCLNet.encode_video`), so workers ship uint8 (reference defect #12).
+(`EMCLNet.encode_video`), so workers ship uint8 (docs/reference-differences.md #12).
 """
 from __future__ import annotations
 

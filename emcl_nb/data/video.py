@@ -4,8 +4,8 @@ decord is used when it can be imported; files it cannot open or decode (and ever
 when decord is missing) are read with PyAV (`av`), which gives the same frames. Every
 failure (missing, empty or undecodable file, no frames, no frame rate) raises
 `VideoReadError` naming the path and the reason; nothing is ever replaced by zeros
-(reference defect #13).
-Frame sampling follows /work/shared/spec/datasets.md "Frame sampling".
+(docs/reference-differences.md #13).
+Frame sampling follows docs/data.md "Frame sampling".
 
 Frames are decoded at the size the model needs: asked for a short side S (the image size),
 a video whose short side exceeds DECODE_HEADROOM x S is scaled by the decoder (decord's
@@ -181,7 +181,7 @@ def read_frames(path, indices, backend: str | None = None, short_side: int | Non
 def sample_indices(num_frames: int, fps: float, max_frames: int, video_framerate: int,
                    start: float | None = None, end: float | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Frames to read for one sample, and its frame mask (datasets.md "Frame sampling").
+    """Frames to read for one sample, and its frame mask (docs/data.md "Frame sampling").
 
     Candidates run from the segment's first frame to its last (the video's last frame at
     most) every round(fps / video_framerate) frames; more than `max_frames` candidates

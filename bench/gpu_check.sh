@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPU-ready measurement in one short script (about 8 minutes at most on one GPU):
+#   1. ViT-B/32 training clips/s, FLOPs per step and MFU (batch 128 x 12 frames, bf16), peak memory;
+#   2. evaluation of the 1k x 1k block matrix, batched vs the reference loop;
+#   3. loader clips/s, decoding with decord and reading the decoded-frame cache.
+# Without CUDA it runs small CPU presets instead, says so, and takes a minute or two.
+#
+#   bash bench/gpu_check.sh                        # uses $PYTHON, else .venv/bin/python, else python
+#   GPU_CHECK_RESULTS=docs/results bash bench/gpu_check.sh   # GPU only: also write the training JSON there
+#   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh      # smallest settings (the unit test's CPU run)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+export PYTHONPATH="${PYTHONPATH:-$PWD}"
+failed=0
+
+# step TITLE SECONDS COMMAND...: run one measurement under a time limit; a failure is reported, not fatal.
+step() {
+    local title=$1 limit=$2
+    shift 2
+    echo
+    echo "== $title"
+    echo "\$ $*"
+    timeout "$limit" "$@"
+    local rc=$?
+    if [[ $rc -ne 0 ]]; then
+        echo "!! $title failed (exit $rc$([[ $rc -eq 124 ]] && echo ", over its ${limit}s limit"))"
+        failed=1
+    fi
+}
+
+if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())")
+    echo "CUDA device: $gpu"
+    json=()
+    [[ -n "${GPU_CHECK_RESULTS:-}" ]] && json=(--json "$GPU_CHECK_RESULTS/train_step-vit-b32-gpu.json")
+    step "ViT-B/32 training, batch 128 x 12 frames, bf16 (clips/s, MFU, peak memory)" 240 \
+        "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set precision=bf16 \
+        --warmup 3 --steps 10 --repeats 3 --flops "${json[@]}"
+    step "1k x 1k evaluation, batched vs loop (K 32, 9 stages, D 512)" 120 \
+        "$PYTHON" bench/similarity.py --device cuda --n 1000
+    loader=(--videos 48 --clips 320 --workers 8 --batch 32)
+    rounds=(--rounds 3)
+else
+    echo "No CUDA device: running the small CPU presets instead. These are CPU figures, not GPU ones."
+    if [[ -n "${GPU_CHECK_SMOKE:-}" ]]; then
+        train=(--set batch_size=4 max_frames=2 image_size=32 tiny_patch=16 tiny_width=64 tiny_layers=1)
+        similarity=(--n 32 --dim 64 --frames 4 --bases 4 --stages 2)
+        loader=(--videos 2 --clips 4 --workers 0 --batch 2)
+        rounds=(--rounds 1)
+    else
+        train=()
+        similarity=(--n 256)
+        loader=(--videos 8 --clips 32 --workers 2 --batch 8)
+        rounds=(--rounds 2)
+    fi
+    step "Tiny CLIP training on CPU (clips/s, FLOPs, peak memory)" 120 \
+        "$PYTHON" bench/train_step.py --preset tiny --warmup 1 --steps 2 --flops "${train[@]}"
+    step "Evaluation, batched vs loop (CPU, small)" 120 \
+        "$PYTHON" bench/similarity.py --device cpu "${similarity[@]}"
+fi
+
+# Loader clips/s with and without the cache: `--cache` times the decord path and the cache alternately.
+if "$PYTHON" bench/data_loading.py --help 2>/dev/null | grep -q -- "--cache"; then
+    step "Loader: decord vs the decoded-frame cache" 240 \
+        "$PYTHON" bench/data_loading.py --cache "${loader[@]}" "${rounds[@]}"
+else
+    step "Loader: decord path (project vs reference-style pipeline)" 240 \
+        "$PYTHON" bench/data_loading.py "${loader[@]}"
+    echo
+    echo "== Loader with the decoded-frame cache: skipped, bench/data_loading.py has no --cache option in this tree"
+fi
+exit $failed
