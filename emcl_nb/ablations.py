@@ -161,8 +161,8 @@ def correction_rank(features, model, scoring) -> int | None:
 def score_setting(features, model, params: Params, mode: str | None, overrides: dict) -> dict:
     """Plain test metrics of one scoring setting, the per-query T2V R@1 hits (tie rule of
     emcl_nb.metrics) and the rank of its EMCL correction."""
-    from emcl_nb.scoring import score, scoring_setup
     from emcl_nb.metrics import PLAIN, evaluate_similarity, query_recall
+    from emcl_nb.scoring import score, scoring_setup
 
     sim = score(features, params, model, emcl_mode=mode, **overrides)                # [A, V]
     text_video = None if features.single_sentence else features.text_video
