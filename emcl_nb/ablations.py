@@ -375,11 +375,24 @@ def readme_markdown(results: dict) -> str:
              ("Significant on this task: " + "; ".join(significant) + ". Every other question: "
               "no significant effect." if significant else
               "No question shows a significant effect on this task."),
+             *_seed_caveat(results),
              "", arms_table(results), "",
              (f"Made by `{results['command']}` on {results['machine']}: {trained} (the cores "
               f"shared with other jobs). Its latest invocation took {timing['invocation_seconds']:.0f} s: "
               f"a finished grid is only read back (checkpoints checked, cached scores).")]
     return "\n".join(lines)
+
+
+def _seed_caveat(results: dict) -> list[str]:
+    """The questions whose interval excludes 0 while their per-seed differences spread at
+    least as far as their mean: the interval covers the test queries, not the training seed."""
+    spread = [q["question"] for q in results["questions"] if q["significant"] and q["std"] >= abs(q["diff"])]
+    if not spread:
+        return []
+    return ["", "The interval covers the choice of test queries for the trained models, not the "
+                "training seed (the ± is the seed-to-seed spread of the difference). Significant, but "
+                "with a seed spread at least as large as the difference, so more seeds are needed before "
+                "reading it as an effect of the setting: " + "; ".join(spread) + "."]
 
 
 ABLATIONS_BEGIN, ABLATIONS_END = "<!-- ablations:begin -->", "<!-- ablations:end -->"

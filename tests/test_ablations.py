@@ -59,6 +59,7 @@ def test_grid_pairs_each_variant_with_its_baseline_on_the_same_seed(monkeypatch,
     assert ablations.arms_table(results).splitlines()[2].endswith("| 100.0, 100.0 | 2, 2 |")
     markdown = ablations.readme_markdown(results)
     assert "Significant on this task: EMCL vs EMCL off" in markdown and "no significant effect" in markdown
+    assert "more seeds are needed" not in markdown          # every seed agrees
     readme = tmp_path / "README.md"
     demo_section = f"{demo.RESULTS_BEGIN}\ndemo\n{demo.RESULTS_END}"
     readme.write_text(f"{demo_section}\n{ablations.ABLATIONS_BEGIN}\nold\n{ablations.ABLATIONS_END}\n")
