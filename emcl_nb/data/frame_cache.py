@@ -1,5 +1,6 @@
 """A decoded-frame cache: each clip is decoded once into the frames sampling uses, and
 every epoch reads them by memory map instead of decoding videos.
+Over 300 lines: the build, its resume and the reader share one on-disk format, kept in one place.
 
     python -m emcl_nb.data.frame_cache --params msrvtt [--set key=value ...] [--splits train test]
 
