@@ -16,6 +16,7 @@ trained again, an unfinished one is resumed, and each run's scores (with its per
 are cached in its folder beside the checkpoint they came from, so a rerun on a finished grid
 only reads files. The one results file (`RESULTS`, docs/results/ablations.json) is what
 the README section and notebook 04 show.
+Over 300 lines: the grid, its per-run score cache and the tables read one results format.
 """
 from __future__ import annotations
 
