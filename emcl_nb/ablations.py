@@ -163,12 +163,12 @@ def score_setting(features, model, params: Params, mode: str | None, overrides: 
     """Plain test metrics of one scoring setting, the per-query T2V R@1 hits (tie rule of
     emcl_nb.metrics) and the rank of its EMCL correction."""
     from emcl_nb.metrics import PLAIN, evaluate_similarity, query_recall
-    from emcl_nb.scoring import score, scoring_setup
+    from emcl_nb.scoring import score_with, scoring_setup
 
-    sim = score(features, params, model, emcl_mode=mode, **overrides)                # [A, V]
+    scoring = scoring_setup(model.eval(), params, mode, **overrides)               # its notes print once
+    sim = score_with(features, model, scoring)                                     # [A, V]
     text_video = None if features.single_sentence else features.text_video
     metrics = evaluate_similarity(sim, text_video, dsl_temps=None)[PLAIN]
-    scoring = scoring_setup(model, params, mode, **overrides)
     return {"t2v": metrics["t2v"], "v2t": metrics["v2t"], "rank": correction_rank(features, model, scoring),
             "hits": query_recall(sim, 1, features.text_video).tolist()}
 
@@ -330,6 +330,9 @@ def describe(results: dict) -> str:
 
 
 def _pm(spread: dict) -> str:
+    """"mean ± std" over seeds; the mean alone for one seed (no spread to report)."""
+    if len(spread["values"]) == 1:
+        return f"{spread['mean']:.1f}"
     return f"{spread['mean']:.1f} ± {spread['std']:.1f}"
 
 
@@ -350,10 +353,13 @@ def questions_table(results: dict) -> str:
     """Markdown: each question's T2V R@1 difference (mean ± std over seeds), its paired
     bootstrap interval and verdict."""
     confidence = f"{results['bootstrap']['confidence'] * 100:.0f} % CI"
-    lines = [f"| question | Δ T2V R@1 (mean ± std over seeds) | {confidence} | verdict |",
+    one_seed = len(results["seeds"]) == 1
+    over = "one seed" if one_seed else "mean ± std over seeds"
+    lines = [f"| question | Δ T2V R@1 ({over}) | {confidence} | verdict |",
              "|---|---|---|---|"]
     for q in results["questions"]:
-        lines.append(f"| {q['question']} | {q['diff']:+.1f} ± {q['std']:.1f} | "
+        seed_spread = "" if one_seed else f" ± {q['std']:.1f}"
+        lines.append(f"| {q['question']} | {q['diff']:+.1f}{seed_spread} | "
                      f"{q['low']:+.1f} to {q['high']:+.1f} | {q['verdict']} |")
     return "\n".join(lines)
 

@@ -96,10 +96,11 @@ def score(features: Features, params: Params, model, *, emcl_mode: str | None = 
           **overrides) -> torch.Tensor:
     """Similarity matrix [texts, videos] (float32, CPU) of cached or fresh `features`.
     See `scoring_setup` for the modes and overrides. Puts the model in eval mode."""
-    return _score(features, model, scoring_setup(model.eval(), params, emcl_mode, **overrides))
+    return score_with(features, model, scoring_setup(model.eval(), params, emcl_mode, **overrides))
 
 
-def _score(features: Features, model, scoring: Scoring) -> torch.Tensor:
+def score_with(features: Features, model, scoring: Scoring) -> torch.Tensor:
+    """Similarity matrix [texts, videos] under a prepared `scoring` (set up once, reused)."""
     device = model.device
     sim = similarity_matrix(features.text.to(device), features.video.to(device),
                             features.frame_mask.to(device), temp=model.temp, emcl_module=scoring.emcl_module,
@@ -121,7 +122,7 @@ def evaluate_features(features: Features, params: Params, model, *, emcl_mode: s
     `scoring`: a `scoring_setup` result to reuse (it must match `emcl_mode` and `overrides`).
     """
     scoring = scoring or scoring_setup(model.eval(), params, emcl_mode, **overrides)
-    sim = _score(features, model, scoring)
+    sim = score_with(features, model, scoring)
     text_video = None if features.single_sentence else features.text_video
     metrics = evaluate_similarity(sim, text_video, dsl_temps=scoring.dsl_temps)
     return {

@@ -115,7 +115,9 @@ def verdict(difference: PairedDifference) -> str:
 
 def sentence(question: str, difference: PairedDifference, unit: str = "points") -> str:
     """'<question>: +x ± y points (95 % CI a to b), significant / not significant', where x is
-    the mean difference over seeds and y the std of the per-seed differences."""
-    return (f"{question}: {difference.diff:+.1f} ± {difference.std:.1f} {unit} "
+    the mean difference over seeds and y the std of the per-seed differences (left out with
+    one seed, where there is no spread to report)."""
+    seed_spread = f" ± {difference.std:.1f}" if len(difference.per_seed) > 1 else ""
+    return (f"{question}: {difference.diff:+.1f}{seed_spread} {unit} "
             f"({difference.confidence * 100:.0f} % CI {difference.low:+.1f} to {difference.high:+.1f}), "
             f"{verdict(difference)}")

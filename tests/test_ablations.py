@@ -122,3 +122,14 @@ def test_importing_the_ablations_does_not_import_matplotlib_or_widgets():
             "assert 'matplotlib' not in sys.modules and 'ipywidgets' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_one_seed_tables_show_no_seed_spread():
+    """The demo's re-scoring (one seed) shows means and intervals, not a "± 0.0" spread."""
+    question = {"question": "EMCL vs off", "diff": 1.5, "std": 0.0, "low": -1.0, "high": 4.0,
+                "verdict": "not significant"}
+    one = {"seeds": [0], "bootstrap": {"confidence": 0.95}, "questions": [question]}
+    three = {**one, "seeds": [0, 1, 2], "questions": [{**question, "std": 0.7}]}
+    assert "| EMCL vs off | +1.5 | -1.0 to +4.0 | not significant |" in ablations.questions_table(one)
+    assert "one seed" in ablations.questions_table(one)
+    assert "| EMCL vs off | +1.5 ± 0.7 | -1.0 to +4.0 | not significant |" in ablations.questions_table(three)

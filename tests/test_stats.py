@@ -90,3 +90,10 @@ def test_sentence_states_difference_spread_interval_and_verdict():
     result = stats.paired_bootstrap(np.ones((2, 50)), np.zeros((2, 50)))
     assert stats.sentence("EMCL vs off", result) == \
         "EMCL vs off: +100.0 ± 0.0 points (95 % CI +100.0 to +100.0), significant"
+
+
+def test_one_seed_reports_no_seed_spread():
+    """With one training seed there is no spread over seeds: no "± 0.0" that reads as one."""
+    result = stats.paired_bootstrap(np.ones(50), np.zeros(50))
+    assert stats.sentence("EMCL vs off", result) == \
+        "EMCL vs off: +100.0 points (95 % CI +100.0 to +100.0), significant"
