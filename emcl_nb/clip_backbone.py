@@ -182,7 +182,7 @@ def folded_patch_embedding(conv1: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.
     mean = torch.tensor(CLIP_MEAN, dtype=w.dtype, device=w.device)
     std = torch.tensor(CLIP_STD, dtype=w.dtype, device=w.device)
     weight = w / (255.0 * std).view(1, 3, 1, 1)                             # [C, 3, P, P]
-    offset = torch.einsum("cipq,i->c", w, mean / std)                       # [C]
+    offset = (w * (mean / std).view(1, 3, 1, 1)).sum((1, 2, 3))           # [C], fp32 even under autocast
     return weight, offset
 
 
@@ -204,10 +204,16 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
     # conv1 has stride = kernel: one matmul over the patches, cut from the uint8 frames
     # (a quarter of the bytes of float) and read in token order, faster than the convolution.
     N, P = frames_uint8.shape[0], visual.conv1.kernel_size[0]
-    g = side // P
-    patches = frames_uint8.view(N, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, 3, P, P]
-    patches = patches.reshape(N, g * g, 3 * P * P)                           # [N, g*g, 3*P*P] uint8
-    x = patches.to(weight.dtype) @ weight.flatten(1).t()                     # [N, g*g, C]
+    g = side // P                  # conv1 drops the pixels past the last whole patch; so do we
+    frames_uint8 = frames_uint8[:, :, :g * P, :g * P]
+    patches = frames_uint8.reshape(N, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, 3, P, P]
+    patches = patches.reshape(N, g * g, 3 * P * P).to(weight.dtype)          # [N, g*g, 3*P*P]
+    if torch.is_autocast_enabled(patches.device.type):
+        # Low-precision matmul: centre the pixels first (exact: 0..255 - 128 fits bf16 / fp16),
+        # so its rounding scales with the centred sum, not with the patch's brightness.
+        patches = patches - 128.0
+        offset = offset - 128.0 * weight.flatten(1).sum(1)                    # [C]
+    x = patches @ weight.flatten(1).t()                                      # [N, g*g, C]
     x = (x - offset) * keep.view(-1, 1, 1).to(x.dtype)                       # [N, g*g, C]
     return encode_patches(visual, x)
 

@@ -171,3 +171,42 @@ def test_folded_normalisation_matches_normalising_the_pixels(tiny_clip, frozen):
 def test_uint8_frame_encoder_checks_size(tiny_clip):
     with pytest.raises(ValueError, match="image_size=32"):
         encode_uint8_frames(tiny_clip, torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.ones(2))
+
+
+def random_clip(image_size: int, patch: int, width: int):
+    """A randomly initialised CLIP with one vision layer (any size, unlike the tiny CLIP)."""
+    import clip.model
+
+    torch.manual_seed(0)
+    return clip.model.CLIP(embed_dim=64, image_resolution=image_size, vision_layers=1, vision_width=width,
+                           vision_patch_size=patch, context_length=77, vocab_size=49408,
+                           transformer_width=64, transformer_heads=1, transformer_layers=1).float()
+
+
+def test_folded_patch_embedding_drops_partial_patches():
+    """A side that is not a multiple of the patch (60 px, patch 16) encodes as conv1 does: the
+    pixels past the last whole patch are dropped."""
+    clip_model = random_clip(60, 16, 64)
+    frames = torch.randint(0, 256, (4, 3, 60, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([1, 0, 1, 1])
+    with torch.no_grad():
+        exact = encode_frames(clip_model, normalize_frames(frames) * keep.view(-1, 1, 1, 1).float())
+        fused = encode_uint8_frames(clip_model, frames, keep)
+    assert torch.allclose(fused, exact, rtol=1e-4, atol=1e-4 * exact.abs().max())
+
+
+def test_folded_patch_embedding_under_bf16_autocast_is_as_close_as_normalising_pixels():
+    """Under bf16 autocast the folded path (offset kept in fp32, pixels centred before the
+    matmul) stays as close to fp32 as CLIP's own bf16 path. Filters with a mean, as trained
+    ones may have, make an uncentred sum of 0..255 pixels large, and its bf16 rounding with it."""
+    clip_model = random_clip(224, 32, 768)
+    with torch.no_grad():
+        clip_model.visual.conv1.weight.add_(0.02)
+    frames = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = encode_frames(clip_model, normalize_frames(frames))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = encode_uint8_frames(clip_model, frames, torch.ones(8)).float()
+            plain = encode_frames(clip_model, normalize_frames(frames)).float()
+    fused_error, plain_error = (fused - exact).abs().max(), (plain - exact).abs().max()
+    assert fused_error <= 1.5 * plain_error, (fused_error, plain_error)
