@@ -48,6 +48,7 @@ from emcl_nb.data.synthetic import CAPTION_TEMPLATES, generate_synthetic
 from emcl_nb.data.video import load_clip
 from emcl_nb.io import atomic_write_json
 from emcl_nb.params import load_params
+from emcl_nb.runtime import cpu_model
 
 try:
     import decord  # noqa: F401
@@ -102,16 +103,14 @@ def measure(loader, clips: int) -> tuple[float, int]:
             seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
             if seen >= clips:
                 break
-        batches = iter(loader)
+        else:                                  # only a finished epoch starts the next one: a new
+            batches = iter(loader)             # iterator waits for the workers' prefetched batches
     return seen / (time.perf_counter() - start), size
 
 
 def machine() -> dict:
     """What the figures were measured on."""
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "load_average_1min": round(os.getloadavg()[0], 2), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__}
 

@@ -63,13 +63,6 @@ else
 fi
 
 # Loader clips/s with and without the cache: `--cache` times the decord path and the cache alternately.
-if "$PYTHON" bench/data_loading.py --help 2>/dev/null | grep -q -- "--cache"; then
-    step "Loader: decord vs the decoded-frame cache" 240 \
-        "$PYTHON" bench/data_loading.py --cache "${loader[@]}" "${rounds[@]}"
-else
-    step "Loader: decord path (project vs reference-style pipeline)" 240 \
-        "$PYTHON" bench/data_loading.py "${loader[@]}"
-    echo
-    echo "== Loader with the decoded-frame cache: skipped, bench/data_loading.py has no --cache option in this tree"
-fi
+step "Loader: decord vs the decoded-frame cache" 240 \
+    "$PYTHON" bench/data_loading.py --cache "${loader[@]}" "${rounds[@]}"
 exit $failed

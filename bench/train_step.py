@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -35,7 +34,7 @@ from emcl_nb.io import atomic_write_json
 from emcl_nb.model import build_model
 from emcl_nb.optim import build_optimizer
 from emcl_nb.params import Params, load_params, parse_overrides
-from emcl_nb.runtime import autocast_dtype, configure_torch, seed_everything
+from emcl_nb.runtime import autocast_dtype, configure_torch, cpu_model, seed_everything
 
 PRESETS = {
     "tiny": dict(clip_weights="tiny", tiny_width=128, tiny_layers=2, tiny_patch=16,
@@ -74,16 +73,8 @@ def random_batch(params: Params, device: torch.device) -> dict:
 
 
 def machine_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo (platform's processor elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """GPU name, or the CPU model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def peak_flops(name: str, override_tflops: float | None) -> float | None:

@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from emcl_nb import stats
 from emcl_nb.io import atomic_write_json, atomic_write_text
 from emcl_nb.params import REPO_ROOT, load_params, repo_relative
+from emcl_nb.runtime import cpu_model
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 README = REPO_ROOT / "README.md"
@@ -133,12 +133,7 @@ def seed_study(dataset: str, run: str, overrides: str, seeds=STUDY_SEEDS) -> dic
 
 def machine() -> str:
     """CPU model, cores, torch version: what a reader needs to compare timings."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), model)
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _spread(values: list[float]) -> str:
@@ -147,7 +142,8 @@ def _spread(values: list[float]) -> str:
     each = ", ".join(f"{value:.0f}" for value in values)
     if len(values) < 2:
         return each
-    return f"{statistics.mean(values):.0f} ± {statistics.stdev(values):.0f} ({each})"
+    spread = stats.spread(values)
+    return f"{spread.mean:.0f} ± {spread.std:.0f} ({each})"
 
 
 def results_markdown(run_dir: Path, study: dict, timings: dict[str, float]) -> str:

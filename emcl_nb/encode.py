@@ -140,7 +140,7 @@ def weights_fingerprint(model) -> str:
     for name, tensor in encoder:
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.view(torch.uint8).numpy())        # the buffer itself, no copy
     model._emcl_nb_fingerprint = (stamp, digest.hexdigest())
     return model._emcl_nb_fingerprint[1]
 

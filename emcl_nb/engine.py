@@ -199,13 +199,12 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *,
     """One update on a batch already on the model's device: the loss under autocast,
     backward through the loss scaler, unscale, clip the global gradient norm, optimiser and
     schedule steps, clamp logit_scale. Returns the loss (on the device: no host sync)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
     with autocast(unwrap(model).device, dtype):
         loss = model(batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)   # frozen ones have no gradient
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()

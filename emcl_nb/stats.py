@@ -10,7 +10,7 @@ mean over queries times 100 is the reported R@1.
 """
 from __future__ import annotations
 
-import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +33,7 @@ def spread(values) -> Spread:
     values = tuple(float(v) for v in values)
     if not values:
         raise ValueError("spread needs at least one value (one per seed)")
-    mean = math.fsum(values) / len(values)
-    std = (math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
-           if len(values) > 1 else 0.0)
-    return Spread(mean, std, values)
+    return Spread(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values)
 
 
 @dataclass(frozen=True)

@@ -277,3 +277,16 @@ def test_the_views_work_on_a_mean_pooling_model(params):
     for figure in (em_figures.plot_basis_loadings(block), em_figures.plot_modality_gap(block),
                    em_figures.plot_frame_weights(block), em_figures.plot_responsibilities(block)):
         assert figure.axes
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_ablation_per_query_hits_average_to_the_reported_recall(model, params, features, mode):
+    """The ablation grid's bootstrap resamples these per-query hits: their mean must be the
+    R@1 the same setting reports, and EMCL switched off must score as the evaluation does."""
+    from emcl_nb import ablations, scoring
+
+    scored = ablations.score_setting(features, model, params, mode, {})
+    assert len(scored["hits"]) == features.n_texts
+    assert 100 * np.mean(scored["hits"]) == pytest.approx(scored["t2v"]["R1"], abs=1e-6)
+    expected = scoring.evaluate_features(features, params, model, emcl_mode=mode)
+    assert scored["t2v"] == expected["t2v"] and scored["v2t"] == expected["v2t"]

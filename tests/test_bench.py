@@ -35,6 +35,7 @@ def test_train_step_writes_its_figures_as_json(tmp_path):
                                "tiny_patch=16", "tiny_width=64", "tiny_layers=1"])
     assert json.loads(path.read_text()) == figures
     assert figures["clips_per_s"] > 0 and len(figures["clips_per_s_windows"]) == 2
+    assert (figures["batch_size"], figures["max_frames"], figures["image_size"]) == (2, 2, 32)   # --set reached the run
     assert figures["machine"] and figures["threads"] >= 1 and figures["torch"] == __import__("torch").__version__
     assert figures["command"].startswith("python bench/train_step.py --warmup 1")
 

@@ -145,9 +145,11 @@ def test_a_checkpoint_builds_the_model_it_was_trained_as(params, tmp_path, store
     save_checkpoint(path, model=make_model(trained), epoch=1, step=1, params=trained.to_dict())
     state = torch.load(path, weights_only=False)
     assert state["model_config"] == ModelConfig.from_params(trained).to_dict()
-    if stored != "model_config":
+    if stored == "model_config":
+        state["params"] = params.to_dict()       # only the model config says how it was trained
+    else:
         del state["model_config"]
-        torch.save(state, path)
+    torch.save(state, path)
     model, run_params, _ = evaluate.load_for_evaluation(path, params, torch.device("cpu"))
     assert model.config == ModelConfig.from_params(trained)
     assert (run_params.agg_module, run_params.temp, run_params.emcl_bases) == ("seqLSTM", 2.0, 5)

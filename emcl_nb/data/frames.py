@@ -8,13 +8,16 @@ from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import VideoDataset
 
 
-def video_frames(params, split: str, video_ids: list[str], *, annotations=None) -> np.ndarray:
+def video_frames(params, split: str, video_ids: list[str], *, annotations=None,
+                 dataset: VideoDataset | None = None) -> np.ndarray:
     """uint8 [V,T,S,S,3]: the frames the model sees (test sampling and transform) for some
     videos of `split`; padded or unreadable frames are black. Pass the split's
-    `annotations` when already loaded, to skip reading them (and walking the videos) again."""
-    annotations = annotations if annotations is not None else load_annotations(params, split)
-    dataset = VideoDataset(annotations, params)
-    position = {vid: i for i, vid in enumerate(annotations.video_ids)}
+    `annotations` when already loaded, to skip reading them (and walking the videos) again,
+    or its `dataset` to reuse its reader (and frame cache) as well."""
+    if dataset is None:
+        annotations = annotations if annotations is not None else load_annotations(params, split)
+        dataset = VideoDataset(annotations, params)
+    position = {vid: i for i, vid in enumerate(dataset.annotations.video_ids)}
     S = params.image_size
     out = np.zeros((len(video_ids), params.max_frames, S, S, 3), dtype=np.uint8)
     for row, video_id in enumerate(video_ids):
@@ -26,10 +29,10 @@ def video_frames(params, split: str, video_ids: list[str], *, annotations=None) 
 
 def frame_reader(params, features):
     """A function: rows of `features.video` -> the frames the model saw, uint8 [V,T,S,S,3].
-    The split's annotations are read once, here, not on every call."""
-    annotations = load_annotations(params, features.split)
+    The split's annotations and video reader are set up once, here, not on every call."""
+    dataset = VideoDataset(load_annotations(params, features.split), params)
 
     def frames(video_indices) -> np.ndarray:
         video_ids = [features.video_ids[int(i)] for i in video_indices]
-        return video_frames(params, features.split, video_ids, annotations=annotations)
+        return video_frames(params, features.split, video_ids, dataset=dataset)
     return frames
