@@ -92,16 +92,18 @@ def batch_bytes(batch) -> int:
     return sum(item.numel() * item.element_size() for item in items if torch.is_tensor(item))
 
 
-def measure(loader, clips: int) -> tuple[float, int]:
-    """Clips per second over about `clips` samples (after one warm-up batch; as many
-    epochs as that takes), bytes per batch."""
+def measure(loader, clips: int, min_seconds: float) -> tuple[float, int]:
+    """Clips per second over at least `clips` samples and `min_seconds` (as many epochs as
+    that takes), after one warm-up batch per worker (their start and first decode: the
+    pipeline is full when timing starts); bytes per batch."""
     batches = iter(loader)
-    size = batch_bytes(next(batches))          # warm-up: worker start, first decode
+    for _ in range(max(1, loader.num_workers)):
+        size = batch_bytes(next(batches))
     seen, start = 0, time.perf_counter()
-    while seen < clips:
+    while seen < clips or time.perf_counter() - start < min_seconds:
         for batch in batches:
             seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
-            if seen >= clips:
+            if seen >= clips and time.perf_counter() - start >= min_seconds:
                 break
         else:                                  # only a finished epoch starts the next one: a new
             batches = iter(loader)             # iterator waits for the workers' prefetched batches
@@ -125,7 +127,7 @@ def compare_with_cache(params, annotations, args) -> dict:
     rounds = {name: [] for name in loaders}
     for _ in range(args.rounds):
         for name, loader in loaders.items():
-            rounds[name].append(round(measure(loader, args.clips)[0], 1))
+            rounds[name].append(round(measure(loader, args.clips, args.seconds)[0], 1))
     for name, rates in rounds.items():
         print(f"{name:>9}: {statistics.median(rates):7.1f} clips/s (median; rounds {rates})")
     ratio = statistics.median(rounds["cache"]) / statistics.median(rounds["decord"])
@@ -138,7 +140,8 @@ def compare_with_cache(params, annotations, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=48, help="videos to generate")
-    parser.add_argument("--clips", type=int, default=160, help="clips timed per pipeline")
+    parser.add_argument("--clips", type=int, default=160, help="clips timed per pipeline, at least")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds timed per pipeline, at least")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both pipelines)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--augment", action="store_true",
@@ -185,7 +188,7 @@ def compare_with_reference(params, annotations, args) -> dict:
     project = build_loader(TrainDataset(annotations, params, train=True), params, train=True)
     reference = DataLoader(ReferenceStyleDataset(annotations, params), batch_size=args.batch,
                            shuffle=True, num_workers=args.workers, drop_last=True)
-    results = {name: measure(loader, args.clips)
+    results = {name: measure(loader, args.clips, args.seconds)
                for name, loader in (("project", project), ("reference", reference))}
     for name, (rate, size) in results.items():
         print(f"{name:>9}: {rate:7.1f} clips/s  {size / 2**20:8.1f} MiB per batch")

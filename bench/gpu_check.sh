@@ -48,7 +48,7 @@ else
     if [[ -n "${GPU_CHECK_SMOKE:-}" ]]; then
         train=(--set batch_size=4 max_frames=2 image_size=32 tiny_patch=16 tiny_width=64 tiny_layers=1)
         similarity=(--n 32 --dim 64 --frames 4 --bases 4 --stages 2)
-        loader=(--videos 2 --clips 4 --workers 0 --batch 2)
+        loader=(--videos 2 --clips 4 --seconds 0 --workers 0 --batch 2)
         rounds=(--rounds 1)
     else
         train=()

@@ -186,6 +186,9 @@ def folded_patch_embedding(conv1: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.
     return weight, offset
 
 
+PATCH_BLOCK_ELEMENTS = 2 ** 21   # uint8 patch pixels converted to float per matmul (8 MB as fp32)
+
+
 def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Projected CLS features [N,D] of uint8 frames [N,3,H,W]; frames with keep 0 are
     encoded as all-zero normalised frames (how padded frames are fed).
@@ -201,46 +204,57 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
         raise ValueError(f"frames must be [N, 3, {side}, {side}] for this CLIP "
                          f"(set image_size={side}); got {tuple(frames_uint8.shape)}")
     weight, offset = folded_patch_embedding(visual.conv1)
-    # conv1 has stride = kernel: one matmul over the patches, cut from the uint8 frames
-    # (a quarter of the bytes of float) and read in token order, faster than the convolution.
+    # conv1 has stride = kernel: a matmul over the patches, cut from the uint8 frames (a
+    # quarter of the bytes of float) and read in token order, faster than the convolution.
     N, P = frames_uint8.shape[0], visual.conv1.kernel_size[0]
     g = side // P                  # conv1 drops the pixels past the last whole patch; so do we
     frames_uint8 = frames_uint8[:, :, :g * P, :g * P]
     patches = frames_uint8.reshape(N, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, 3, P, P]
-    patches = patches.reshape(N, g * g, 3 * P * P).to(weight.dtype)          # [N, g*g, 3*P*P]
-    if torch.is_autocast_enabled(patches.device.type):
+    patches = patches.reshape(N * g * g, 3 * P * P)                            # [N*g*g, 3*P*P] uint8
+    centre = torch.is_autocast_enabled(patches.device.type)
+    if centre:
         # Low-precision matmul: centre the pixels first (exact: 0..255 - 128 fits bf16 / fp16),
         # so its rounding scales with the centred sum, not with the patch's brightness.
-        patches = patches - 128.0
         offset = offset - 128.0 * weight.flatten(1).sum(1)                    # [C]
-    x = patches @ weight.flatten(1).t()                                      # [N, g*g, C]
-    x = (x - offset) * keep.view(-1, 1, 1).to(x.dtype)                       # [N, g*g, C]
+    weight = weight.flatten(1).t()                                           # [3*P*P, C]
+    # Converted to float a block of rows at a time: each block is still in cache when the
+    # matmul reads it (the whole float patch matrix would be 4x the frames' bytes).
+    rows = max(1, PATCH_BLOCK_ELEMENTS // patches.shape[1])
+    x = torch.cat([(block.to(weight.dtype) - 128.0 if centre else block.to(weight.dtype)) @ weight
+                   for block in patches.split(rows)])                        # [N*g*g, C]
+    x = (x.view(N, g * g, -1) - offset) * keep.view(-1, 1, 1).to(x.dtype)   # [N, g*g, C]
     return encode_patches(visual, x)
 
 
 def encode_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """CLIP's VisionTransformer.forward after conv1: patch embeddings [N,g*g,C] -> [N,D]."""
+    """CLIP's VisionTransformer.forward after conv1: patch embeddings [N,g*g,C] -> [N,D].
+    Runs batch-first (CLIP permutes to [L,N,C] and back; the result is the same)."""
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)      # [N, 1, C]
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [N, 1 + g*g, C]
-    x = visual.ln_pre(x).permute(1, 0, 2)                                   # [1 + g*g, N, C]
+    x = visual.ln_pre(x)
     for block in visual.transformer.resblocks:
         x = residual_block(block, x)
-    x = visual.ln_post(x[0])                                                # [N, C] (CLS)
+    x = visual.ln_post(x[:, 0])                                             # [N, C] (CLS)
     return x @ visual.proj if visual.proj is not None else x                # [N, D]
 
 
+QUICK_GELU_SCALE = 1.702   # CLIP's QuickGELU: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
+
+
 def residual_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """CLIP's ResidualAttentionBlock (no attention mask) on x [L,N,C], in fewer passes than
-    nn.MultiheadAttention and QuickGELU take: q, k, v are views of one projection (no
-    zero-filled gradient buffers per chunk), and x * sigmoid(1.702 x) is computed as
-    silu(1.702 x) / 1.702 (one fused kernel each way). Equal within float rounding."""
+    """CLIP's ResidualAttentionBlock (no attention mask) on batch-first x [N,L,C], in fewer
+    passes over the activations than nn.MultiheadAttention and QuickGELU take: q, k, v are
+    views of one projection (no zero-filled gradient buffers per chunk), and QuickGELU is
+    silu(1.702 h) / 1.702 with both scalings folded into the weights around it (c_fc's
+    weight and bias times 1.702, c_proj's weight over 1.702). Equal within float rounding."""
     attn = block.attn
-    L, N, C = x.shape
+    N, L, C = x.shape
     heads = attn.num_heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)    # [L, N, 3C]
-    q, k, v = qkv.view(L, N, 3, heads, C // heads).permute(2, 1, 3, 0, 4).unbind(0)  # [N, H, L, C/H]
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)    # [N, L, 3C]
+    q, k, v = qkv.view(N, L, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, C/H]
     h = F.scaled_dot_product_attention(q, k, v)                              # [N, H, L, C/H]
-    h = h.permute(2, 0, 1, 3).reshape(L, N, C)                               # [L, N, C]
+    h = h.transpose(1, 2).reshape(N, L, C)                                   # [N, L, C]
     x = x + F.linear(h, attn.out_proj.weight, attn.out_proj.bias)
-    h = block.mlp.c_fc(block.ln_2(x))                                        # [L, N, 4C]
-    return x + block.mlp.c_proj(F.silu(1.702 * h) / 1.702)                   # [L, N, C]
+    c_fc, c_proj = block.mlp.c_fc, block.mlp.c_proj
+    h = F.linear(block.ln_2(x), c_fc.weight * QUICK_GELU_SCALE, c_fc.bias * QUICK_GELU_SCALE)  # [N, L, 4C]
+    return x + F.linear(F.silu(h), c_proj.weight / QUICK_GELU_SCALE, c_proj.bias)              # [N, L, C]

@@ -39,6 +39,11 @@ def param_groups(model: nn.Module, params: Params) -> list[dict]:
     ]
 
 
+# A step count at which 0.9^step and 0.98^step are 0 in float32 (the fused kernel's bias
+# corrections 1 - beta^step are then exactly 1).
+NO_BIAS_CORRECTION_STEP = 2.0 ** 40
+
+
 class BertAdam(torch.optim.Optimizer):
     """The reference's optimiser (BertAdam): Adam without bias correction.
 
@@ -52,6 +57,7 @@ class BertAdam(torch.optim.Optimizer):
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       max_grad_norm=max_grad_norm))
+        self._steps: dict[torch.device, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,20 +77,23 @@ class BertAdam(torch.optim.Optimizer):
                 scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
                 torch._foreach_clamp_max_(scales, 1.0)
                 torch._foreach_mul_(grads, scales)
-            exp_avg = [self.state[p]["exp_avg"] for p in params]
-            exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
             beta1, beta2 = group["betas"]
-            # Fewest passes over the tensors (the token embedding is most of them); each
-            # line equals the formula of the docstring within float rounding.
-            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)                # b1 m + (1-b1) g
-            torch._foreach_mul_(exp_avg_sq, beta2)
-            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(exp_avg_sq)
-            torch._foreach_add_(denom, group["eps"])
-            if group["weight_decay"] > 0:                                  # p - lr wd p
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"])  # - lr m / denom
+            # torch's fused AdamW kernel (one pass over p, g, m, v) is this update when its
+            # bias corrections are 1: they are 1 - beta^step, and beta^NO_BIAS_CORRECTION_STEP
+            # is 0 in float. Its decoupled decay p *= 1 - lr wd equals adding wd p to the update.
+            torch._fused_adamw_(
+                params, grads, [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params], [],
+                [self._no_bias_correction_step(p.device) for p in params],
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                eps=group["eps"], amsgrad=False, maximize=False)
         return loss
+
+    def _no_bias_correction_step(self, device: torch.device) -> torch.Tensor:
+        """The step count handed to the fused kernel: large enough that beta^step is 0."""
+        if device not in self._steps:
+            self._steps[device] = torch.tensor(NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)
+        return self._steps[device]
 
 
 def build_optimizer(model: nn.Module, params: Params, total_steps: int):

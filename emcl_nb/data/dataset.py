@@ -117,7 +117,9 @@ class _ClipReader:
         clip = self.transform(_as_tensor(frames).permute(0, 3, 1, 2), seed)
         if len(clip) < len(mask):                       # zero frames after the real ones
             clip = torch.cat([clip, clip.new_zeros((len(mask) - len(clip), *clip.shape[1:]))])
-        return clip.contiguous(), torch.from_numpy(mask)
+        # Left as it is (often a view of the decoded or cached frames): `collate` copies it
+        # into the batch, in a loader worker straight into shared memory.
+        return clip, torch.from_numpy(mask)
 
 
 def _as_tensor(frames: np.ndarray) -> torch.Tensor:
