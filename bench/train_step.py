@@ -6,6 +6,7 @@ one configuration.
     python bench/train_step.py --preset reference-cpu --repeats 3 --json docs/results/train_step-reference-cpu.json
     python bench/train_step.py --preset vit-b32 --device cuda --flops  # ViT-B/32, 128 clips x 12 frames, MFU
     python bench/train_step.py --set batch_size=64 max_frames=8
+    python bench/train_step.py --preset reference-cpu --set compile=true   # torch.compile; compile time shown
 
 `reference-cpu` is the configuration of the side-by-side measurement against the reference
 code (tiny CLIP width 128, 2 layers, patch 32; 224 px, 12 frames, batch 16, 32 words,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first included (>= 1)")
     parser.add_argument("--repeats", type=int, default=1, help="timed windows; the median is reported")
     parser.add_argument("--flops", action="store_true", help="count one step's FLOPs and report MFU")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step is never timed)")
 
     overrides = {**PRESETS[args.preset], "device": args.device, **parse_overrides(args.set)}
     params = load_params("synthetic", overrides, use_env=False)
@@ -115,15 +118,20 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batch = random_batch(params, device)
 
-    def step() -> torch.Tensor:
-        return train_step(model, batch, optimizer, scheduler, scaler, dtype=dtype, grad_clip=params.grad_clip)
+    trained = torch.compile(model) if params.compile else model
 
-    for _ in range(args.warmup):
+    def step(module: torch.nn.Module = trained) -> torch.Tensor:
+        return train_step(module, batch, optimizer, scheduler, scaler, dtype=dtype, grad_clip=params.grad_clip)
+
+    start = time.perf_counter()
+    step().item()                       # the first step (with compile=true: compiling)
+    first_step_seconds = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
         step()
     flops_per_step = None
     if args.flops:
         with FlopCounterMode(display=False) as counter:
-            step()
+            step(model)                                # eager: the counter sees each operator
         flops_per_step = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": params.batch_size, "max_frames": params.max_frames, "image_size": params.image_size,
         "precision": str(dtype or torch.float32).removeprefix("torch."),
         "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+        "compile": params.compile, "first_step_seconds": round(first_step_seconds, 2),
         "cpu_count": os.cpu_count(), "load_average_1min": [load_before, round(os.getloadavg()[0], 2)],
         "command": "python bench/train_step.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"frames={params.max_frames} image={params.image_size} precision={figures['precision']}")
     print(f"{clips_per_s:.1f} clips/s ({seconds_per_step * 1000:.0f} ms/step, median of "
           f"{args.repeats} x {args.steps} steps), peak memory {peak_gib:.2f} GiB {peak_kind}")
+    print(f"first step {first_step_seconds:.1f} s" + (" (torch.compile compiling)" if params.compile else ""))
     if flops_per_step is not None:
         peak = peak_flops(name, args.peak_tflops)
         mfu = model_flops_utilisation(flops_per_step, seconds_per_step, peak) if peak else None

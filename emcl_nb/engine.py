@@ -54,6 +54,8 @@ class FitResult:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The EMCLNet inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)           # torch.compile
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -346,8 +348,17 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
     if env.world_size > 1:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if params.compile:
+        model = torch.compile(model)
     step_log = StepLog(log_path if env.is_main else None, params.log_every,
                        params.batch_size, on_log if env.is_main else None)
+    first_step, started = run.step + 1, time.perf_counter()
+
+    def after_step(epoch: int, step: int) -> None:
+        if params.compile and step == first_step and env.is_main:
+            print(f"[emcl_nb] compile=true: the first step took {time.perf_counter() - started:.1f} s "
+                  f"(torch.compile compiling the forward and backward)")
+        select(epoch, step)
 
     def select(epoch: int, step: int) -> None:
         """The reference's step-wise selection, after update 1 and every reference_every."""
@@ -360,7 +371,7 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
     for epoch in range(run.epoch, params.epochs):
         run.step, skipped = train_one_epoch(
             model, loader, optimizer, scheduler, scaler, step_log, epoch=epoch, step=run.step,
-            dtype=dtype, grad_clip=params.grad_clip, world_size=env.world_size, after_step=select,
+            dtype=dtype, grad_clip=params.grad_clip, world_size=env.world_size, after_step=after_step,
             progress=params.progress and env.is_main, desc=f"epoch {epoch + 1}/{params.epochs}")
         last_loss = step_log.last_record["loss"]
 

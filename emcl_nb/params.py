@@ -172,6 +172,8 @@ class Params:
     # steps between writes of log.jsonl (one host sync; NaN checks)
     log_every: int = in_train(10)
     progress: bool = in_train(True)                 # tqdm progress bars
+    # torch.compile the training forward (the first step compiles; its time is printed)
+    compile: bool = in_train(False)
 
     # ---- evaluation ----
     batch_size_val: int = in_eval(128)

@@ -62,6 +62,24 @@ def test_smoke_training_lowers_the_loss(tmp_path):
     assert result.history[-1]["loss"] == losses[-1]
 
 
+def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, capsys):
+    """compile=true trains the same run as eager (losses and weights within float rounding:
+    the compiled kernels may sum in another order), prints the first step's time, and its
+    checkpoints load into an uncompiled model."""
+    eager = fit(tiny_params(tmp_path / "eager", epochs=1), RandomClips(16, tiny_params(tmp_path)))
+    compiled = fit(tiny_params(tmp_path / "compiled", epochs=1, compile=True), RandomClips(16, tiny_params(tmp_path)))
+    assert "compile=true: the first step took" in capsys.readouterr().out
+    losses = [[json.loads(line)["loss"] for line in result.log_path.read_text().splitlines()]
+              for result in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+    assert losses[0][0] != pytest.approx(losses[0][-1], rel=1e-3)       # the weights moved
+    states = [read_checkpoint(result.last_checkpoint)["model"] for result in (eager, compiled)]
+    assert states[0].keys() == states[1].keys()                          # no torch.compile prefix
+    for name, weight in states[0].items():
+        torch.testing.assert_close(states[1][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    build_model(tiny_params(tmp_path)).load_state_dict(states[1])
+
+
 def test_resume_after_epoch_one_continues_the_run_exactly(tmp_path):
     uninterrupted = fit(tiny_params(tmp_path / "a"), RandomClips(24, tiny_params(tmp_path)))
 
