@@ -146,14 +146,21 @@ def encode_text(model: CLIP, text_ids: torch.Tensor) -> torch.Tensor:
     """Sentence features [B,D] of token ids [B,L], L <= 77: the EOT position (largest id)
     after ln_final and text_projection, not normalised.
 
-    clip-anytorch's text path cuts the positional embedding to the first L positions and
-    slices each block's causal mask to L x L, so `max_words` < 77 runs without padding
-    to 77 (tests/test_clip_backbone.py checks that the result equals the padded one).
+    CLIP's text transformer, batch-first through `residual_block` with causal attention
+    (equal to model.encode_text within float rounding). Positions past the EOT never
+    reach it, so `max_words` < 77 runs without padding to 77 (tests/test_clip_backbone.py
+    checks that the result equals the padded one).
     """
     if text_ids.dim() != 2 or text_ids.shape[1] > model.context_length:
         raise ValueError(f"text_ids must be [B, L] with L <= {model.context_length} "
                          f"(set max_words <= {model.context_length}); got {tuple(text_ids.shape)}")
-    return model.encode_text(text_ids)
+    L = text_ids.shape[1]
+    x = model.token_embedding(text_ids) + model.positional_embedding[:L]    # [B, L, C]
+    for block in model.transformer.resblocks:
+        x = residual_block(block, x, causal=True)
+    x = model.ln_final(x)
+    eot = x[torch.arange(len(x), device=x.device), text_ids.argmax(dim=-1)]  # [B, C]
+    return eot @ model.text_projection                                       # [B, D]
 
 
 def encode_frames(model: CLIP, frames: torch.Tensor) -> torch.Tensor:
@@ -241,8 +248,9 @@ def encode_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 QUICK_GELU_SCALE = 1.702   # CLIP's QuickGELU: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
 
 
-def residual_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """CLIP's ResidualAttentionBlock (no attention mask) on batch-first x [N,L,C], in fewer
+def residual_block(block: torch.nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """CLIP's ResidualAttentionBlock on batch-first x [N,L,C] (`causal`: the text tower's
+    mask, each token attending to itself and those before it), in fewer
     passes over the activations than nn.MultiheadAttention and QuickGELU take: q, k, v are
     views of one projection (no zero-filled gradient buffers per chunk), and QuickGELU is
     silu(1.702 h) / 1.702 with both scalings folded into the weights around it (c_fc's
@@ -252,7 +260,7 @@ def residual_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     heads = attn.num_heads
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)    # [N, L, 3C]
     q, k, v = qkv.view(N, L, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, C/H]
-    h = F.scaled_dot_product_attention(q, k, v)                              # [N, H, L, C/H]
+    h = F.scaled_dot_product_attention(q, k, v, is_causal=causal)            # [N, H, L, C/H]
     h = h.transpose(1, 2).reshape(N, L, C)                                   # [N, L, C]
     x = x + F.linear(h, attn.out_proj.weight, attn.out_proj.bias)
     c_fc, c_proj = block.mlp.c_fc, block.mlp.c_proj

@@ -123,6 +123,26 @@ def test_short_context_equals_padding_to_77(tiny_clip, make_text_ids):
         encode_text(tiny_clip, torch.zeros(1, 78, dtype=torch.long))
 
 
+def test_text_encoder_equals_clips_own_text_path(tiny_clip, make_text_ids):
+    """encode_text (batch-first blocks, causal SDPA, folded QuickGELU) equals CLIP's own
+    encode_text: features and the gradient of every text-tower weight."""
+    ids = make_text_ids(5, 12, seed=4)
+    weights = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))   # a loss that sees every output
+
+    def run(encode):
+        tiny_clip.zero_grad(set_to_none=True)
+        out = encode(ids)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in tiny_clip.named_parameters() if p.grad is not None}
+
+    ours, our_grads = run(lambda text: encode_text(tiny_clip, text))
+    clips, clip_grads = run(tiny_clip.encode_text)
+    assert torch.allclose(ours, clips, rtol=1e-4, atol=1e-5 * clips.abs().max())
+    assert our_grads.keys() == clip_grads.keys() and "transformer.resblocks.0.mlp.c_fc.weight" in our_grads
+    for name, grad in clip_grads.items():
+        assert torch.allclose(our_grads[name], grad, rtol=1e-3, atol=1e-5 * grad.abs().max()), name
+
+
 def test_frame_encoder_checks_size(tiny_clip):
     with pytest.raises(ValueError, match="image_size=32"):
         encode_frames(tiny_clip, torch.zeros(2, 3, 64, 64))
