@@ -235,11 +235,12 @@ def run_timer(command: list[str], json_path: Path) -> dict:
 
 
 def alternate(rounds: int, time_ours, time_reference) -> list[dict]:
-    """`rounds` x (ours, then the reference), each a fresh timing; prints every round."""
+    """`rounds` x (ours, then the reference), each a fresh process: [{ours, reference}] of
+    their figures. Prints every round."""
     results = []
     for number in range(1, rounds + 1):
         ours, reference = time_ours(), time_reference()
-        results.append({"ours": ours["clips_per_s"], "reference": reference["clips_per_s"]})
+        results.append({"ours": ours, "reference": reference})
         print(f"round {number}/{rounds}: ours {ours['clips_per_s']:.1f} clips/s ({ours['ms_per_step']:.0f} ms/step), "
               f"reference {reference['clips_per_s']:.1f} clips/s ({reference['ms_per_step']:.0f} ms/step)",
               flush=True)
@@ -267,14 +268,21 @@ def describe(params: Params, anomaly: bool) -> str:
             f"{params.num_threads} threads; reference anomaly mode {'on (as shipped)' if anomaly else 'off'}")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, required=True,
                         help="the video_retrieval/EMCL-Net folder of a jpthu17/EMCL checkout")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours, then the reference)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds (ours, then the reference)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="steps per timed window")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timed windows per process; the median is kept")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed windows per process; the median is kept")
     parser.add_argument("--anomaly", action="store_true",
                         help="time the reference as it ships: backward inside torch.autograd.detect_anomaly")
     parser.add_argument("--only-reference", action="store_true",
@@ -298,14 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
                          *timing, *(["--anomaly"] if args.anomaly else [])]
     print(describe(params, args.anomaly))
     load_before = round(os.getloadavg()[0], 2)
-    settings = {}
     with tempfile.TemporaryDirectory() as scratch:
-        def time_reference_process() -> dict:
-            figures = run_timer(reference_command, Path(scratch) / "reference.json")
-            settings.update(figures["settings"])
-            return figures
-        rounds = alternate(args.rounds, lambda: run_timer(ours_command, Path(scratch) / "ours.json"),
-                           time_reference_process)
+        timings = alternate(args.rounds, lambda: run_timer(ours_command, Path(scratch) / "ours.json"),
+                            lambda: run_timer(reference_command, Path(scratch) / "reference.json"))
+    rounds = [{side: figures["clips_per_s"] for side, figures in timing.items()} for timing in timings]
+    settings = timings[-1]["reference"]["settings"]
     differences = setting_differences(params, settings)
     summary = summarise(rounds)
     figures = {
