@@ -29,7 +29,9 @@ made before the timing. Patched at run time, in its process only (numerics untou
   the shapes, and the script checks that every weight arrived.
 
 Both processes see no GPU (CUDA_VISIBLE_DEVICES=""), so the reference takes its CPU paths
-(fp32, no DDP, no all_gather) on any machine.
+(fp32, no DDP, no all_gather) on any machine. Ours sets up torch as it always does
+(configure_torch: threads, denormals flushed, freed memory kept); the reference gets the
+preset's thread count and torch's defaults otherwise, as it ships.
 """
 from __future__ import annotations
 
