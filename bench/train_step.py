@@ -10,11 +10,13 @@ one configuration.
 
 `reference-cpu` is the configuration of the side-by-side measurement against the reference
 code (tiny CLIP width 128, 2 layers, patch 32; 224 px, 12 frames, batch 16, 32 words,
-seqTransf with 2 layers, fp32, 2 threads). The ViT-B/32 preset uses a randomly initialised
-CLIP with ViT-B/32 shapes (throughput does not depend on the weights), so it runs without
-the checkpoint. `--repeats` times that many windows of `--steps` steps and reports the
-median window. `--flops` counts one step's FLOPs with torch's FlopCounterMode and reports
-MFU against the device's peak (see `model_flops_utilisation`).
+seqTransf with 2 layers, fp32, 2 threads), with the reference's weight-decay exemptions so
+that both optimisers do the same work (`bench/reference_side_by_side.py` runs the two).
+The ViT-B/32 preset uses a randomly initialised CLIP with ViT-B/32 shapes (throughput does
+not depend on the weights), so it runs without the checkpoint. `--repeats` times that many
+windows of `--steps` steps and reports the median window. `--flops` counts one step's FLOPs
+with torch's FlopCounterMode and reports MFU against the device's peak (see
+`model_flops_utilisation`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ PRESETS = {
     "reference-cpu": dict(clip_weights="tiny", tiny_width=128, tiny_layers=2, tiny_patch=32,
                           image_size=224, max_frames=12, batch_size=16, max_words=32,
                           agg_module="seqTransf", num_hidden_layers=2, precision="fp32",
-                          num_threads=2),
+                          num_threads=2, decay_exempt="reference"),
     "vit-b32": dict(image_size=224, max_frames=12, batch_size=128, num_hidden_layers=4),
 }
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity) of GPUs this may meet, by a part

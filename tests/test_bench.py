@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +53,74 @@ def test_readme_performance_table_is_what_report_generates():
         "README's performance table is stale: run `python bench/report.py`"
     rows, baseline = report.table_rows(report.load_results(ROOT / "docs" / "results"))
     assert baseline and any(row["source"].startswith("quoted") for row in rows)
+
+
+def import_bench(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+# The reference's argument-parser defaults (jpthu17/EMCL main_retrieval.py), with the preset's configuration.
+REFERENCE_SETTINGS = {"batch_size": 16, "max_words": 32, "max_frames": 12, "agg_module": "seqTransf",
+                      "num_hidden_layers": 2, "temp": 3, "centerK": 32, "stage_num": 9, "momentum": 0.9,
+                      "lamd": 1, "beta": 3}
+
+
+@pytest.mark.parametrize("only_reference", [False, True])
+@pytest.mark.parametrize("folder, problem", [("no-such-folder", "does not exist"),
+                                             (".", "is not the video_retrieval/EMCL-Net folder")])
+def test_side_by_side_names_a_wrong_reference_folder_and_the_fix(capsys, folder, problem, only_reference):
+    side_by_side = import_bench("reference_side_by_side")
+    path = (ROOT / folder).resolve()
+    with pytest.raises(SystemExit) as exit_info:
+        side_by_side.main(["--reference", str(path), *(["--only-reference"] if only_reference else [])])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert f"--reference {path} {problem}" in message
+    assert "git clone https://github.com/jpthu17/EMCL" in message
+    assert "--reference EMCL/video_retrieval/EMCL-Net" in message
+
+
+def test_side_by_side_points_from_the_repository_to_its_folder(tmp_path):
+    side_by_side = import_bench("reference_side_by_side")
+    (tmp_path / "video_retrieval" / "EMCL-Net").mkdir(parents=True)
+    with pytest.raises(side_by_side.ReferenceNotFoundError, match="pass .*/video_retrieval/EMCL-Net"):
+        side_by_side.check_reference_folder(tmp_path)
+
+
+def test_the_preset_does_the_work_of_the_reference_defaults():
+    side_by_side = import_bench("reference_side_by_side")
+    params = side_by_side.preset_params()
+    assert side_by_side.setting_differences(params, REFERENCE_SETTINGS) == {}
+    assert side_by_side.setting_differences(params.replace(emcl_stages=5, decay_exempt="norms"), REFERENCE_SETTINGS) \
+        == {"emcl_stages": {"ours": 5, "reference": 9}, "decay_exempt": {"ours": "norms", "reference": "reference"}}
+
+
+def test_side_by_side_alternates_and_writes_medians_and_ratio(tmp_path, monkeypatch, capsys):
+    side_by_side = import_bench("reference_side_by_side")
+    calls, speeds = [], {"ours": iter([40.0, 44.0, 42.0]), "reference": iter([20.0, 22.0, 30.0])}
+
+    def fake_timer(command, json_path):
+        side = "ours" if command[0] == "bench/train_step.py" else "reference"
+        calls.append(side)
+        assert ("--preset" in command, "--anomaly" in command) == (side == "ours", side == "reference")
+        return {"clips_per_s": next(speeds[side]), "ms_per_step": 1.0, "settings": REFERENCE_SETTINGS}
+
+    monkeypatch.setattr(side_by_side, "check_reference_folder", lambda path: ROOT)   # a git work tree
+    monkeypatch.setattr(side_by_side, "run_timer", fake_timer)
+    path = tmp_path / "out" / "side.json"
+    figures = side_by_side.main(["--reference", str(tmp_path), "--rounds", "3", "--steps", "1", "--anomaly",
+                                 "--json", str(path)])
+    assert calls == ["ours", "reference"] * 3
+    assert json.loads(path.read_text()) == figures
+    assert figures["rounds"] == [{"ours": 40.0, "reference": 20.0}, {"ours": 44.0, "reference": 22.0},
+                                 {"ours": 42.0, "reference": 30.0}]
+    assert (figures["ours_clips_per_s"], figures["reference_clips_per_s"], figures["ratio"]) == (42.0, 22.0, 1.909)
+    assert figures["configuration"]["reference_anomaly_mode"] and figures["configuration"]["setting_differences"] == {}
+    assert figures["reference_commit"] == side_by_side.reference_commit(ROOT) and len(figures["load_average_1min"]) == 2
+    assert figures["command"].startswith("python bench/reference_side_by_side.py --reference")
+    out = capsys.readouterr().out
+    assert "round 3/3: ours 42.0 clips/s" in out and "ours / reference 1.91" in out
