@@ -193,7 +193,7 @@ def folded_patch_embedding(conv1: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.
     return weight, offset
 
 
-PATCH_BLOCK_ELEMENTS = 2 ** 21   # uint8 patch pixels converted to float per matmul (8 MB as fp32)
+PATCH_BLOCK_ELEMENTS = 2 ** 20   # frame pixels per block of the CPU patch embedding (4 MiB as fp32)
 
 
 def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -215,32 +215,37 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
     # quarter of the bytes of float) and read in token order, faster than the convolution.
     N, P = frames_uint8.shape[0], visual.conv1.kernel_size[0]
     g = side // P                  # conv1 drops the pixels past the last whole patch; so do we
-    frames_uint8 = frames_uint8[:, :, :g * P, :g * P]
-    patches = frames_uint8.reshape(N, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [N, g, g, 3, P, P]
-    patches = patches.reshape(N * g * g, 3 * P * P)                            # [N*g*g, 3*P*P] uint8
-    centre = torch.is_autocast_enabled(patches.device.type)
+    centre = torch.is_autocast_enabled(frames_uint8.device.type)
     if centre:
         # Low-precision matmul: centre the pixels first (exact: 0..255 - 128 fits bf16 / fp16),
         # so its rounding scales with the centred sum, not with the patch's brightness.
         offset = offset - 128.0 * weight.flatten(1).sum(1)                    # [C]
     weight = weight.flatten(1).t()                                           # [3*P*P, C]
-    # Converted to float a block of rows at a time: each block is still in cache when the
-    # matmul reads it (the whole float patch matrix would be 4x the frames' bytes).
-    rows = max(1, PATCH_BLOCK_ELEMENTS // patches.shape[1])
-    x = torch.cat([(block.to(weight.dtype) - 128.0 if centre else block.to(weight.dtype)) @ weight
-                   for block in patches.split(rows)])                        # [N*g*g, C]
+    # On the CPU the patches are cut and converted to float a few frames at a time, each
+    # block still in cache when the matmul reads it; a GPU takes all frames in one block.
+    per_block = N if frames_uint8.is_cuda else max(1, PATCH_BLOCK_ELEMENTS // (3 * side * side))
+    x = []
+    for block in frames_uint8[:, :, :g * P, :g * P].split(per_block):
+        n = len(block)
+        patches = block.reshape(n, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5)   # [n, g, g, 3, P, P]
+        patches = patches.reshape(n * g * g, 3 * P * P).to(weight.dtype)      # [n*g*g, 3*P*P]
+        x.append((patches - 128.0 if centre else patches) @ weight)          # [n*g*g, C]
+    x = torch.cat(x)                                                         # [N*g*g, C]
     x = (x.view(N, g * g, -1) - offset) * keep.view(-1, 1, 1).to(x.dtype)   # [N, g*g, C]
     return encode_patches(visual, x)
 
 
 def encode_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """CLIP's VisionTransformer.forward after conv1: patch embeddings [N,g*g,C] -> [N,D].
-    Runs batch-first (CLIP permutes to [L,N,C] and back; the result is the same)."""
+    Runs batch-first (CLIP permutes to [L,N,C] and back; the result is the same), and the
+    last block computes the CLS token alone: nothing reads the other tokens' outputs."""
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)      # [N, 1, C]
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [N, 1 + g*g, C]
     x = visual.ln_pre(x)
-    for block in visual.transformer.resblocks:
+    *blocks, last = visual.transformer.resblocks
+    for block in blocks:
         x = residual_block(block, x)
+    x = residual_block(last, x, first_only=True)                            # [N, 1, C]
     x = visual.ln_post(x[:, 0])                                             # [N, C] (CLS)
     return x @ visual.proj if visual.proj is not None else x                # [N, D]
 
@@ -248,21 +253,36 @@ def encode_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 QUICK_GELU_SCALE = 1.702   # CLIP's QuickGELU: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
 
 
-def residual_block(block: torch.nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """CLIP's ResidualAttentionBlock on batch-first x [N,L,C] (`causal`: the text tower's
-    mask, each token attending to itself and those before it), in fewer
-    passes over the activations than nn.MultiheadAttention and QuickGELU take: q, k, v are
-    views of one projection (no zero-filled gradient buffers per chunk), and QuickGELU is
+def residual_block(block: torch.nn.Module, x: torch.Tensor, *, causal: bool = False,
+                   first_only: bool = False) -> torch.Tensor:
+    """CLIP's ResidualAttentionBlock on batch-first x [N,L,C], in fewer passes over the
+    activations than nn.MultiheadAttention and QuickGELU take: q, k, v are views of one
+    projection (no zero-filled gradient buffers per chunk), and QuickGELU is
     silu(1.702 h) / 1.702 with both scalings folded into the weights around it (c_fc's
-    weight and bias times 1.702, c_proj's weight over 1.702). Equal within float rounding."""
+    weight and bias times 1.702, c_proj's weight over 1.702). Equal within float rounding.
+
+    `causal`: the text tower's mask (each token attends to itself and those before it).
+    `first_only`: the output of the first token alone, [N,1,C]; it still attends to every
+    token, and the other tokens' queries, attention outputs and MLP are never computed.
+    """
     attn = block.attn
     N, L, C = x.shape
     heads = attn.num_heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)    # [N, L, 3C]
-    q, k, v = qkv.view(N, L, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, C/H]
-    h = F.scaled_dot_product_attention(q, k, v, is_causal=causal)            # [N, H, L, C/H]
-    h = h.transpose(1, 2).reshape(N, L, C)                                   # [N, L, C]
+    h = block.ln_1(x)
+    if first_only:
+        if causal:
+            raise ValueError("first_only takes the first token's query: no causal mask applies")
+        x = x[:, :1]                                                         # [N, 1, C]
+        q = F.linear(h[:, :1], attn.in_proj_weight[:C], attn.in_proj_bias[:C])   # [N, 1, C]
+        q = q.view(N, 1, heads, C // heads).transpose(1, 2)                  # [N, H, 1, C/H]
+        kv = F.linear(h, attn.in_proj_weight[C:], attn.in_proj_bias[C:])     # [N, L, 2C]
+        k, v = kv.view(N, L, 2, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, C/H]
+    else:
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)            # [N, L, 3C]
+        q, k, v = qkv.view(N, L, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, C/H]
+    h = F.scaled_dot_product_attention(q, k, v, is_causal=causal)            # [N, H, Lq, C/H]
+    h = h.transpose(1, 2).reshape(N, -1, C)                                  # [N, Lq, C]
     x = x + F.linear(h, attn.out_proj.weight, attn.out_proj.bias)
     c_fc, c_proj = block.mlp.c_fc, block.mlp.c_proj
-    h = F.linear(block.ln_2(x), c_fc.weight * QUICK_GELU_SCALE, c_fc.bias * QUICK_GELU_SCALE)  # [N, L, 4C]
-    return x + F.linear(F.silu(h), c_proj.weight / QUICK_GELU_SCALE, c_proj.bias)              # [N, L, C]
+    h = F.linear(block.ln_2(x), c_fc.weight * QUICK_GELU_SCALE, c_fc.bias * QUICK_GELU_SCALE)  # [N, Lq, 4C]
+    return x + F.linear(F.silu(h), c_proj.weight / QUICK_GELU_SCALE, c_proj.bias)              # [N, Lq, C]

@@ -76,7 +76,12 @@ class BertAdam(torch.optim.Optimizer):
                 torch._foreach_add_(norms, 1e-6)
                 scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
                 torch._foreach_clamp_max_(scales, 1.0)
-                torch._foreach_mul_(grads, scales)
+                # After the loop's global clip to the same norm no tensor is over it: on the
+                # CPU (where reading a scale costs no device sync) the pass that scales by
+                # exactly 1 is left out.
+                clipped = [(g, s) for g, s in zip(grads, scales) if s.device.type != "cpu" or s < 1.0]
+                if clipped:
+                    torch._foreach_mul_(*map(list, zip(*clipped)))
             beta1, beta2 = group["betas"]
             # torch's fused AdamW kernel (one pass over p, g, m, v) is this update when its
             # bias corrections are 1: they are 1 - beta^step, and beta^NO_BIAS_CORRECTION_STEP

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emcl_nb import clip_backbone
 from emcl_nb.clip_backbone import (
     CLIP_MEAN,
     CLIP_STD,
@@ -156,10 +157,12 @@ def test_normalize_frames_uses_clip_statistics():
     assert torch.allclose(out[1, :, 0, 0], (1 - mean) / std)
 
 
-@pytest.mark.parametrize("frozen", [True, False])
-def test_folded_normalisation_matches_normalising_the_pixels(tiny_clip, frozen):
+@pytest.mark.parametrize("frozen, frames_per_block", [(True, 6), (False, 6), (True, 4), (False, 1)])
+def test_folded_normalisation_matches_normalising_the_pixels(tiny_clip, frozen, frames_per_block, monkeypatch):
     """encode_uint8_frames (normalisation folded into conv1, mask on its output) equals
-    normalising and masking the pixels first: outputs and every gradient, conv1 frozen or not."""
+    normalising and masking the pixels first: outputs and every gradient, conv1 frozen or not,
+    the patches taken in one block or in several (the last one shorter)."""
+    monkeypatch.setattr(clip_backbone, "PATCH_BLOCK_ELEMENTS", frames_per_block * 3 * 32 * 32)
     tiny_clip.visual.conv1.requires_grad_(not frozen)
     g = torch.Generator().manual_seed(3)
     frames = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
