@@ -7,6 +7,7 @@
 #
 #   bash bench/gpu_check.sh                        # uses $PYTHON, else .venv/bin/python, else python
 #   GPU_CHECK_RESULTS=docs/results bash bench/gpu_check.sh   # GPU only: also write the training JSON there
+#   GPU_CHECK_COMPILE=1 bash bench/gpu_check.sh    # GPU only: also time training with compile=true (adds minutes)
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh      # smallest settings (the unit test's CPU run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,11 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     step "ViT-B/32 training, batch 128 x 12 frames, bf16 (clips/s, MFU, peak memory)" 240 \
         "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set precision=bf16 \
         --warmup 3 --steps 10 --repeats 3 --flops "${json[@]}"
+    if [[ -n "${GPU_CHECK_COMPILE:-}" ]]; then
+        step "ViT-B/32 training as above with compile=true (first step: compile time)" 300 \
+            "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set precision=bf16 compile=true \
+            --warmup 3 --steps 10 --repeats 3
+    fi
     step "1k x 1k evaluation, batched vs loop (K 32, 9 stages, D 512)" 120 \
         "$PYTHON" bench/similarity.py --device cuda --n 1000
     loader=(--videos 48 --clips 320 --workers 8 --batch 32)

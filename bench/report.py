@@ -3,10 +3,12 @@
     python bench/report.py            # rewrite README.md between the perf-results markers
     python bench/report.py --check    # exit 1 if README.md is not what the files give
 
-Each `docs/results/*.json` is either the output of `bench/train_step.py --json` (one row:
-this project, measured by the script) or a "quoted" file: figures measured another way
-(the reference code, run by an earlier session), with their provenance and one row per
-measurement; the row marked `baseline` is what the "x reference" column divides by.
+Each `docs/results/*.json` is the output of `bench/reference_side_by_side.py --json` (two
+rows: the reference code and this project, timed in alternating rounds), of
+`bench/train_step.py --json` (one row: this project alone), of `bench/data_loading.py
+--cache --json` (the loader table), or a "quoted" file: figures measured another way (the
+reference code, run by an earlier session), with their provenance and one row per
+measurement, the row marked `baseline` being the reference they compare with.
 """
 from __future__ import annotations
 
@@ -28,22 +30,42 @@ def load_results(folder: Path) -> list[dict]:
 
 
 def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
-    """Rows (label, clips/s, runs, ms, memory, machine, command or how, source) and the baseline clips/s."""
-    rows, baseline = [], None
+    """Rows (label, clips/s, runs, x reference, ms, memory, machine, command or how, source)
+    and the reference clips/s that standalone runs divide by: the side-by-side measurement's
+    where there is one, else the quoted baseline. Rows of a side-by-side or quoted file divide
+    by the reference measured with them."""
+    side_by_side = [r for r in results if r.get("benchmark") == "reference_side_by_side"]
+    quoted = [r for r in results if r.get("kind") == "quoted"]
+    quoted_baseline = next((statistics.median(row["clips_per_s_runs"]) for result in quoted
+                            for row in result["rows"] if row.get("baseline")), None)
+    baseline = side_by_side[0]["reference_clips_per_s"] if side_by_side else quoted_baseline
+    rows = []
+    for result in side_by_side:
+        load = result["load_average_1min"]
+        machine = f"{result['machine']}, {result['threads']} threads (load {load[0]}-{load[1]})"
+        reference = result["reference_clips_per_s"]
+        anomaly = "on (as it ships)" if result["configuration"]["reference_anomaly_mode"] else "off"
+        for side, label in (("reference", f"reference code, anomaly mode {anomaly}, alternating with ours"),
+                            ("ours", "this project, alternating with the reference")):
+            clips = result[f"{side}_clips_per_s"]
+            rows.append({"label": label, "clips_per_s": clips, "runs": [r[side] for r in result["rounds"]],
+                         "ratio": clips / reference, "ms": None, "memory": None, "machine": machine,
+                         "command": f"`{result['command']}`", "source": f"measured: {result['file']}"})
+    for result in quoted:
+        for row in result["rows"]:
+            runs = row["clips_per_s_runs"]
+            rows.append({"label": row["label"], "clips_per_s": statistics.median(runs), "runs": runs,
+                         "ratio": statistics.median(runs) / quoted_baseline, "ms": None, "memory": None,
+                         "machine": result["machine"], "command": row["how"], "source": f"quoted: {result['file']}"})
     for result in results:
-        if result.get("kind") == "quoted":
-            for row in result["rows"]:
-                runs = row["clips_per_s_runs"]
-                rows.append({"label": row["label"], "clips_per_s": statistics.median(runs), "runs": runs,
-                             "ms": None, "memory": None, "machine": result["machine"],
-                             "command": row["how"], "source": f"quoted: {result['file']}"})
-                if row.get("baseline"):
-                    baseline = statistics.median(runs)
-        elif result.get("benchmark") == "train_step":
+        if result.get("benchmark") == "train_step" and result.get("kind") != "quoted":
             device = result["machine"] + (f", {result['threads']} threads" if result.get("threads") else "")
             load = result.get("load_average_1min")
-            rows.append({"label": f"this project, preset {result['preset']}", "clips_per_s": result["clips_per_s"],
-                         "runs": result["clips_per_s_windows"], "ms": result["ms_per_step"],
+            compiled = (f", compile=true (first step {result['first_step_seconds']:.0f} s, "
+                        f"{result.get('compile_cache', 'cold')} compile cache)" if result.get("compile") else "")
+            rows.append({"label": f"this project, preset {result['preset']}{compiled}",
+                         "clips_per_s": result["clips_per_s"], "runs": result["clips_per_s_windows"],
+                         "ratio": result["clips_per_s"] / baseline if baseline else None, "ms": result["ms_per_step"],
                          "memory": f"{result['peak_memory_gib']:.2f} GiB {result['peak_memory_kind']}",
                          "machine": device + (f" (load {load[0]}-{load[1]})" if load else ""),
                          "command": f"`{result['command']}`", "source": f"measured: {result['file']}"})
@@ -53,20 +75,24 @@ def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
 def render(folder: Path) -> str:
     """The markdown between the markers."""
     results = load_results(folder)
-    rows, baseline = table_rows(results)
+    rows, _ = table_rows(results)
     intro = ("Training step, CPU reference configuration (tiny CLIP width 128, 2 layers, patch 32; "
              "224 px, 12 frames, batch 16, 32 words, seqTransf 2 layers, fp32, 2 threads). "
-             "clips/s is the median of the runs listed; x reference divides by the reference "
-             "without anomaly mode. Quoted rows were measured on the reference code by an earlier "
-             "session, not by this repository's scripts.")
+             "clips/s is the median of the runs listed, shown to the digit they repeat to. "
+             "x reference divides by the reference code without its anomaly mode as measured with the "
+             "row: alternating rounds in the same session for the side-by-side rows "
+             "(`bench/reference_side_by_side.py`), the earlier session's figures for the quoted rows, "
+             "and the side-by-side reference for standalone runs. Quoted rows were measured on the "
+             "reference code by an earlier session, not by this repository's scripts. The machine is "
+             "shared and its speed drifts by tens of percent within minutes: compare rows measured together.")
     lines = [intro, "",
              "| what | clips/s | runs | x reference | ms/step | peak memory | machine | command | source |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        ratio = f"{row['clips_per_s'] / baseline:.2f}" if baseline else ""
-        runs = ", ".join(f"{r:.1f}" for r in row["runs"])
-        lines.append(f"| {row['label']} | {row['clips_per_s']:.1f} | {runs} | {ratio} | "
-                     f"{row['ms'] if row['ms'] is not None else ''} | {row['memory'] or ''} | "
+        ratio = f"{row['ratio']:.1f}" if row["ratio"] is not None else ""
+        runs = ", ".join(f"{r:.0f}" for r in row["runs"])
+        lines.append(f"| {row['label']} | {row['clips_per_s']:.0f} | {runs} | {ratio} | "
+                     f"{'' if row['ms'] is None else round(row['ms'])} | {row['memory'] or ''} | "
                      f"{row['machine']} | {row['command']} | {row['source']} |")
     lines += loader_table(results)
     lines.append("")
@@ -89,9 +115,11 @@ def loader_table(results: list[dict]) -> list[str]:
         what = (f"{settings['frames']} frames of {settings['image_size']} px, batch {settings['batch']}, "
                 f"{settings['workers']} workers")
         for name, rate in result["clips_per_s"].items():
-            rounds = ", ".join(f"{r:.1f}" for r in result["rounds"][name])
-            lines.append(f"| {name} | {rate:.1f} | {rounds} | {what} | {where} | `{result['command']}` | "
+            rounds = ", ".join(f"{r:.0f}" for r in result["rounds"][name])
+            lines.append(f"| {name} | {rate:.0f} | {rounds} | {what} | {where} | `{result['command']}` | "
                          f"measured: {result['file']} |")
+        if "cache_over_decord" in result:
+            lines += ["", f"Cache over decord: {result['cache_over_decord']:.1f}x ({result['file']})."]
     return lines
 
 

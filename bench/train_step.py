@@ -24,8 +24,10 @@ import argparse
 import os
 import resource
 import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak for MFU (default: looked up by GPU name)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--warm-compile-cache", action="store_true",
+                        help="with compile=true, keep torch's own inductor cache (the first step may then "
+                             "reuse earlier compilations) instead of compiling from scratch")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if args.warmup < 1:
@@ -120,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batch = random_batch(params, device)
 
+    compile_cache = None
+    if params.compile and not args.warm_compile_cache:
+        # A fresh inductor cache, so the first step's time is a whole compilation, not a cache hit.
+        compile_cache = tempfile.mkdtemp(prefix="emcl-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
     trained = torch.compile(model) if params.compile else model
 
     def step(module: torch.nn.Module = trained) -> torch.Tensor:
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     first_step_seconds = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
+    if compile_cache is not None:
+        shutil.rmtree(compile_cache, ignore_errors=True)
     flops_per_step = None
     if args.flops:
         with FlopCounterMode(display=False) as counter:
@@ -165,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": str(dtype or torch.float32).removeprefix("torch."),
         "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "compile": params.compile, "first_step_seconds": round(first_step_seconds, 2),
+        "compile_cache": ("warm" if args.warm_compile_cache else "cold") if params.compile else None,
         "cpu_count": os.cpu_count(), "load_average_1min": [load_before, round(os.getloadavg()[0], 2)],
         "command": "python bench/train_step.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     }

@@ -55,6 +55,28 @@ def test_readme_performance_table_is_what_report_generates():
     assert baseline and any(row["source"].startswith("quoted") for row in rows)
 
 
+def test_report_divides_each_row_by_the_reference_measured_with_it():
+    """Side-by-side rows by their own reference, quoted rows by the quoted baseline, standalone
+    runs by the side-by-side reference."""
+    report = import_bench("report")
+    side = {"benchmark": "reference_side_by_side", "file": "side.json", "machine": "cpu", "threads": 2,
+            "load_average_1min": [0.1, 0.2], "configuration": {"reference_anomaly_mode": False},
+            "rounds": [{"ours": 60.0, "reference": 30.0}, {"ours": 80.0, "reference": 40.0}],
+            "ours_clips_per_s": 70.0, "reference_clips_per_s": 35.0, "command": "python bench/x.py"}
+    quoted = {"kind": "quoted", "file": "quoted.json", "machine": "cpu",
+              "rows": [{"label": "ref", "clips_per_s_runs": [20.0], "baseline": True, "how": "by hand"},
+                       {"label": "old", "clips_per_s_runs": [10.0], "how": "by hand"}]}
+    alone = {"benchmark": "train_step", "file": "alone.json", "machine": "cpu", "threads": 2, "preset": "p",
+             "clips_per_s": 52.5, "clips_per_s_windows": [52.5], "ms_per_step": 1.0, "peak_memory_gib": 1.0,
+             "peak_memory_kind": "RSS", "command": "python bench/train_step.py", "compile": True,
+             "first_step_seconds": 60.0}
+    rows, baseline = report.table_rows([side, quoted, alone])
+    assert baseline == 35.0
+    assert [round(row["ratio"], 3) for row in rows] == [1.0, 2.0, 1.0, 0.5, 1.5]
+    assert rows[0]["runs"] == [30.0, 40.0] and rows[1]["runs"] == [60.0, 80.0]
+    assert "compile=true (first step 60 s, cold compile cache)" in rows[-1]["label"]
+
+
 def import_bench(name: str):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
