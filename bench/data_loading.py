@@ -97,8 +97,8 @@ def measure(loader, clips: int, min_seconds: float) -> tuple[float, int]:
     that takes), after one warm-up batch per worker (their start and first decode: the
     pipeline is full when timing starts); bytes per batch."""
     batches = iter(loader)
-    for _ in range(max(1, loader.num_workers)):
-        size = batch_bytes(next(batches))
+    for _, batch in zip(range(max(1, loader.num_workers)), batches):   # fewer in a short epoch
+        size = batch_bytes(batch)
     seen, start = 0, time.perf_counter()
     while seen < clips or time.perf_counter() - start < min_seconds:
         for batch in batches:

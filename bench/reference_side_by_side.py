@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the video_retrieval/EMCL-Net folder of a jpthu17/EMCL checkout")
     parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds (ours, then the reference)")
     parser.add_argument("--steps", type=positive_int, default=10, help="steps per timed window")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per process")
     parser.add_argument("--repeats", type=positive_int, default=1, help="timed windows per process; the median is kept")
     parser.add_argument("--anomaly", action="store_true",
                         help="time the reference as it ships: backward inside torch.autograd.detect_anomaly")

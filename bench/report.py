@@ -38,7 +38,8 @@ def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
     quoted = [r for r in results if r.get("kind") == "quoted"]
     quoted_baseline = next((statistics.median(row["clips_per_s_runs"]) for result in quoted
                             for row in result["rows"] if row.get("baseline")), None)
-    baseline = side_by_side[0]["reference_clips_per_s"] if side_by_side else quoted_baseline
+    plain = [r for r in side_by_side if not r["configuration"]["reference_anomaly_mode"]]
+    baseline = plain[0]["reference_clips_per_s"] if plain else quoted_baseline
     rows = []
     for result in side_by_side:
         load = result["load_average_1min"]
@@ -55,7 +56,8 @@ def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
         for row in result["rows"]:
             runs = row["clips_per_s_runs"]
             rows.append({"label": row["label"], "clips_per_s": statistics.median(runs), "runs": runs,
-                         "ratio": statistics.median(runs) / quoted_baseline, "ms": None, "memory": None,
+                         "ratio": statistics.median(runs) / quoted_baseline if quoted_baseline else None,
+                         "ms": None, "memory": None,
                          "machine": result["machine"], "command": row["how"], "source": f"quoted: {result['file']}"})
     for result in results:
         if result.get("benchmark") == "train_step" and result.get("kind") != "quoted":
@@ -78,7 +80,7 @@ def render(folder: Path) -> str:
     rows, _ = table_rows(results)
     intro = ("Training step, CPU reference configuration (tiny CLIP width 128, 2 layers, patch 32; "
              "224 px, 12 frames, batch 16, 32 words, seqTransf 2 layers, fp32, 2 threads). "
-             "clips/s is the median of the runs listed, shown to the digit they repeat to. "
+             "clips/s is the median of the runs listed, in whole clips/s (the runs vary by more). "
              "x reference divides by the reference code without its anomaly mode as measured with the "
              "row: alternating rounds in the same session for the side-by-side rows "
              "(`bench/reference_side_by_side.py`), the earlier session's figures for the quoted rows, "

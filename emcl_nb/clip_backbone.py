@@ -231,7 +231,7 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
         patches = patches.reshape(n * g * g, 3 * P * P).to(weight.dtype)      # [n*g*g, 3*P*P]
         x.append((patches - 128.0 if centre else patches) @ weight)          # [n*g*g, C]
     x = torch.cat(x)                                                         # [N*g*g, C]
-    x = (x.view(N, g * g, -1) - offset) * keep.view(-1, 1, 1).to(x.dtype)   # [N, g*g, C]
+    x = (x.view(N, g * g, weight.shape[1]) - offset) * keep.view(-1, 1, 1).to(x.dtype)   # [N, g*g, C]
     return encode_patches(visual, x)
 
 

@@ -357,7 +357,7 @@ def _fit(params: Params, train_set, env, validate, reference, resume, on_log,
     def after_step(epoch: int, step: int) -> None:
         if params.compile and step == first_step and env.is_main:
             print(f"[emcl_nb] compile=true: the first step took {time.perf_counter() - started:.1f} s "
-                  f"(torch.compile compiling the forward and backward)")
+                  f"(torch.compile compiling the forward and backward, and the loader's first batch)")
         select(epoch, step)
 
     def select(epoch: int, step: int) -> None:

@@ -86,13 +86,19 @@ class BertAdam(torch.optim.Optimizer):
             # torch's fused AdamW kernel (one pass over p, g, m, v) is this update when its
             # bias corrections are 1: they are 1 - beta^step, and beta^NO_BIAS_CORRECTION_STEP
             # is 0 in float. Its decoupled decay p *= 1 - lr wd equals adding wd p to the update.
-            torch._fused_adamw_(
-                params, grads, [self.state[p]["exp_avg"] for p in params],
-                [self.state[p]["exp_avg_sq"] for p in params], [],
-                [self._no_bias_correction_step(p.device) for p in params],
-                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                eps=group["eps"], amsgrad=False, maximize=False)
+            # The kernel takes tensors of one device and dtype per call.
+            tensors = [params, grads, [self.state[p]["exp_avg"] for p in params],
+                       [self.state[p]["exp_avg_sq"] for p in params]]
+            for (device, _), (same_kind, _) in self._group_tensors_by_device_and_dtype(tensors).items():
+                torch._fused_adamw_(
+                    *same_kind, [], [self._no_bias_correction_step(device)] * len(same_kind[0]),
+                    lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                    eps=group["eps"], amsgrad=False, maximize=False)
         return loss
+
+    def __setstate__(self, state: dict) -> None:       # copy.deepcopy and unpickling keep only the state
+        super().__setstate__(state)
+        self._steps = {}
 
     def _no_bias_correction_step(self, device: torch.device) -> torch.Tensor:
         """The step count handed to the fused kernel: large enough that beta^step is 0."""

@@ -70,10 +70,12 @@ def test_report_divides_each_row_by_the_reference_measured_with_it():
              "clips_per_s": 52.5, "clips_per_s_windows": [52.5], "ms_per_step": 1.0, "peak_memory_gib": 1.0,
              "peak_memory_kind": "RSS", "command": "python bench/train_step.py", "compile": True,
              "first_step_seconds": 60.0}
-    rows, baseline = report.table_rows([side, quoted, alone])
-    assert baseline == 35.0
-    assert [round(row["ratio"], 3) for row in rows] == [1.0, 2.0, 1.0, 0.5, 1.5]
-    assert rows[0]["runs"] == [30.0, 40.0] and rows[1]["runs"] == [60.0, 80.0]
+    anomaly = side | {"file": "side-anomaly.json", "configuration": {"reference_anomaly_mode": True},
+                      "reference_clips_per_s": 25.0}
+    rows, baseline = report.table_rows([anomaly, side, quoted, alone])
+    assert baseline == 35.0                                    # never the reference with anomaly mode on
+    assert [round(row["ratio"], 3) for row in rows] == [1.0, 2.8, 1.0, 2.0, 1.0, 0.5, 1.5]
+    assert rows[2]["runs"] == [30.0, 40.0] and rows[3]["runs"] == [60.0, 80.0]
     assert "compile=true (first step 60 s, cold compile cache)" in rows[-1]["label"]
 
 

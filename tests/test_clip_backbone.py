@@ -124,11 +124,15 @@ def test_short_context_equals_padding_to_77(tiny_clip, make_text_ids):
         encode_text(tiny_clip, torch.zeros(1, 78, dtype=torch.long))
 
 
-def test_text_encoder_equals_clips_own_text_path(tiny_clip, make_text_ids):
+@pytest.mark.parametrize("width", [64, 128])
+def test_text_encoder_equals_clips_own_text_path(make_text_ids, width):
     """encode_text (batch-first blocks, causal SDPA, folded QuickGELU) equals CLIP's own
-    encode_text: features and the gradient of every text-tower weight."""
+    encode_text: features and the gradient of every text-tower weight, with one attention
+    head and with two."""
+    torch.manual_seed(0)
+    tiny_clip = build_tiny_clip(width, layers=2, patch=16, image_size=32)
     ids = make_text_ids(5, 12, seed=4)
-    weights = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))   # a loss that sees every output
+    weights = torch.randn(5, width, generator=torch.Generator().manual_seed(4))   # a loss that sees every output
 
     def run(encode):
         tiny_clip.zero_grad(set_to_none=True)
@@ -157,17 +161,21 @@ def test_normalize_frames_uses_clip_statistics():
     assert torch.allclose(out[1, :, 0, 0], (1 - mean) / std)
 
 
-@pytest.mark.parametrize("frozen, frames_per_block", [(True, 6), (False, 6), (True, 4), (False, 1)])
-def test_folded_normalisation_matches_normalising_the_pixels(tiny_clip, frozen, frames_per_block, monkeypatch):
-    """encode_uint8_frames (normalisation folded into conv1, mask on its output) equals
-    normalising and masking the pixels first: outputs and every gradient, conv1 frozen or not,
-    the patches taken in one block or in several (the last one shorter)."""
+@pytest.mark.parametrize("frozen, frames_per_block, width", [(True, 6, 64), (False, 6, 128), (True, 4, 128),
+                                                              (False, 1, 64)])
+def test_folded_normalisation_matches_normalising_the_pixels(frozen, frames_per_block, width, monkeypatch):
+    """encode_uint8_frames (normalisation folded into conv1, mask on its output, the last block
+    for the CLS token alone) equals normalising and masking the pixels first: outputs and every
+    gradient, conv1 frozen or not, the patches taken in one block or in several (the last one
+    shorter), one attention head or two (width 128: the heads' order matters)."""
     monkeypatch.setattr(clip_backbone, "PATCH_BLOCK_ELEMENTS", frames_per_block * 3 * 32 * 32)
+    torch.manual_seed(0)
+    tiny_clip = build_tiny_clip(width, layers=2, patch=16, image_size=32)
     tiny_clip.visual.conv1.requires_grad_(not frozen)
     g = torch.Generator().manual_seed(3)
     frames = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
     keep = torch.tensor([1, 1, 0, 1, 0, 1])                            # two padded frames
-    weights = torch.randn(6, 64, generator=g)                          # a loss that sees every output
+    weights = torch.randn(6, width, generator=g)                       # a loss that sees every output
 
     def run(encode):
         tiny_clip.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
 """Training engine on random tensors: the loss falls, resume is exact, mistakes stop early."""
+import copy
 import json
 import math
 import resource
@@ -234,6 +235,25 @@ def test_bertadam_reproduces_the_reference_update_step_by_step(tmp_path):
             assert all(torch.equal(p.detach(), p0) for p, p0 in zip(tensors, start))
     moved = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(tensors, start))
     assert moved > 1e-3       # far above the tolerance: the comparison has teeth
+
+
+def test_bertadam_survives_a_copy_and_a_state_dict_round_trip(tmp_path):
+    """A deep copy (which keeps only torch's optimiser state) and load_state_dict both step on."""
+    params = tiny_params(tmp_path, optimizer="bertadam", lr=1e-2)
+    model = build_model(params)
+    optimizer, _ = build_optimizer(model, params, total_steps=4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    optimizer.step()
+    copied = copy.deepcopy(optimizer)           # its own copies of the parameters, without gradients
+    for group in copied.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    copied.step()
+    again, _ = build_optimizer(model, params, total_steps=4)
+    again.load_state_dict(optimizer.state_dict())
+    again.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_adamw_stays_available(tmp_path):
