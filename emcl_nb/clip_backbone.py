@@ -6,6 +6,7 @@ Nothing is ever downloaded: missing weights are one clear error that says where 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -158,13 +159,13 @@ def encode_text(model: CLIP, text_ids: torch.Tensor) -> torch.Tensor:
     x = model.token_embedding(text_ids) + model.positional_embedding[:L]    # [B, L, C]
     for block in model.transformer.resblocks:
         x = residual_block(block, x, causal=True)
-    x = model.ln_final(x)
     eot = x[torch.arange(len(x), device=x.device), text_ids.argmax(dim=-1)]  # [B, C]
-    return eot @ model.text_projection                                       # [B, D]
+    return model.ln_final(eot) @ model.text_projection                      # [B, D] (ln per token)
 
 
 def encode_frames(model: CLIP, frames: torch.Tensor) -> torch.Tensor:
-    """Projected CLS features [N,D] of normalised float frames [N,3,H,W]."""
+    """Projected CLS features [N,D] of normalised float frames [N,3,H,W], through CLIP's own
+    forward: the plain path the tests compare `encode_uint8_frames` with (the model uses that)."""
     side = model.visual.input_resolution
     if frames.dim() != 4 or frames.shape[1:] != (3, side, side):
         raise ValueError(f"frames must be [N, 3, {side}, {side}] for this CLIP "
@@ -172,11 +173,18 @@ def encode_frames(model: CLIP, frames: torch.Tensor) -> torch.Tensor:
     return model.encode_image(frames)
 
 
+@functools.cache
+def clip_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-channel pixel mean and std [3] on `device`, made once per device and dtype
+    (a new tensor on a GPU is a blocking host-to-device copy in every step)."""
+    return (torch.tensor(CLIP_MEAN, dtype=dtype, device=device),
+            torch.tensor(CLIP_STD, dtype=dtype, device=device))
+
+
 def normalize_frames(frames_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 frames [...,3,H,W] -> float, scaled to [0,1], normalised with CLIP's mean/std."""
-    mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=frames_uint8.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=dtype, device=frames_uint8.device).view(3, 1, 1)
-    return (frames_uint8.to(dtype) / 255.0 - mean) / std
+    mean, std = clip_statistics(frames_uint8.device, dtype)
+    return (frames_uint8.to(dtype) / 255.0 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
 
 
 def folded_patch_embedding(conv1: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +194,7 @@ def folded_patch_embedding(conv1: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.
     channel, so the weights scale by 1 / (255 std) and the offset is conv1 of the constant
     image mean / std. Differentiable in conv1.weight, so it serves a trained conv1 too."""
     w = conv1.weight                                                        # [C, 3, P, P]
-    mean = torch.tensor(CLIP_MEAN, dtype=w.dtype, device=w.device)
-    std = torch.tensor(CLIP_STD, dtype=w.dtype, device=w.device)
+    mean, std = clip_statistics(w.device, w.dtype)
     weight = w / (255.0 * std).view(1, 3, 1, 1)                             # [C, 3, P, P]
     offset = (w * (mean / std).view(1, 3, 1, 1)).sum((1, 2, 3))           # [C], fp32 even under autocast
     return weight, offset
@@ -202,8 +209,9 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
 
     Equal (within float rounding) to encode_frames(model, normalize_frames(frames) * keep),
     without any full-resolution float pass besides the one conversion the patch embedding
-    reads: normalisation is folded into the patch embedding (folded_patch_embedding) and
-    the mask applied to its output (a zero frame embeds to zero patches: conv1 has no bias).
+    reads (to fp32, or to the autocast dtype under autocast): normalisation is folded into
+    the patch embedding (folded_patch_embedding) and the mask applied to its output (a zero
+    frame embeds to zero patches: conv1 has no bias).
     """
     visual = model.visual
     side = visual.input_resolution
@@ -217,21 +225,25 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
     g = side // P                  # conv1 drops the pixels past the last whole patch; so do we
     centre = torch.is_autocast_enabled(frames_uint8.device.type)
     if centre:
-        # Low-precision matmul: centre the pixels first (exact: 0..255 - 128 fits bf16 / fp16),
-        # so its rounding scales with the centred sum, not with the patch's brightness.
+        # Low-precision matmul: the pixels are converted straight to its dtype and centred
+        # there (exact: 0..255 - 128 fits bf16 / fp16), so its rounding scales with the
+        # centred sum, not with the patch's brightness.
         offset = offset - 128.0 * weight.flatten(1).sum(1)                    # [C]
+    pixels_dtype = torch.get_autocast_dtype(frames_uint8.device.type) if centre else weight.dtype
     weight = weight.flatten(1).t()                                           # [3*P*P, C]
-    # On the CPU the patches are cut and converted to float a few frames at a time, each
-    # block still in cache when the matmul reads it; a GPU takes all frames in one block.
+    keep = keep.view(-1, 1, 1)                                               # [N, 1, 1]
+    # On the CPU the patches are cut, converted and embedded a few frames at a time, each
+    # block still in cache when the next pass reads it; a GPU takes all frames in one block.
     per_block = N if frames_uint8.is_cuda else max(1, PATCH_BLOCK_ELEMENTS // (3 * side * side))
-    x = []
-    for block in frames_uint8[:, :, :g * P, :g * P].split(per_block):
+    blocks = []
+    for start in range(0, N, per_block):
+        block = frames_uint8[start:start + per_block, :, :g * P, :g * P]
         n = len(block)
         patches = block.reshape(n, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5)   # [n, g, g, 3, P, P]
-        patches = patches.reshape(n * g * g, 3 * P * P).to(weight.dtype)      # [n*g*g, 3*P*P]
-        x.append((patches - 128.0 if centre else patches) @ weight)          # [n*g*g, C]
-    x = torch.cat(x)                                                         # [N*g*g, C]
-    x = (x.view(N, g * g, weight.shape[1]) - offset) * keep.view(-1, 1, 1).to(x.dtype)   # [N, g*g, C]
+        patches = patches.reshape(n, g * g, 3 * P * P).to(pixels_dtype)       # [n, g*g, 3*P*P]
+        y = (patches - 128.0 if centre else patches) @ weight                  # [n, g*g, C]
+        blocks.append((y - offset) * keep[start:start + n].to(y.dtype))       # [n, g*g, C]
+    x = blocks[0] if len(blocks) == 1 else torch.cat(blocks)                 # [N, g*g, C]
     return encode_patches(visual, x)
 
 

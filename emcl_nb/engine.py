@@ -27,7 +27,7 @@ from emcl_nb.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from emcl_nb.io import atomic_write_json, atomic_write_text, folder_lock, naming_full_disk, sweep_temp_files
 from emcl_nb.optim import build_optimizer
 from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative, save_params
-from emcl_nb.progress import progress_bar
+from emcl_nb.progress import note, progress_bar
 from emcl_nb.runtime import autocast, autocast_dtype, configure_torch, seed_everything, to_device
 
 # What training writes in the run folder besides checkpoints/ (evaluation writes there too).
@@ -133,8 +133,7 @@ def _truncate_log(path: Path, steps_done: int) -> None:
                 raise TrainingSetupError(
                     f"{path} line {number} is not JSON ({error}); it is only the step log: "
                     f"delete that line (or the file) and resume") from error
-            print(f"[emcl_nb] note: dropped the torn last line {number} of {path} (the run "
-                  f"stopped while writing it)")
+            note(f"dropped the torn last line {number} of {path} (the run stopped while writing it)")
             continue
         if record["step"] < steps_done:
             kept.append(line)
@@ -206,7 +205,8 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *,
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)   # frozen ones have no gradient
+    if grad_clip > 0:                                                # 0: no clipping, as BertAdam reads it
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)   # frozen ones have no gradient
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()

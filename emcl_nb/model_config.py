@@ -1,8 +1,8 @@
 """The model's own small configuration: what EMCLNet is built from, apart from the run.
 
 `ModelConfig.from_params(params)` picks it out of the run parameters (the fields tagged
-MODEL, of the same names; their defaults are stated once, in Params); checkpoints store it
-as `model_config` beside the run's parameters.
+MODEL, plus `seed`, which draws the initial EMCL bases; same names, defaults stated once, in
+Params); checkpoints store it as `model_config` beside the run's parameters.
 """
 from __future__ import annotations
 

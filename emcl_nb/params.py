@@ -35,7 +35,7 @@ class ParamsError(ValueError):
 # derived from them and from the sections, never listed by hand.
 DATA = "data"                  # what a video or caption becomes as model input
 FEATURE = "feature"            # changes the encoded features besides the data fields
-MODEL = "model"                # defines the trained model (ModelConfig)
+MODEL = "model"                # defines the trained model (ModelConfig, which also holds the seed)
 TRAINING = "training"          # sets the data order or the optimisation
 SELECTION = "selection"        # what the reference's step-wise selection records
 SCORING = "scoring"            # changes only the scoring of encoded features
@@ -243,7 +243,7 @@ def _single_folder_name(value: str) -> bool:
 LIMITS = {
     "lr": (lambda v: v >= 0, "at least 0"),
     "coef_lr": (lambda v: v >= 0, "at least 0 (CLIP's share of lr)"),
-    "grad_clip": (lambda v: v >= 0, "at least 0 (the largest gradient norm kept)"),
+    "grad_clip": (lambda v: v >= 0, "at least 0 (the largest gradient norm kept; 0: no clipping)"),
     "warmup_proportion": (lambda v: 0 <= v < 1, "in [0, 1) (the share of steps spent warming up)"),
     "max_frames": (lambda v: v >= 1, "at least 1 (frames sampled per video)"),
     "video_framerate": (lambda v: v >= 1, "at least 1 (frames sampled per second)"),
@@ -277,8 +277,9 @@ SELECTION_FIELDS = fields_where(role=SELECTION)
 RESUME_FIELDS = tuple(dict.fromkeys(MODEL_FIELDS + DATA_FIELDS + TRAINING_FIELDS + SYNTHETIC_FIELDS
                                     + SELECTION_FIELDS))
 # A finished run is reused for evaluation only if it was trained on this data with this
-# recipe; settings evaluation may change (max_frames, precision, the seed of inference-only
-# bases) and the model fields (taken from the checkpoint) are not checked.
+# recipe; the training settings evaluation may change (tagged EVAL_MAY_CHANGE: precision, the
+# seed of inference-only bases), the data fields and the model fields (taken from the
+# checkpoint) are not checked.
 REUSE_FIELDS = tuple(name for name in TRAINING_FIELDS
                      if name not in fields_where(role=EVAL_MAY_CHANGE)) + SYNTHETIC_FIELDS
 # Settings that change only the scoring, never the features (re-scoring accepts them):

@@ -81,6 +81,25 @@ def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, c
     build_model(tiny_params(tmp_path)).load_state_dict(states[1])
 
 
+def test_grad_clip_zero_means_no_clipping(tmp_path):
+    """grad_clip=0 leaves the gradients as they are (clip_grad_norm_ to 0 would zero them)."""
+    from emcl_nb.engine import train_step
+
+    params = tiny_params(tmp_path, grad_clip=0.0)
+    torch.manual_seed(0)
+    model = build_model(params).train()
+    optimizer, scheduler = build_optimizer(model, params, total_steps=4)
+    clips = RandomClips(8, params)
+    batch = {key: torch.stack([clips[i][key] for i in range(8)]) for key in ("text_ids", "text_mask",
+                                                                             "video", "frame_mask")}
+    seen = []
+    optimizer.step = lambda: seen.append(float(torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for p in model.parameters() if p.grad is not None]))))
+    train_step(model, batch, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+               dtype=None, grad_clip=0.0)
+    assert seen and seen[0] > 1e-3
+
+
 def test_resume_after_epoch_one_continues_the_run_exactly(tmp_path):
     uninterrupted = fit(tiny_params(tmp_path / "a"), RandomClips(24, tiny_params(tmp_path)))
 
