@@ -150,13 +150,14 @@ def correction_rank(features, model, scoring) -> int | None:
     """Effective rank of the EMCL correction β·R actually added on the first evaluation block
     (0 when β = 0; None without EMCL): the reference init collapses it whatever K is."""
     from emcl_nb.attention import em_block
-    from emcl_nb.emcl import effective_rank
 
     if scoring.emcl_module is None:
         return None
     first = range(min(scoring.block_size, features.n_texts, features.n_videos))
     block = em_block(model, features, first, first, scoring=scoring)
-    return int(effective_rank(block.beta * block.recon))
+    # effective_rank's threshold is relative to the largest singular value: scaling R by a
+    # nonzero β leaves its rank unchanged, so β·R has R's rank (block.rank), or none at β = 0
+    return 0 if block.beta == 0 else block.rank
 
 
 def score_setting(features, model, params: Params, mode: str | None, overrides: dict) -> dict:
@@ -222,11 +223,14 @@ def run_grid(dataset: str = GRID_DATASET, seeds=SEEDS, overrides="", *, run: str
     seeds = tuple(int(seed) for seed in seeds)
     base = load_params(dataset, overrides)
     arms = grid_arms(base, variants, grid)
+    trained = trained_variants(base, variants)               # runs and their settings: any seed's
+    settings_of = {variant: {arm: (mode, extra) for arm, (_, name, mode, extra) in arms.items()
+                             if name == variant} for variant in trained}
     scores, train_seconds = {}, {}
     for seed in seeds:
-        for variant, (_, changes) in trained_variants(base, variants).items():
+        for variant, (_, changes) in trained.items():
             params = variant_params(base, variant, changes, seed, run)
-            settings = {arm: (mode, extra) for arm, (_, name, mode, extra) in arms.items() if name == variant}
+            settings = settings_of[variant]
             print(f"[emcl_nb] grid: seed {seed}, {variant} ({repo_relative(params.out_dir)})", flush=True)
             cached = run_scores(params, {setting_key(*s): s for s in settings.values()})
             train_seconds[params.run] = cached["train_seconds"]
@@ -330,10 +334,8 @@ def describe(results: dict) -> str:
 
 
 def _pm(spread: dict) -> str:
-    """"mean ± std" over seeds; the mean alone for one seed (no spread to report)."""
-    if len(spread["values"]) == 1:
-        return f"{spread['mean']:.1f}"
-    return f"{spread['mean']:.1f} ± {spread['std']:.1f}"
+    """"mean ± std" over seeds of a stored `stats.spread`; the mean alone for one seed."""
+    return stats.format_spread(spread["mean"], spread["std"], len(spread["values"]))
 
 
 def arms_table(results: dict) -> str:
@@ -353,13 +355,12 @@ def questions_table(results: dict) -> str:
     """Markdown: each question's T2V R@1 difference (mean ± std over seeds), its paired
     bootstrap interval and verdict."""
     confidence = f"{results['bootstrap']['confidence'] * 100:.0f} % CI"
-    one_seed = len(results["seeds"]) == 1
-    over = "one seed" if one_seed else "mean ± std over seeds"
+    n_seeds = len(results["seeds"])
+    over = "one seed" if n_seeds == 1 else "mean ± std over seeds"
     lines = [f"| question | Δ T2V R@1 ({over}) | {confidence} | verdict |",
              "|---|---|---|---|"]
     for q in results["questions"]:
-        seed_spread = "" if one_seed else f" ± {q['std']:.1f}"
-        lines.append(f"| {q['question']} | {q['diff']:+.1f}{seed_spread} | "
+        lines.append(f"| {q['question']} | {stats.format_spread(q['diff'], q['std'], n_seeds, signed=True)} | "
                      f"{q['low']:+.1f} to {q['high']:+.1f} | {q['verdict']} |")
     return "\n".join(lines)
 

@@ -72,32 +72,39 @@ def videos_of(features, text_indices) -> torch.Tensor:
     return torch.tensor(list(seen), dtype=torch.long)
 
 
+def em_scoring(model, params, emcl_mode: str | None = None):
+    """The scoring (scoring.scoring_setup) whose EMCL step `em_block` shows: emcl_mode "on"
+    (the trained module) or "inference" (docs/method.md §7). Default: the model's own mode;
+    a model trained with EMCL off gets the inference-only module (with a note). `params`:
+    the run parameters the model was loaded with (load_split). Set it up once and pass it to
+    every `em_block` of the model (an inference module is built afresh here each time).
+    Puts the model in eval mode."""
+    from emcl_nb.progress import note
+    from emcl_nb.scoring import scoring_setup
+
+    mode = emcl_mode or model.config.emcl
+    if mode == "off":
+        if emcl_mode is not None:
+            raise ValueError("emcl_mode='off' has no EM step to show; use 'on' or 'inference'")
+        note("the model was trained with emcl=off: showing EMCL as an inference-only module")
+        mode = "inference"
+    return scoring_setup(model.eval(), params, mode)
+
+
 @torch.no_grad()
 def em_block(model, features, text_indices, video_indices=None, *, params=None,
              emcl_mode: str | None = None, scoring=None) -> EMBlock:
     """Pooling + EMCL on the block of `text_indices` x `video_indices` (default: the videos
-    of those texts) of `features`, with the scoring evaluation uses (scoring.scoring_setup):
-    emcl_mode "on" (the trained module) or "inference" (docs/method.md §7). Default: the model's
-    own mode; a model trained with EMCL off gets the inference-only module. `params`: the
-    run parameters the model was loaded with (load_split), for the scoring settings. A
-    `scoring` set up by the caller (with EMCL) is used as it is, and needs no `params`.
-    The result depends on the block (N = A*V + A rows; V + A with mean pooling), as the
-    evaluation scores do."""
-    from emcl_nb.progress import note
-    from emcl_nb.scoring import scoring_setup
-
+    of those texts) of `features`, with the scoring evaluation uses: a `scoring` set up by
+    the caller (with EMCL, e.g. `em_scoring`), used as it is, or else `em_scoring(model,
+    params, emcl_mode)`. The result depends on the block (N = A*V + A rows; V + A with mean
+    pooling), as the evaluation scores do."""
     if scoring is not None and emcl_mode is not None:
         raise ValueError("em_block takes emcl_mode or scoring, not both")
     if scoring is None and params is None:
         raise ValueError("em_block needs the run parameters (params=...) or a scoring")
     if scoring is None:
-        mode = emcl_mode or model.config.emcl
-        if mode == "off":
-            if emcl_mode is not None:
-                raise ValueError("emcl_mode='off' has no EM step to show; use 'on' or 'inference'")
-            note("the model was trained with emcl=off: showing EMCL as an inference-only module")
-            mode = "inference"
-        scoring = scoring_setup(model.eval(), params, mode)
+        scoring = em_scoring(model, params, emcl_mode)
     if scoring.emcl_module is None:
         raise ValueError("em_block needs a scoring with EMCL (mode 'on' or 'inference')")
     emcl, normalize = scoring.emcl_module, scoring.normalize

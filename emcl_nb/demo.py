@@ -143,7 +143,7 @@ def _spread(values: list[float]) -> str:
     if len(values) < 2:
         return each
     spread = stats.spread(values)
-    return f"{spread.mean:.0f} ± {spread.std:.0f} ({each})"
+    return f"{stats.format_spread(spread.mean, spread.std, len(values), 0)} ({each})"
 
 
 def results_markdown(run_dir: Path, study: dict, timings: dict[str, float]) -> str:

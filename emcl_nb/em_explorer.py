@@ -23,6 +23,7 @@ def explorer(model, features, frames_fn=None, *, params, top: int = 5):
     from emcl_nb.scoring import score
 
     sim = score(features, params, model)                                  # [texts, videos]
+    em_scoring = attention.em_scoring(model, params)                     # set up (and noted) once
     top = min(top, features.n_videos)
     options = [(f"{a}: {short_caption(c, 70)}", a) for a, c in enumerate(features.captions)]
     dropdown = widgets.Dropdown(options=options, value=0, description="caption",
@@ -37,7 +38,7 @@ def explorer(model, features, frames_fn=None, *, params, top: int = 5):
         status.value = "<i>updating…</i>"
         try:
             videos = sim[a].topk(top).indices
-            block = attention.em_block(model, features, [a], videos, params=params)
+            block = attention.em_block(model, features, [a], videos, scoring=em_scoring)
             scores.value = _score_table(block, sim[a, videos])
             figures = [plot_frame_weights(block, frames_fn(videos.tolist()) if frames_fn else None,
                                           top=top),

@@ -110,7 +110,7 @@ def score_with(features: Features, model, scoring: Scoring) -> torch.Tensor:
 
 
 def evaluate_features(features: Features, params: Params, model, *, emcl_mode: str | None = None,
-                      scoring: Scoring | None = None, **overrides) -> dict:
+                      **overrides) -> dict:
     """Plain and DSL metrics of `features` scored with `model` (see `score`).
 
     One caption per video: ranks against the diagonal; several (MSVD, MSR-VTT val):
@@ -119,9 +119,8 @@ def evaluate_features(features: Features, params: Params, model, *, emcl_mode: s
     "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", "dropped_queries"
     (reason -> texts left out before scoring), "constant_rows" (texts scoring every video
     alike: a collapsed model), ...}.
-    `scoring`: a `scoring_setup` result to reuse (it must match `emcl_mode` and `overrides`).
     """
-    scoring = scoring or scoring_setup(model.eval(), params, emcl_mode, **overrides)
+    scoring = scoring_setup(model.eval(), params, emcl_mode, **overrides)
     sim = score_with(features, model, scoring)
     text_video = None if features.single_sentence else features.text_video
     metrics = evaluate_similarity(sim, text_video, dsl_temps=scoring.dsl_temps)

@@ -10,6 +10,7 @@ mean over queries times 100 is the reported R@1.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass
 
@@ -85,13 +86,21 @@ def paired_bootstrap(variant, baseline, *, samples: int = BOOTSTRAP_SAMPLES,
     per_query = (variant - baseline).mean(axis=0) * scale                     # [Q]
     per_seed = (variant - baseline).mean(axis=1) * scale                      # [S]
     n_queries = per_query.shape[0]
-    draws = np.random.default_rng(seed).integers(0, n_queries, size=(samples, n_queries))
-    resampled = per_query[draws].mean(axis=1)                                 # [samples]
+    resampled = per_query[_bootstrap_draws(seed, samples, n_queries)].mean(axis=1)   # [samples]
     tail = (1 - confidence) / 2
     low, high = (float(v) for v in np.quantile(resampled, (tail, 1 - tail)))
     return PairedDifference(float(per_query.mean()), tuple(float(v) for v in per_seed),
                             spread(per_seed).std, low, high, bool(low > 0 or high < 0),
                             n_queries, samples, confidence)
+
+
+@functools.lru_cache(maxsize=2)
+def _bootstrap_draws(seed: int, samples: int, n_queries: int) -> np.ndarray:
+    """[samples, n_queries] query indices drawn with replacement from `seed`: the same for
+    every question of a grid (same seed, samples and queries), so drawn once (read-only)."""
+    draws = np.random.default_rng(seed).integers(0, n_queries, size=(samples, n_queries))
+    draws.flags.writeable = False
+    return draws
 
 
 def _as_seeds_by_queries(scores, name: str) -> np.ndarray:
@@ -106,6 +115,14 @@ def _as_seeds_by_queries(scores, name: str) -> np.ndarray:
     return scores
 
 
+def format_spread(mean: float, std: float, n: int, digits: int = 1, *, signed: bool = False) -> str:
+    """"mean ± std" over `n` seeds at `digits` decimals; the mean alone for one seed (no
+    spread to report: no "± 0.0" that reads as one). `signed`: "+" before a positive mean
+    (a difference)."""
+    shown = f"{mean:{'+' if signed else ''}.{digits}f}"
+    return shown if n < 2 else f"{shown} ± {std:.{digits}f}"
+
+
 def verdict(difference: PairedDifference) -> str:
     return "significant" if difference.significant else "not significant"
 
@@ -114,7 +131,7 @@ def sentence(question: str, difference: PairedDifference, unit: str = "points") 
     """'<question>: +x ± y points (95 % CI a to b), significant / not significant', where x is
     the mean difference over seeds and y the std of the per-seed differences (left out with
     one seed, where there is no spread to report)."""
-    seed_spread = f" ± {difference.std:.1f}" if len(difference.per_seed) > 1 else ""
-    return (f"{question}: {difference.diff:+.1f}{seed_spread} {unit} "
+    shown = format_spread(difference.diff, difference.std, len(difference.per_seed), signed=True)
+    return (f"{question}: {shown} {unit} "
             f"({difference.confidence * 100:.0f} % CI {difference.low:+.1f} to {difference.high:+.1f}), "
             f"{verdict(difference)}")

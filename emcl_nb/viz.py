@@ -1,4 +1,5 @@
-"""Figures the notebooks show: sampled frames, training curves, recall@K, top-k retrievals.
+"""Figures the notebooks show: sampled frames, training curves, recall@K, top-k retrievals,
+the ablation grid.
 
 Every function returns a matplotlib Figure (the notebook shows it and may save it);
 nothing here computes results.
@@ -148,8 +149,9 @@ def plot_top_k(sim: torch.Tensor, text_video: torch.Tensor, captions: list[str],
     """For each query caption, its top-k videos (middle sampled frame, score below); the true
     video is framed in green. `frames_of(video_indices)` -> uint8 [n, T, S, S, 3]."""
     top = sim[queries].topk(min(k, sim.shape[1]), dim=1).indices                 # [Q, k]
-    frames = frames_of(top.flatten().tolist())                                  # [Q*k, T, S, S, 3]
-    frames = frames[:, frames.shape[1] // 2].reshape(*top.shape, *frames.shape[2:])  # [Q, k, S, S, 3]
+    videos, position = top.unique(return_inverse=True)     # each video decoded once: [U], [Q, k]
+    frames = frames_of(videos.tolist())                                         # [U, T, S, S, 3]
+    frames = frames[:, frames.shape[1] // 2][position.numpy()]                  # [Q, k, S, S, 3]
     fig = plt.figure(figsize=(1.3 * top.shape[1], 1.75 * len(queries)), layout="constrained")
     for row, subfig in enumerate(np.atleast_1d(fig.subfigures(len(queries), 1))):
         query = queries[row]

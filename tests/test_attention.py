@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from emcl_nb import attention, em_explorer, em_figures, viz  # noqa: E402
+from emcl_nb import scoring as scoring_module  # noqa: E402
 from emcl_nb.data import frames as frames_module  # noqa: E402
 from emcl_nb.data.synthetic import generate_synthetic  # noqa: E402
 from emcl_nb.emcl import effective_rank  # noqa: E402
@@ -240,6 +241,35 @@ def test_explorer_shows_the_chosen_caption(model, params, features, monkeypatch)
     assert shown == [[0], [4]]
     assert status.value.startswith("caption 4:") and not dropdown.disabled
     assert "evaluation score" in scores.value and "S in this block" in scores.value
+
+
+def test_explorer_sets_up_the_em_scoring_once(params, features, capsys):
+    """A model trained with EMCL off: the inference module is set up (and noted) once, not on
+    every caption chosen."""
+    pytest.importorskip("ipywidgets")
+    model = make_model(params, emcl="off")
+    widget = em_explorer.explorer(model, features, params=params, top=3)
+    dropdown = widget.children[0].children[0]
+    dropdown.value, dropdown.value = 4, 2
+    assert capsys.readouterr().out.count("trained with emcl=off: showing EMCL") == 1
+
+
+def test_top_k_figure_decodes_each_video_once(model, params, features):
+    sim = scoring_module.score(features, params, model)
+    asked = []
+
+    def frames_of(videos):      # [n, T, 2, 2, 3]: video b's frame t filled with 10 b + t
+        asked.append(videos)
+        return np.array(videos, dtype=np.uint8)[:, None, None, None, None] * 10 + \
+            np.arange(5, dtype=np.uint8)[None, :, None, None, None] + np.zeros((1, 1, 2, 2, 3), np.uint8)
+
+    queries = list(range(features.n_texts))
+    fig = viz.plot_top_k(sim, features.text_video, features.captions, frames_of, queries, k=3)
+    top = sim[queries].topk(3, dim=1).indices                              # [Q, 3]
+    assert len(asked) == 1 and sorted(asked[0]) == sorted(set(top.flatten().tolist()))
+    for row, subfig in enumerate(fig.subfigs):
+        for col, ax in enumerate(subfig.axes):                             # the middle frame, 2
+            assert (np.asarray(ax.images[0].get_array()) == 10 * int(top[row, col]) + 2).all()
 
 
 def test_basis_loadings_label_rows_with_the_caption_numbers_of_the_split(model, params, features):

@@ -126,7 +126,9 @@ def _as_tensor(frames: np.ndarray) -> torch.Tensor:
     """A tensor over `frames` without a copy. Frames from the frame cache are a read-only
     memory map: the transforms return new tensors or views and never write in place, and
     a write would fault rather than change the cache."""
-    with warnings.catch_warnings():
+    if frames.flags.writeable:
+        return torch.from_numpy(frames)
+    with warnings.catch_warnings():                 # torch warns about read-only arrays
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(frames)
 

@@ -8,15 +8,17 @@ from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import VideoDataset
 
 
-def video_frames(params, split: str, video_ids: list[str], *, annotations=None,
-                 dataset: VideoDataset | None = None) -> np.ndarray:
+def video_frames(params, split: str, video_ids: list[str], *, annotations=None) -> np.ndarray:
     """uint8 [V,T,S,S,3]: the frames the model sees (test sampling and transform) for some
     videos of `split`; padded or unreadable frames are black. Pass the split's
-    `annotations` when already loaded, to skip reading them (and walking the videos) again,
-    or its `dataset` to reuse its reader (and frame cache) as well."""
-    if dataset is None:
-        annotations = annotations if annotations is not None else load_annotations(params, split)
-        dataset = VideoDataset(annotations, params)
+    `annotations` when already loaded, to skip reading them (and walking the videos) again."""
+    annotations = annotations if annotations is not None else load_annotations(params, split)
+    return dataset_frames(VideoDataset(annotations, params), video_ids)
+
+
+def dataset_frames(dataset: VideoDataset, video_ids: list[str]) -> np.ndarray:
+    """`video_frames` read through a split's `dataset` (its reader and frame cache reused)."""
+    params = dataset.params
     position = {vid: i for i, vid in enumerate(dataset.annotations.video_ids)}
     S = params.image_size
     out = np.zeros((len(video_ids), params.max_frames, S, S, 3), dtype=np.uint8)
@@ -33,6 +35,5 @@ def frame_reader(params, features):
     dataset = VideoDataset(load_annotations(params, features.split), params)
 
     def frames(video_indices) -> np.ndarray:
-        video_ids = [features.video_ids[int(i)] for i in video_indices]
-        return video_frames(params, features.split, video_ids, dataset=dataset)
+        return dataset_frames(dataset, [features.video_ids[int(i)] for i in video_indices])
     return frames
