@@ -19,10 +19,10 @@ and reading the decoded-frame cache built first (`cache`, emcl_nb.data.frame_cac
 timed alternately for --rounds rounds so that other work on the machine slows both alike;
 the cache's size and build time are printed with them.
 
-Both read the same frame indices with the same DataLoader settings (no in-memory clip
-cache), and the script prints clips/s, bytes per batch and the ratios; --json writes
-them with the machine and the command. Not a test: the numbers depend on the machine
-(and on other work sharing its cores).
+Both read the same frame indices with the same DataLoader settings (workers kept between
+epochs, no in-memory clip cache), and the script prints clips/s, bytes per batch and the
+ratios; --json writes them with the machine and the command. Not a test: the numbers
+depend on the machine (and on other work sharing its cores).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from emcl_nb.clip_backbone import CLIP_MEAN, CLIP_STD
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
 from emcl_nb.data.frame_cache import build_frame_cache, describe
@@ -55,9 +56,6 @@ try:
     BACKEND = "decord"       # the reference reads with decord
 except ImportError:
     BACKEND = None           # emcl_nb's automatic choice (PyAV)
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ReferenceStyleDataset(Dataset):
@@ -132,7 +130,9 @@ def compare_with_cache(params, annotations, args) -> dict:
         print(f"{name:>9}: {statistics.median(rates):7.1f} clips/s (median; rounds {rates})")
     ratio = statistics.median(rounds["cache"]) / statistics.median(rounds["decord"])
     print(f"cache / decord: {ratio:.2f}x clips/s")
-    return {"clips_per_s": {name: statistics.median(rates) for name, rates in rounds.items()},
+    return {"note": "loaders timed alternately, medians over rounds; other processes may share the "
+                    "cores (load_average_1min, taken at the end)",
+            "clips_per_s": {name: statistics.median(rates) for name, rates in rounds.items()},
             "rounds": rounds, "cache_over_decord": round(ratio, 2),
             "cache": {key: report[key] for key in ("clips", "frames", "bytes", "build_seconds")}}
 
@@ -173,13 +173,13 @@ def main() -> None:
             else compare_with_reference(params, annotations, args)
     if args.json:
         atomic_write_json(Path(args.json), {
+            "benchmark": "data_loading_cache" if args.cache else "data_loading_reference",
             "command": " ".join(["python", "bench/data_loading.py", *sys.argv[1:]]),
             "machine": machine(), "settings": {
                 "videos": args.videos, "training_pairs": len(annotations), "batch": args.batch,
                 "workers": args.workers, "frames": params.max_frames, "image_size": params.image_size,
                 "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False},
-            "note": "loaders timed alternately, medians over rounds; other processes may share the "
-                    "cores (load_average_1min, taken at the end)", **results})
+            **results})
         print(f"wrote {args.json}")
 
 
@@ -187,7 +187,8 @@ def compare_with_reference(params, annotations, args) -> dict:
     """Time the project's loader, then the reference-style float64 pipeline."""
     project = build_loader(TrainDataset(annotations, params, train=True), params, train=True)
     reference = DataLoader(ReferenceStyleDataset(annotations, params), batch_size=args.batch,
-                           shuffle=True, num_workers=args.workers, drop_last=True)
+                           shuffle=True, num_workers=args.workers, drop_last=True,
+                           persistent_workers=args.workers > 0)   # as build_loader's: both keep their workers
     results = {name: measure(loader, args.clips, args.seconds)
                for name, loader in (("project", project), ("reference", reference))}
     for name, (rate, size) in results.items():

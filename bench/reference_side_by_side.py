@@ -49,12 +49,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
 import torch
-from train_step import PRESETS, random_batch  # bench/, the script's folder
+from train_step import PRESETS, positive_int, random_batch, time_windows  # bench/, the script's folder
 
 from emcl_nb.clip_backbone import build_tiny_clip, normalize_frames
 from emcl_nb.io import atomic_write_json
@@ -203,13 +202,7 @@ def time_reference(path: Path, warmup: int, steps: int, repeats: int, anomaly: b
 
     for _ in range(warmup):
         step()
-    load_before = round(os.getloadavg()[0], 2)
-    window_seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        window_seconds.append(time.perf_counter() - start)
+    window_seconds, load_before = time_windows(step, steps, repeats)
     seconds_per_step = statistics.median(window_seconds) / steps
     return {
         "benchmark": "reference_train_step", "anomaly": anomaly, "threads": torch.get_num_threads(),
@@ -269,13 +262,6 @@ def describe(params: Params, anomaly: bool) -> str:
             f"{params.image_size} px, {params.max_frames} frames, batch {params.batch_size}, {params.max_words} "
             f"words, {params.agg_module} with {params.num_hidden_layers} layers, {params.precision}, "
             f"{params.num_threads} threads; reference anomaly mode {'on (as shipped)' if anomaly else 'off'}")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,9 +6,10 @@
 Each `docs/results/*.json` is the output of `bench/reference_side_by_side.py --json` (two
 rows: the reference code and this project, timed in alternating rounds), of
 `bench/train_step.py --json` (one row: this project alone), of `bench/data_loading.py
---cache --json` (the loader table), or a "quoted" file: figures measured another way (the
-reference code, run by an earlier session), with their provenance and one row per
-measurement, the row marked `baseline` being the reference they compare with.
+--cache --json` (the loader table; its files without --cache are in neither table), or a
+"quoted" file: figures measured another way (the reference code, run by an earlier
+session), with their provenance and one row per measurement, the row marked `baseline`
+being the reference they compare with.
 """
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ def load_results(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) | {"file": path.name} for path in sorted(folder.glob("*.json"))]
 
 
-def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
-    """Rows (label, clips/s, runs, x reference, ms, memory, machine, command or how, source)
-    and the reference clips/s that standalone runs divide by: the side-by-side measurement's
-    where there is one, else the quoted baseline. Rows of a side-by-side or quoted file divide
-    by the reference measured with them."""
+def table_rows(results: list[dict]) -> list[dict]:
+    """Rows (label, clips/s, runs, x reference, ms, memory, machine, command or how, source).
+    Rows of a side-by-side or quoted file divide by the reference measured with them;
+    standalone runs by the side-by-side measurement's reference without anomaly mode where
+    there is one, else by the quoted baseline."""
     side_by_side = [r for r in results if r.get("benchmark") == "reference_side_by_side"]
     quoted = [r for r in results if r.get("kind") == "quoted"]
     quoted_baseline = next((statistics.median(row["clips_per_s_runs"]) for result in quoted
@@ -71,13 +72,13 @@ def table_rows(results: list[dict]) -> tuple[list[dict], float | None]:
                          "memory": f"{result['peak_memory_gib']:.2f} GiB {result['peak_memory_kind']}",
                          "machine": device + (f" (load {load[0]}-{load[1]})" if load else ""),
                          "command": f"`{result['command']}`", "source": f"measured: {result['file']}"})
-    return rows, baseline
+    return rows
 
 
 def render(folder: Path) -> str:
     """The markdown between the markers."""
     results = load_results(folder)
-    rows, _ = table_rows(results)
+    rows = table_rows(results)
     intro = ("Training step, CPU reference configuration (tiny CLIP width 128, 2 layers, patch 32; "
              "224 px, 12 frames, batch 16, 32 words, seqTransf 2 layers, fp32, 2 threads). "
              "clips/s is the median of the runs listed, in whole clips/s (the runs vary by more). "
@@ -104,7 +105,7 @@ def render(folder: Path) -> str:
 
 def loader_table(results: list[dict]) -> list[str]:
     """Lines of the loader table: `bench/data_loading.py --cache --json` files (clips/s per loader)."""
-    loaders = [r for r in results if isinstance(r.get("clips_per_s"), dict)]
+    loaders = [r for r in results if r.get("benchmark") == "data_loading_cache"]
     if not loaders:
         return []
     title = "Training loader, decoding with decord vs reading the decoded-frame cache (median of alternating rounds):"
@@ -120,8 +121,7 @@ def loader_table(results: list[dict]) -> list[str]:
             rounds = ", ".join(f"{r:.0f}" for r in result["rounds"][name])
             lines.append(f"| {name} | {rate:.0f} | {rounds} | {what} | {where} | `{result['command']}` | "
                          f"measured: {result['file']} |")
-        if "cache_over_decord" in result:
-            lines += ["", f"Cache over decord: {result['cache_over_decord']:.1f}x ({result['file']})."]
+        lines += ["", f"Cache over decord: {result['cache_over_decord']:.1f}x ({result['file']})."]
     return lines
 
 

@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,13 +94,38 @@ def model_flops_utilisation(flops_per_step: float, seconds_per_step: float, peak
     return flops_per_step / seconds_per_step / peak
 
 
+def time_windows(step: Callable[[], object], steps: int, repeats: int) -> tuple[list[float], float]:
+    """Seconds of each of `repeats` windows of `steps` calls of `step`, and the 1-minute load
+    average before them (how busy the machine was, others' work too). A window whose last
+    step returns a tensor (a loss on the device) ends by reading it: that waits for the device."""
+    load_before = round(os.getloadavg()[0], 2)
+    window_seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            result = step()
+        if isinstance(result, torch.Tensor):
+            result.item()
+        window_seconds.append(time.perf_counter() - start)
+    return window_seconds, load_before
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first included (>= 1)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed windows; the median is reported")
+    parser.add_argument("--steps", type=positive_int, default=10, help="steps per timed window")
+    parser.add_argument("--warmup", type=positive_int, default=2,
+                        help="untimed steps, the first included (>= 1: the first step is never timed)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed windows; the median is reported")
     parser.add_argument("--flops", action="store_true", help="count one step's FLOPs and report MFU")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak for MFU (default: looked up by GPU name)")
@@ -109,8 +135,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "reuse earlier compilations) instead of compiling from scratch")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1 (the first step is never timed)")
 
     overrides = {**PRESETS[args.preset], "device": args.device, **parse_overrides(args.set)}
     params = load_params("synthetic", overrides, use_env=False)
@@ -150,14 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    load_before = round(os.getloadavg()[0], 2)    # how busy the machine was (others' work too)
-    window_seconds = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
-        loss.item()                                   # wait for the device
-        window_seconds.append(time.perf_counter() - start)
+    window_seconds, load_before = time_windows(step, args.steps, args.repeats)
     elapsed = statistics.median(window_seconds)
     seconds_per_step = elapsed / args.steps
     clips_per_s = params.batch_size / seconds_per_step

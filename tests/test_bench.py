@@ -1,5 +1,6 @@
-"""The benchmark scripts run end to end at their smallest settings (no figures checked:
-speed is measured by the scripts themselves, not by tests)."""
+"""The benchmark scripts run end to end at their smallest settings, and the README's
+performance table is what bench/report.py computes from docs/results (its ratios checked on
+made-up figures). No speed is checked: the scripts measure it, tests do not."""
 import json
 import os
 import subprocess
@@ -9,6 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_bench(name: str):
+    """A script of bench/ as a module (they import each other from their folder)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
 
 
 def test_gpu_check_without_cuda_runs_the_cpu_presets_and_says_so():
@@ -26,11 +36,7 @@ def test_gpu_check_without_cuda_runs_the_cpu_presets_and_says_so():
 
 
 def test_train_step_writes_its_figures_as_json(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import train_step
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    train_step = import_bench("train_step")
     path = tmp_path / "out" / "figures.json"
     figures = train_step.main(["--warmup", "1", "--steps", "1", "--repeats", "2", "--json", str(path),
                                "--set", "batch_size=2", "max_frames=2", "image_size=32",
@@ -42,17 +48,23 @@ def test_train_step_writes_its_figures_as_json(tmp_path):
     assert figures["command"].startswith("python bench/train_step.py --warmup 1")
 
 
+@pytest.mark.parametrize("option", ["--warmup", "--steps", "--repeats"])
+def test_train_step_refuses_a_count_below_one(capsys, option):
+    train_step = import_bench("train_step")
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main([option, "0"])
+    assert exit_info.value.code == 2 and f"argument {option}: must be at least 1; got 0" in capsys.readouterr().err
+
+
 def test_readme_performance_table_is_what_report_generates():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    report = import_bench("report")
     readme = (ROOT / "README.md").read_text()
     assert report.rewrite(readme, report.render(ROOT / "docs" / "results")) == readme, \
         "README's performance table is stale: run `python bench/report.py`"
-    rows, baseline = report.table_rows(report.load_results(ROOT / "docs" / "results"))
-    assert baseline and any(row["source"].startswith("quoted") for row in rows)
+    rows = report.table_rows(report.load_results(ROOT / "docs" / "results"))
+    standalone = [row for row in rows if row["label"].startswith("this project, preset")]
+    assert standalone and all(row["ratio"] for row in standalone)      # they have a reference to divide by
+    assert any(row["source"].startswith("quoted") for row in rows)
 
 
 def test_report_divides_each_row_by_the_reference_measured_with_it():
@@ -72,19 +84,24 @@ def test_report_divides_each_row_by_the_reference_measured_with_it():
              "first_step_seconds": 60.0}
     anomaly = side | {"file": "side-anomaly.json", "configuration": {"reference_anomaly_mode": True},
                       "reference_clips_per_s": 25.0}
-    rows, baseline = report.table_rows([anomaly, side, quoted, alone])
-    assert baseline == 35.0                                    # never the reference with anomaly mode on
+    rows = report.table_rows([anomaly, side, quoted, alone])
+    assert rows[-1]["ratio"] == 52.5 / 35.0                    # never the reference with anomaly mode on (25)
     assert [round(row["ratio"], 3) for row in rows] == [1.0, 2.8, 1.0, 2.0, 1.0, 0.5, 1.5]
     assert rows[2]["runs"] == [30.0, 40.0] and rows[3]["runs"] == [60.0, 80.0]
     assert "compile=true (first step 60 s, cold compile cache)" in rows[-1]["label"]
 
 
-def import_bench(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+def test_report_tables_only_the_loader_bench_run_with_cache():
+    """A `bench/data_loading.py --json` file made without --cache (project vs reference, no
+    rounds) is no row of either table."""
+    report = import_bench("report")
+    without_cache = {"benchmark": "data_loading_reference", "file": "loader.json",
+                     "clips_per_s": {"project": 50.0, "reference": 10.0},
+                     "mib_per_batch": {"project": 7.0, "reference": 110.0}}
+    with_cache = json.loads((ROOT / "docs" / "results" / "data_loading-cpu.json").read_text()) | {"file": "c.json"}
+    assert report.table_rows([without_cache]) == [] and report.loader_table([without_cache]) == []
+    lines = report.loader_table([without_cache, with_cache])
+    assert [line.split(" | ")[0] for line in lines if line.endswith("measured: c.json |")] == ["| decord", "| cache"]
 
 
 # The reference's argument-parser defaults (jpthu17/EMCL main_retrieval.py), with the preset's configuration.

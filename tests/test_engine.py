@@ -4,6 +4,7 @@ import json
 import math
 import resource
 import sys
+import warnings
 
 import pytest
 import torch
@@ -257,22 +258,40 @@ def test_bertadam_reproduces_the_reference_update_step_by_step(tmp_path):
 
 
 def test_bertadam_survives_a_copy_and_a_state_dict_round_trip(tmp_path):
-    """A deep copy (which keeps only torch's optimiser state) and load_state_dict both step on."""
+    """A deep copy (which keeps only torch's optimiser state) and load_state_dict into an
+    optimiser on a copy of the model both step on exactly as the original does: the moments
+    of the earlier update come with them."""
     params = tiny_params(tmp_path, optimizer="bertadam", lr=1e-2)
     model = build_model(params)
-    optimizer, _ = build_optimizer(model, params, total_steps=4)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p) if p.requires_grad else None
-    optimizer.step()
-    copied = copy.deepcopy(optimizer)           # its own copies of the parameters, without gradients
-    for group in copied.param_groups:
-        for p in group["params"]:
-            p.grad = torch.ones_like(p)
-    copied.step()
-    again, _ = build_optimizer(model, params, total_steps=4)
-    again.load_state_dict(optimizer.state_dict())
-    again.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    optimizer, scheduler = build_optimizer(model, params, total_steps=4)
+    with warnings.catch_warnings():             # torch warns of a schedule step before any update
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+        scheduler.step()                        # past the warm-up's lr 0: the updates move weights
+    assert all(group["lr"] > 0 for group in optimizer.param_groups)
+
+    def tensors(opt):
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    def give_gradients(opt, seed):              # the same gradients in the same order for each copy
+        g = torch.Generator().manual_seed(seed)
+        for p in tensors(opt):
+            p.grad = torch.randn(p.shape, generator=g)
+
+    give_gradients(optimizer, 0)
+    optimizer.step()                            # the moments are no longer zero
+    copied = copy.deepcopy(optimizer)           # its own copies of the parameters
+    model_copy = copy.deepcopy(model)
+    again, _ = build_optimizer(model_copy, params, total_steps=4)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")      # as a checkpoint keeps it
+    again.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    before = [p.detach().clone() for p in tensors(optimizer)]
+    for opt in (optimizer, copied, again):
+        give_gradients(opt, 1)
+        opt.step()
+    assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(tensors(optimizer), before))   # it moved
+    for other in (copied, again):
+        assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(tensors(optimizer), tensors(other)))
+    assert {id(p) for p in tensors(again)} == {id(p) for p in model_copy.parameters() if p.requires_grad}
 
 
 def test_adamw_stays_available(tmp_path):
@@ -493,10 +512,18 @@ def test_train_step_is_one_whole_update(tmp_path):
     from emcl_nb.engine import train_step
     from emcl_nb.model import MAX_LOGIT_SCALE
 
-    params = tiny_params(tmp_path, warmup_proportion=0.5)
+    grad_clip = 1e-3                                   # far below the gradients' norm: always clipped
+    params = tiny_params(tmp_path, warmup_proportion=0.5, grad_clip=grad_clip)
     torch.manual_seed(0)
     model = build_model(params).train()
     optimizer, scheduler = build_optimizer(model, params, total_steps=4)
+    seen_norms = []                                    # the total gradient norm each optimiser step sees
+
+    def record_norm(opt, args, kwargs):                # runs as optimizer.step starts
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        seen_norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    optimizer.register_step_pre_hook(record_norm)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     clips = RandomClips(8, params)
     batch = {key: torch.stack([clips[i][key] for i in range(8)]) for key in ("text_ids", "text_mask",
@@ -505,11 +532,12 @@ def test_train_step_is_one_whole_update(tmp_path):
         model.clip.logit_scale.fill_(MAX_LOGIT_SCALE + 1.0)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     lrs_before = [group["lr"] for group in optimizer.param_groups]
-    loss = train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=params.grad_clip)
+    loss = train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=grad_clip)
     assert loss.dim() == 0 and math.isfinite(loss.item())
     assert float(model.clip.logit_scale.detach()) == pytest.approx(MAX_LOGIT_SCALE, abs=1e-6)   # clamped (float32)
     assert scheduler.last_epoch == 1 and [group["lr"] for group in optimizer.param_groups] != lrs_before
     # the first update runs at warm-up lr 0: the weights only move from the second on
-    train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=params.grad_clip)
+    train_step(model, batch, optimizer, scheduler, scaler, dtype=None, grad_clip=grad_clip)
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert len(seen_norms) == 2 and all(abs(norm - grad_clip) < 1e-5 for norm in seen_norms), seen_norms
