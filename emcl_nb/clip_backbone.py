@@ -173,10 +173,17 @@ def encode_frames(model: CLIP, frames: torch.Tensor) -> torch.Tensor:
     return model.encode_image(frames)
 
 
-@functools.cache
 def clip_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's per-channel pixel mean and std [3] on `device`, made once per device and dtype
-    (a new tensor on a GPU is a blocking host-to-device copy in every step)."""
+    (a new tensor on a GPU is a blocking host-to-device copy in every step). Under
+    torch.compile they are made in the traced graph (constants there), not looked up."""
+    if torch.compiler.is_compiling():
+        return _clip_statistics.__wrapped__(device, dtype)
+    return _clip_statistics(device, dtype)
+
+
+@functools.cache
+def _clip_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor(CLIP_MEAN, dtype=dtype, device=device),
             torch.tensor(CLIP_STD, dtype=dtype, device=device))
 
