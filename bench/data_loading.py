@@ -41,15 +41,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from emcl_nb.clip_backbone import CLIP_MEAN, CLIP_STD
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
 from emcl_nb.data.frame_cache import build_frame_cache, describe
 from emcl_nb.data.synthetic import CAPTION_TEMPLATES, generate_synthetic
 from emcl_nb.data.video import load_clip
 from emcl_nb.io import atomic_write_json
+from emcl_nb.model.clip_backbone import CLIP_MEAN, CLIP_STD
 from emcl_nb.params import load_params
-from emcl_nb.runtime import cpu_model
+from emcl_nb.training.runtime import cpu_model
 
 try:
     import decord  # noqa: F401

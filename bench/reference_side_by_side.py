@@ -55,10 +55,10 @@ from pathlib import Path
 import torch
 from train_step import PRESETS, positive_int, random_batch, time_windows  # bench/, the script's folder
 
-from emcl_nb.clip_backbone import build_tiny_clip, normalize_frames
 from emcl_nb.io import atomic_write_json
+from emcl_nb.model.clip_backbone import build_tiny_clip, normalize_frames
 from emcl_nb.params import Params, load_params
-from emcl_nb.runtime import cpu_model, seed_everything
+from emcl_nb.training.runtime import cpu_model, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "reference-cpu"

@@ -19,10 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from emcl_nb.io import atomic_write_text
+from emcl_nb.analysis.readme import replace_section, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- perf-results:begin -->", "<!-- perf-results:end -->"
 
 
 def load_results(folder: Path) -> list[dict]:
@@ -125,26 +124,17 @@ def loader_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def rewrite(readme: str, body: str) -> str:
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1:
-        raise ValueError(f"README.md must hold {BEGIN} and {END} once each; add them in its Performance section")
-    head, rest = readme.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
     args = parser.parse_args()
-    readme = args.readme.read_text()
-    updated = rewrite(readme, render(args.results))
+    body = render(args.results)
     if args.check:
-        sys.exit(0 if updated == readme else 1)
-    if updated != readme:
-        atomic_write_text(args.readme, updated)
+        readme = args.readme.read_text()
+        sys.exit(0 if replace_section(readme, "perf-results", body) == readme else 1)
+    if update_readme("perf-results", body, args.readme):
         print(f"rewrote the performance table in {args.readme}")
 
 

@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from emcl_nb.emcl import EMCL
+from emcl_nb.model.emcl import EMCL
+from emcl_nb.model.similarity import block_similarity, block_similarity_loop
 from emcl_nb.params import Params
-from emcl_nb.runtime import configure_torch
-from emcl_nb.similarity import block_similarity, block_similarity_loop
+from emcl_nb.training.runtime import configure_torch
 
 
 def random_features(n: int, dim: int, frames: int, scale: float, device: torch.device, seed: int = 0):

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from emcl_nb.engine import train_step
 from emcl_nb.io import atomic_write_json
-from emcl_nb.model import build_model
-from emcl_nb.optim import build_optimizer
 from emcl_nb.params import Params, load_params, parse_overrides
-from emcl_nb.runtime import autocast_dtype, configure_torch, cpu_model, seed_everything
+from emcl_nb.training.build import build_model
+from emcl_nb.training.engine import train_step
+from emcl_nb.training.optim import build_optimizer
+from emcl_nb.training.runtime import autocast_dtype, configure_torch, cpu_model, seed_everything
 
 PRESETS = {
     "tiny": dict(clip_weights="tiny", tiny_width=128, tiny_layers=2, tiny_patch=16,

@@ -19,8 +19,6 @@ import shutil
 import socket
 from pathlib import Path
 
-import torch
-
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -65,7 +63,9 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write `path` atomically: `write(handle)` fills a temporary file in the same folder
+    (a binary handle), which is flushed, synced and renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_path(path)
@@ -121,7 +121,7 @@ def folder_lock(folder: Path):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda handle: handle.write(data))
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -130,7 +130,3 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    _atomic(path, lambda handle: torch.save(obj, handle))

@@ -1,13 +1,17 @@
-"""What the notebooks need from their kernel: a strict check of papermill's parameters.
+"""What the notebooks need from their kernel: `setup`, the one call each notebook starts with.
 
 papermill only warns about a parameter the notebook does not declare ("Passed unknown
 parameter") and the run goes on with the default, so `-p epochs 1` would silently train
-the full schedule. `check_parameters()`, called in each notebook's first cell after the
-parameters, turns that into an error naming the unknown parameters.
+the full schedule. `check_parameters()`, which `setup` calls first, turns that into an error
+naming the unknown parameters.
 """
 from __future__ import annotations
 
 import ast
+
+from IPython import get_ipython
+
+from emcl_nb.params import Params, load_params, repo_relative
 
 # papermill's injected cell starts with this comment line (its Python translator).
 INJECTED_HEADER = "# Parameters"
@@ -42,8 +46,6 @@ def unknown_parameters(executed_cells: list[str]) -> tuple[list[str], list[str]]
 def check_parameters() -> None:
     """Raise NotebookParameterError when papermill passed a parameter this notebook does
     not declare; does nothing outside papermill (no injected cell) or outside a kernel."""
-    from IPython import get_ipython
-
     shell = get_ipython()
     if shell is None:
         return
@@ -53,3 +55,17 @@ def check_parameters() -> None:
             f"unknown notebook parameter(s): {', '.join(unknown)}. This notebook takes "
             f"{', '.join(declared)}; run parameters such as epochs go in overrides, "
             f"e.g. -p overrides \"epochs=1\"")
+
+
+def setup(dataset: str, run: str, overrides: str = "") -> Params:
+    """A notebook's set-up after its parameters cell: the papermill parameters checked
+    (`check_parameters`), the run's parameters loaded (params/<dataset>.yaml, then `run` and
+    `overrides`, then EMCL_NB_OVERRIDES), figures drawn inline, and one line saying which run
+    this is. Returns the parameters."""
+    check_parameters()
+    shell = get_ipython()
+    if shell is not None:
+        shell.run_line_magic("matplotlib", "inline")
+    params = load_params(dataset, f"run={run} {overrides}")
+    print(f"dataset {params.dataset} ({params.layout}), run {params.run} -> {repo_relative(params.out_dir)}")
+    return params

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from emcl_nb.io import atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = Path(os.environ.get("EMCL_NB_PARAMS_DIR", REPO_ROOT / "params"))
 # Extra `key=value` overrides applied last (space-separated). CI uses it to shrink the
@@ -389,5 +391,4 @@ def _absolute_paths(params: Params) -> Params:
 
 def save_params(params: Params, path: Path) -> None:
     """Write the parameters as YAML (atomically) so that a run can be reproduced."""
-    from emcl_nb.io import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(params.to_dict(), sort_keys=False))

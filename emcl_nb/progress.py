@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import io
 
+from IPython import get_ipython
+from IPython.display import display
 from tqdm.std import tqdm
 
 
 def in_kernel() -> bool:
     """True inside a Jupyter kernel (not a terminal IPython, not plain Python)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
 
@@ -26,7 +24,6 @@ class DisplayLine(io.TextIOBase):
     """A file-like target for tqdm: every redraw replaces one plain-text notebook output."""
 
     def __init__(self):
-        from IPython.display import display
         self._handle = display({"text/plain": ""}, raw=True, display_id=True)
 
     def write(self, text: str) -> int:

@@ -51,8 +51,8 @@ def test_retrieval_is_far_above_chance(run_dir):
 def test_reported_recall_matches_an_independent_ranking(run_dir):
     """Re-score the last checkpoint and rank with plain argsort: the R@K in metrics.json
     agree within one query (a tie could be counted either way)."""
-    from emcl_nb.evaluate import load_split
-    from emcl_nb.scoring import score
+    from emcl_nb.evaluation.run import load_split
+    from emcl_nb.evaluation.scoring import score
 
     params = load_params("synthetic", ["run=nbval"], use_env=True)
     model, run_params, _, features = load_split(run_dir / "checkpoints" / "last.pt", params, "test")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emcl_nb.clip_backbone import build_tiny_clip
+from emcl_nb.model.clip_backbone import build_tiny_clip
 from emcl_nb.params import Params
 
 SOT, EOT = 49406, 49407
@@ -30,7 +30,7 @@ def tiny_clip(tiny_params):
 @pytest.fixture
 def make_model(tiny_params):
     """make_model(**overrides) -> a seeded tiny EMCLNet built from tiny_params + overrides."""
-    from emcl_nb.model import build_model
+    from emcl_nb.training.build import build_model
 
     def make(seed: int = 0, **overrides):
         torch.manual_seed(seed)

@@ -7,15 +7,14 @@ import sys
 import pytest
 import torch
 
-from emcl_nb import io
 from emcl_nb.io import (
     DiskFullError,
     FolderBusyError,
-    atomic_torch_save,
     atomic_write_text,
     folder_lock,
     sweep_temp_files,
 )
+from emcl_nb.training.checkpoint import atomic_torch_save
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -33,7 +32,7 @@ def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
     def no_space(obj, handle):
         handle.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(io.torch, "save", no_space)
+    monkeypatch.setattr(torch, "save", no_space)
     target = tmp_path / "checkpoints" / "last.pt"
     with pytest.raises(DiskFullError, match=r"writing .*last\.pt \(\d+\.\d MiB free in .*checkpoints\)"):
         atomic_torch_save({"w": 1}, target)
@@ -43,7 +42,7 @@ def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
 def test_other_write_errors_pass_through(tmp_path, monkeypatch):
     def broken(obj, handle):
         raise OSError(errno.EIO, "I/O error")
-    monkeypatch.setattr(io.torch, "save", broken)
+    monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError) as error:
         atomic_torch_save({"w": 1}, tmp_path / "x.pt")
     assert not isinstance(error.value, DiskFullError)

@@ -7,7 +7,8 @@ from pathlib import Path
 import papermill
 import pytest
 
-from emcl_nb import demo
+from emcl_nb.analysis import demo
+from emcl_nb.analysis.readme import markers, update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
@@ -166,6 +167,7 @@ def test_results_section_is_written_from_the_run_files(tmp_path):
     assert "| last epoch (epoch 12) | 91 | 100 | 89 | 88 ± 3 (91, 85, 88) | 86 ± 3 (89, 83, 86) |" in section
     assert "01: 20 s, 02: 220 s" in section
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{demo.RESULTS_BEGIN}\nold\n{demo.RESULTS_END}\nrest\n")
-    demo.update_readme(section, readme)
-    assert readme.read_text() == f"# x\n{demo.RESULTS_BEGIN}\n{section}\n{demo.RESULTS_END}\nrest\n"
+    begin, end = markers("demo-results")
+    readme.write_text(f"# x\n{begin}\nold\n{end}\nrest\n")
+    update_readme("demo-results", section, readme)
+    assert readme.read_text() == f"# x\n{begin}\n{section}\n{end}\nrest\n"

@@ -144,7 +144,7 @@ def test_emcl_settings_map_the_scoring_fields_to_emcl_attributes():
 
 
 def test_every_field_has_a_section_and_the_model_config_is_the_model_fields():
-    from emcl_nb.model_config import ModelConfig
+    from emcl_nb.model.config import ModelConfig
 
     sections = {f.name: f.metadata.get("section") for f in dataclasses.fields(Params)}
     assert set(sections.values()) == set(params_module.SECTIONS)

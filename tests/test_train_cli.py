@@ -71,8 +71,8 @@ def test_split_statistics_of_the_synthetic_set(tmp_path):
 
 
 def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
-    from emcl_nb.engine import TrainingSetupError
-    from emcl_nb.train import ensure_trained
+    from emcl_nb.training.checks import TrainingSetupError
+    from emcl_nb.training.run import ensure_trained
 
     params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
     last = ensure_trained(params)                       # trains
@@ -91,8 +91,9 @@ def loaders_kept_alive(monkeypatch):
     """Something in the kernel keeps the loaders referenced after training or evaluation
     returns, as tqdm's notebook widget did (its widget model, alive in the kernel, held
     the loader)."""
-    from emcl_nb import encode, engine
+    from emcl_nb.evaluation import encode
     from emcl_nb.progress import progress_bar
+    from emcl_nb.training import engine
     kept = []
 
     def holding_bar(iterable=None, **kwargs):
@@ -113,7 +114,7 @@ def test_train_leaves_no_worker_processes_behind(tmp_path, capsys, loaders_kept_
     per-epoch validation) must be gone when it returns, not at some garbage collection."""
     import multiprocessing
 
-    from emcl_nb.train import train
+    from emcl_nb.training.run import train
 
     params = _in_process_params(tmp_path)
     train(params)
@@ -127,12 +128,12 @@ def test_train_leaves_no_worker_processes_behind_after_an_error(tmp_path, monkey
                                                                 loaders_kept_alive):
     import multiprocessing
 
-    from emcl_nb import engine
-    from emcl_nb.train import train
+    from emcl_nb.training import checkpoint
+    from emcl_nb.training.run import train
 
     def fail(*args, **kwargs):
         raise OSError("disk gone")
-    monkeypatch.setattr(engine, "save_checkpoint", fail)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fail)
     with pytest.raises(OSError, match="disk gone"):
         train(_in_process_params(tmp_path))
     assert multiprocessing.active_children() == []
@@ -141,8 +142,8 @@ def test_train_leaves_no_worker_processes_behind_after_an_error(tmp_path, monkey
 def test_evaluation_leaves_no_worker_processes_behind(tmp_path, loaders_kept_alive):
     import multiprocessing
 
-    from emcl_nb.evaluate import evaluate_run
-    from emcl_nb.train import train
+    from emcl_nb.evaluation.run import evaluate_run
+    from emcl_nb.training.run import train
 
     params = _in_process_params(tmp_path)
     train(params)

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
+
 from ..progress import progress_bar
 from .ffmpeg import FFmpegError, encode_mp4, remove_partials
 from .video import VideoReadError, read_frames, video_info
@@ -83,7 +85,6 @@ def _check_roots(input_root: Path, output_root: Path) -> None:
 
 def video_duration(path: Path) -> float | None:
     """Seconds of the first video stream as its container states them (None if unknown)."""
-    import av
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]

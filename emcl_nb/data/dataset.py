@@ -25,6 +25,7 @@ import weakref
 
 import numpy as np
 import torch
+from clip.simple_tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from emcl_nb.data.annotations import Annotations
@@ -41,9 +42,6 @@ log = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
     """CLIP's BPE tokenizer, built once per process (reading the vocabulary is slow)."""
-    with warnings.catch_warnings():      # clip-anytorch imports the deprecated pkg_resources
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-        from clip.simple_tokenizer import SimpleTokenizer
     return SimpleTokenizer()
 
 

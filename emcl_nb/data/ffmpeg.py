@@ -37,7 +37,7 @@ def ffmpeg_binary() -> str:
     if found:
         return found
     try:
-        import imageio_ffmpeg
+        import imageio_ffmpeg  # the optional fallback binary: imported only when PATH has no ffmpeg
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as error:
         raise RuntimeError(

@@ -43,6 +43,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from emcl_nb.data.annotations import SPLITS, Annotations, has_split, load_annotations
+from emcl_nb.data.synthetic import generate_from_params
 from emcl_nb.data.video import AUTO_BACKENDS, VideoReadError, load_clip
 from emcl_nb.io import TEMP_SUFFIX, atomic_write_json, folder_lock, sweep_temp_files
 from emcl_nb.params import Params, load_params
@@ -323,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
     if params.synthetic:
-        from emcl_nb.data.synthetic import generate_from_params
         generate_from_params(params, progress=not args.no_progress)
     build_frame_caches(params, args.splits, progress=not args.no_progress)
     return 0

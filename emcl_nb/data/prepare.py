@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emcl_nb.data.annotations import SPLITS, split_files
+from emcl_nb.data.annotations import SPLITS, has_split, load_annotations, split_files
 from emcl_nb.data.frame_cache import build_frame_caches
 from emcl_nb.data.synthetic import generate_from_params
 from emcl_nb.params import Params
@@ -72,8 +72,6 @@ def _ensure_files(params: Params, progress: bool | None) -> Path:
 def split_statistics(params: Params) -> str:
     """Markdown table: per split, videos, samples, captions per video, words per caption and
     the samples dropped at load time (with their reasons)."""
-    from emcl_nb.data.annotations import has_split, load_annotations
-
     lines = ["| split | videos | samples | samples / video | words / caption | dropped |",
              "|---|---|---|---|---|---|"]
     for split in SPLITS:

@@ -32,6 +32,7 @@ def reference_rand_augment():
     timm's translate_pct, so the absolute translate_const the reference also passes has no
     effect and is left out). Takes one PIL image and draws its randomness from Python's
     `random` and NumPy's global generator."""
+    # Imported here: timm takes seconds to import and only the loader-side augmentation needs it.
     from timm.data.auto_augment import rand_augment_transform
     return rand_augment_transform(REFERENCE_POLICY, {"interpolation": Image.BICUBIC,
                                                      "img_mean": GREY_FILL})

@@ -19,6 +19,7 @@ import math
 import os
 from pathlib import Path
 
+import av
 import numpy as np
 
 try:
@@ -52,7 +53,6 @@ def _stored_size(path: Path) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _probed_size(path: str, mtime_ns: int, size: int) -> tuple[int, int] | None:
-    import av
     try:
         with av.open(str(path)) as container:
             context = container.streams.video[0].codec_context
@@ -86,7 +86,6 @@ class _AvVideo:
     """PyAV decodes sequentially; frames are kept only at the wanted indices."""
 
     def __init__(self, path: Path, short_side: int | None = None):
-        import av
         self._path = path
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -100,7 +99,6 @@ class _AvVideo:
             self.num_frames = stream.frames or sum(1 for _ in container.decode(stream))
 
     def frames(self, indices: np.ndarray) -> np.ndarray:
-        import av
         wanted = {int(i) for i in indices}
         last = max(wanted)
         decoded = {}

@@ -1,0 +1,191 @@
+"""Evaluating a run: its checkpoints scored on a split, and the report.
+
+`evaluate_run` loads each checkpoint (`load_for_evaluation`), encodes the split through the
+feature cache (emcl_nb.evaluation.encode), scores it (emcl_nb.evaluation.scoring) and writes
+`out_dir/metrics.json` and `out_dir/metrics.md` beside the published numbers; the command
+line is `python -m emcl_nb.evaluate`. `load_split` is what the evaluation, ablation and EM
+notebooks start from.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from emcl_nb.data.annotations import NO_CAPTIONS
+from emcl_nb.evaluation.encode import Features, load_or_encode
+from emcl_nb.evaluation.scoring import evaluate_model
+from emcl_nb.io import atomic_write_json, atomic_write_text
+from emcl_nb.model.metrics import DSL, TIE_RULE, format_table
+from emcl_nb.params import MODEL_FIELDS, REPO_ROOT, Params
+from emcl_nb.progress import note
+from emcl_nb.training.build import build_model
+from emcl_nb.training.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from emcl_nb.training.distributed import DistEnv, resolve_device
+from emcl_nb.training.runtime import configure_torch
+
+REFERENCE_PROTOCOL = "reference protocol"
+
+
+def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
+    """(model, params, load report) for a checkpoint file. Our checkpoints carry their model
+    config (older ones: their run's parameters): the model is built with its MODEL_FIELDS (a
+    note says where they differ from `params`); a reference checkpoint is built from `params`
+    as given."""
+    path = Path(path)
+    state = read_checkpoint(path)
+    ours = isinstance(state, dict) and "format" in state
+    trained = (state.get("model_config") or state.get("params")) if ours else None
+    if trained:
+        changes = {name: trained[name] for name in MODEL_FIELDS
+                   if name in trained and trained[name] != getattr(params, name)}
+        for name, value in changes.items():
+            note(f"{path.name} was trained with {name}={value!r}; using it "
+                 f"(params say {getattr(params, name)!r})")
+        params = params.replace(**changes)
+    model = build_model(params)
+    report = load_model_weights(model, state, source=str(path))
+    return model.to(device).eval(), params, report
+
+
+class LoadedSplit(NamedTuple):
+    """A checkpoint ready to score one split: the model, the parameters it was built with,
+    its load report and the split's features (from the feature cache)."""
+    model: torch.nn.Module
+    params: Params
+    report: object
+    features: Features
+
+
+def load_split(path: str | Path, params: Params, split: str = "test") -> LoadedSplit:
+    """Load a checkpoint on params.device and encode `split` through the feature cache (what
+    the evaluation, ablation and attention notebooks start from)."""
+    device = resolve_device(params.device, DistEnv())
+    model, run_params, report = load_for_evaluation(path, params, device)
+    return LoadedSplit(model, run_params, report, load_or_encode(model, run_params, split, device))
+
+
+def reference_protocol_label(out_dir: Path) -> str | None:
+    """The row label of the run's reference-protocol checkpoint (checkpoints/reference.pt),
+    naming the split and step it was selected on; None when the run has none."""
+    path = out_dir / "reference.json"
+    if not (out_dir / "checkpoints" / "reference.pt").is_file() or not path.is_file():
+        return None
+    selection = json.loads(path.read_text())
+    return (f"{REFERENCE_PROTOCOL} (selected on {selection['split']} every {selection['every']} "
+            f"steps: step {selection['best']['step']})")
+
+
+def _table_rows(results: dict) -> dict:
+    """{row label: {"t2v", "v2t"}} with a DSL row after each plain row that has one."""
+    rows = {}
+    for label, result in results.items():
+        rows[label] = {"t2v": result["t2v"], "v2t": result["v2t"]}
+        if "dsl_t2v" in result:
+            rows[f"{label} + DSL (whole test query bank)"] = {"t2v": result["dsl_t2v"],
+                                                             "v2t": result["dsl_v2t"]}
+    return rows
+
+
+def dropped_statement(result: dict, split: str) -> str:
+    """How many of the split's queries (texts) were scored, and why the others were not.
+    Listed videos without captions are counted apart: they are videos, not queries."""
+    dropped = dict(result.get("dropped_queries") or {})
+    uncaptioned = dropped.pop(NO_CAPTIONS, 0)
+    total = result["n_texts"] + sum(dropped.values())
+    if not dropped:
+        statement = f"all {total} {split} queries scored, none dropped"
+    else:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+        statement = (f"{result['n_texts']} of {total} {split} queries scored; {sum(dropped.values())} "
+                     f"dropped ({reasons}; see the warnings of the run for the ids)")
+    if uncaptioned:
+        statement += f"; {uncaptioned} listed video(s) without captions left out"
+    return statement
+
+
+def _report_markdown(params: Params, split: str, results: dict, table: str) -> str:
+    first = next(iter(results.values()))
+    lines = [f"# {params.dataset} / {params.run}: {split} split", "", table, "",
+             f"- {first['n_texts']} texts, {first['n_videos']} videos ({first['protocol']}); "
+             f"chance R@1 = {first['chance_R1']:.2f} %.",
+             f"- {dropped_statement(first, split)}",
+             f"- {TIE_RULE}.",
+             f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
+    if any(label.startswith(REFERENCE_PROTOCOL) for label in results):
+        lines.append(f"- '{REFERENCE_PROTOCOL}': the checkpoint the reference code keeps (best "
+                     "T2V R@1 at step 1 and every 3 * n_display steps); selected on test for "
+                     "MSR-VTT, ActivityNet and DiDeMo, so optimistic: only for comparing with the paper.")
+    for label, result in results.items():
+        lines += [f"- {label}: {text}" for text in result.get("notes", [])]
+        if "n_texts" in result and result.get("dropped_queries") != first.get("dropped_queries"):
+            lines.append(f"- {label}: {dropped_statement(result, split)}")
+    return "\n".join(lines) + "\n"
+
+
+def _checkpoint_path(entry: str | Path, params: Params) -> Path:
+    """out_dir/checkpoints/<entry>.pt for "best" / "last" / "reference"; otherwise the path
+    given, a relative one taken from the repository root (as params paths are)."""
+    if entry in ("best", "last", "reference"):
+        return params.out_dir / "checkpoints" / f"{entry}.pt"
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "test",
+                 emcl_mode: str | None = None, name: str = "metrics", cache: bool = True,
+                 **overrides) -> dict:
+    """Evaluate a run's checkpoints on `split` and write out_dir/<name>.json and .md.
+
+    `checkpoints`: "best" / "last" (out_dir/checkpoints/<name>.pt; a missing best.pt is
+    skipped) or paths (ours or reference-code files; relative ones from the repository
+    root). The first row is the headline: best on validation where a validation split
+    exists, else the last epoch. When the run kept a reference-protocol checkpoint
+    (params.reference_selection), it is scored too, as the labelled row
+    "reference protocol (selected on <split> every <n> steps: step <s>)", key
+    "reference_protocol", but only when every checkpoint asked for is this run's own
+    (out_dir/checkpoints): the row describes this run. `overrides`: SCORING_FIELDS, see `score`.
+    """
+    configure_torch(params)
+    device = resolve_device(params.device, DistEnv())
+    results, rows = {}, {}
+    own_folder = (params.out_dir / "checkpoints").resolve()
+    paths = [_checkpoint_path(entry, params) for entry in checkpoints]
+    foreign = [str(path) for path in paths if path.resolve().parent != own_folder]
+    reference_label = reference_protocol_label(params.out_dir)
+    if reference_label is not None and foreign:
+        note(f"no '{REFERENCE_PROTOCOL}' row: it belongs to run {params.run!r}, and "
+             f"{', '.join(foreign)} is not one of that run's checkpoints")
+    elif reference_label is not None:
+        checkpoints = (*checkpoints, "reference")
+    for entry in checkpoints:
+        path = _checkpoint_path(entry, params)
+        if entry == "best" and not path.is_file():
+            note(f"no {path} (no validation split selected a best epoch); evaluating last only")
+            continue
+        model, run_params, report = load_for_evaluation(path, params, device)
+        result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,
+                                device=device, **overrides)
+        result.update(checkpoint=str(path), epoch=report.epoch, layout=report.layout,
+                      recreated_emcl_bases=report.recreated)
+        if entry == "reference":
+            results["reference_protocol"], rows[reference_label] = result, result
+            continue
+        key = entry if entry in ("best", "last") else path.name
+        label = {"best": "best on val", "last": "last"}.get(entry, path.name)
+        results[key] = result
+        rows[label + (f" (epoch {report.epoch})" if report.epoch is not None else "")] = result
+    if not results:
+        raise CheckpointError(f"no checkpoint to evaluate among {list(checkpoints)}")
+
+    published = params.published if split == "test" else {}
+    table = format_table(_table_rows(rows), published)
+    summary = {"dataset": params.dataset, "run": params.run, "split": split,
+               "emcl_mode": emcl_mode or "trained setting", "overrides": overrides,
+               "results": results, "published": published, "table": table}
+    atomic_write_json(params.out_dir / f"{name}.json", summary)
+    atomic_write_text(params.out_dir / f"{name}.md",
+                      _report_markdown(params, split, rows, table))
+    return summary

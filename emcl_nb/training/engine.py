@@ -1,0 +1,364 @@
+"""Training engine: `train_step` (one update), `train_one_epoch` (one pass over the loader)
+and `fit`, which reads as the run's steps: set up, resume or start, then for each epoch its
+updates and what follows them (validate, select, save).
+
+`fit(params, train_set)` trains in-process (a notebook calls it through
+`emcl_nb.training.run.train`) and under `torchrun` (one process per GPU, or gloo processes on
+CPU). Only rank 0 writes files; when each checkpoint is written is `checkpoint.RunCheckpoints`'s
+rule, the step log is `run_log.StepLog`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from emcl_nb.data.dataset import build_loader
+from emcl_nb.io import atomic_write_json, folder_lock, sweep_temp_files
+from emcl_nb.model.loss import EMCLLoss
+from emcl_nb.params import Params, repo_relative, save_params
+from emcl_nb.progress import progress_bar
+from emcl_nb.training import distributed
+from emcl_nb.training.build import build_model
+from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
+from emcl_nb.training.checks import check_resumable, check_setup, collapse_signs
+from emcl_nb.training.optim import build_optimizer
+from emcl_nb.training.run_log import StepLog, truncate_log
+from emcl_nb.training.runtime import autocast, autocast_dtype, configure_torch, seed_everything, to_device
+
+# What training writes in the run folder besides checkpoints/ (evaluation writes there too).
+TRAINING_FILES = ("params.yaml", "history.json", "log.jsonl", "reference.json")
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    history: list = field(default_factory=list)     # one dict per epoch
+    log_path: Path | None = None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The EMCLNet inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)           # torch.compile
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Reshuffle the sampler and re-seed the augmentation for this epoch."""
+    for owner in (loader.sampler, loader.dataset, getattr(loader, "batch_sampler", None)):
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+
+
+# ---------------------------------------------------------------------------------------
+# One update, one epoch
+# ---------------------------------------------------------------------------------------
+
+def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *, dtype: torch.dtype | None,
+               grad_clip: float, loss_fn: EMCLLoss | None = None) -> torch.Tensor:
+    """One update on a batch already on the model's device: the loss (`loss_fn`, default
+    EMCLLoss()) under autocast, backward through the loss scaler, unscale, clip the global
+    gradient norm, optimiser and schedule steps, clamp logit_scale. Returns the loss (on the
+    device: no host sync)."""
+    loss_fn = loss_fn or EMCLLoss()
+    with autocast(unwrap(model).device, dtype):
+        loss = loss_fn(unwrap(model), *model(batch))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:                                                # 0: no clipping, as BertAdam reads it
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)   # frozen ones have no gradient
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    unwrap(model).clamp_logit_scale()
+    return loss
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step_log: StepLog, *,
+                    epoch: int, step: int, dtype: torch.dtype | None, grad_clip: float,
+                    loss_fn: EMCLLoss | None = None, world_size: int = 1,
+                    after_step: Callable[[int, int], None] | None = None,
+                    progress: bool = True, desc: str = "") -> tuple[int, int]:
+    """One pass over `loader` from global step `step`: `train_step` on each batch, its loss
+    and learning rates into `step_log`, then `after_step(epoch, step)`.
+    Returns (the global step after the pass, training samples skipped as unreadable)."""
+    device = unwrap(model).device
+    model.train()
+    _set_epoch(loader, epoch)
+    step_log.last_flush = time.perf_counter()
+    bar = progress_bar(loader, desc=desc, leave=False, disable=not progress)
+    skipped = 0
+    for batch in bar:
+        skipped += len(batch["skipped"])
+        if len(batch["skipped"]) and world_size > 1:
+            raise RuntimeError(
+                "a clip failed to decode during multi-process training (the warning above "
+                "names the file): ranks need equal batches. Fix or remove the file.")
+        lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's
+        loss = train_step(model, to_device(batch, device), optimizer, scheduler, scaler,
+                          dtype=dtype, grad_clip=grad_clip, loss_fn=loss_fn)
+        step_log.add(step, epoch, loss, lrs)
+        step += 1
+        if after_step is not None:
+            after_step(epoch, step)
+        if not step_log.pending and progress:     # just flushed: shows the logged value
+            bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
+    step_log.flush()
+    return step, skipped
+
+
+# ---------------------------------------------------------------------------------------
+# A run: what it trains with, and the steps of `fit`
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch (and from a checkpoint when it resumes)."""
+    epoch: int = 0                   # completed epochs
+    step: int = 0
+    history: list = field(default_factory=list)
+    best_score: float = -math.inf   # best validation T2V R@1 so far
+    selection: dict = field(default_factory=dict)   # the reference selection's record
+
+    def metrics(self) -> dict:
+        return {"history": self.history, "best_score": self.best_score, "reference": self.selection}
+
+
+@dataclass
+class Training:
+    """Everything `fit` trains with, made once by `set_up`."""
+    params: Params
+    env: distributed.DistEnv
+    device: torch.device
+    model: nn.Module                 # the plain EMCLNet (`wrap` gives what trains: DDP, compiled)
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: EMCLLoss
+    dtype: torch.dtype | None        # autocast dtype of CLIP (None: fp32)
+    total_steps: int
+    checkpoints: RunCheckpoints
+    step_log: StepLog
+    run: RunState
+    collapse_warned: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return self.params.out_dir
+
+    def save_state(self) -> dict:
+        """The arguments of a checkpoint write: the run's parameters and metrics."""
+        return {"params": self.params.to_dict(), "metrics": self.run.metrics()}
+
+
+def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Training:
+    """Device, process group and threads; then, seeded by params.seed, the model, the loader,
+    the optimiser, the schedule and the loss scaler."""
+    device = distributed.resolve_device(params.device, env)
+    distributed.init_distributed(device, env)
+    configure_torch(params)
+    seed_everything(params.seed)
+    model = build_model(params).to(device)
+    loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
+    total_steps = len(loader) * params.epochs
+    optimizer, scheduler = build_optimizer(model, params, total_steps)
+    dtype = autocast_dtype(device, params.precision)
+    every = params.reference_interval if params.reference_selection else 0
+    return Training(
+        params=params, env=env, device=device, model=model, loader=loader, optimizer=optimizer,
+        scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        loss_fn=EMCLLoss(), dtype=dtype, total_steps=total_steps,
+        checkpoints=RunCheckpoints(params.out_dir / "checkpoints"),
+        step_log=StepLog(params.out_dir / "log.jsonl" if env.is_main else None, params.log_every,
+                         params.batch_size, on_log if env.is_main else None),
+        run=RunState(selection={"split": params.reference_split, "every": every, "evaluations": [],
+                                "best": None}))
+
+
+def sweep_killed_writes(training: Training) -> None:
+    """Remove the temporary files of writes a killed run left in the run folder."""
+    for stale in (sweep_temp_files(training.out_dir, TRAINING_FILES)
+                  + sweep_temp_files(training.checkpoints.folder)):
+        print(f"[emcl_nb] removed {repo_relative(stale)}, left by a write that was killed")
+
+
+def resume_from_last(training: Training) -> None:
+    """Continue from last.pt: the model, optimiser, schedule, scaler and RNG states loaded and
+    the run state restored; rank 0 makes the run folder agree with the checkpoint."""
+    last, params = training.checkpoints.last, training.params
+    state = read_checkpoint(last)
+    check_resumable(params, state["params"], last)
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    training.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    metrics = state["metrics"]
+    training.run = RunState(epoch=state["epoch"], step=state["step"], history=metrics.get("history", []),
+                            best_score=metrics.get("best_score", -math.inf),
+                            selection=metrics.get("reference", training.run.selection))
+    if not training.env.is_main:
+        return
+    training.checkpoints.promote_reference(training.run.step)
+    truncate_log(training.step_log.path, training.run.step)
+    atomic_write_json(training.out_dir / "history.json", training.run.history)   # killed before it was written
+    if training.run.epoch >= params.epochs:
+        print(f"[emcl_nb] run {params.run} is complete: {training.run.epoch}/{params.epochs} epochs; "
+              f"delete {repo_relative(training.out_dir)} (or train with --no-resume) to retrain")
+    else:
+        print(f"[emcl_nb] resuming {repo_relative(last)} after epoch {training.run.epoch} "
+              f"(step {training.run.step} of {training.total_steps})")
+
+
+def start_new_run(training: Training) -> None:
+    """A fresh run folder (rank 0): the files of an earlier run in it that a new run would
+    not overwrite are removed, and the parameters written."""
+    training.out_dir.mkdir(parents=True, exist_ok=True)
+    training.step_log.path.unlink(missing_ok=True)
+    (training.out_dir / "reference.json").unlink(missing_ok=True)
+    training.checkpoints.forget_reference()
+    save_params(training.params, training.out_dir / "params.yaml")
+
+
+def wrap(training: Training) -> nn.Module:
+    """What trains: the model in DistributedDataParallel with several processes, compiled
+    with params.compile."""
+    model = training.model
+    if training.env.world_size > 1:
+        device = training.device
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if training.params.compile else model
+
+
+class StepHooks:
+    """What runs after every update: the time of the first (compiling) step with compile=true,
+    and the reference's step-wise selection after update 1 and every
+    params.reference_interval updates (scored by `reference` on rank 0 alone)."""
+
+    def __init__(self, training: Training, model: nn.Module, reference: Callable[[nn.Module], dict] | None):
+        self.training, self.model, self.reference = training, model, reference
+        self.first_step, self.started = training.run.step + 1, time.perf_counter()
+
+    def __call__(self, epoch: int, step: int) -> None:
+        training = self.training
+        if training.params.compile and step == self.first_step and training.env.is_main:
+            print(f"[emcl_nb] compile=true: the first step took {time.perf_counter() - self.started:.1f} s "
+                  f"(torch.compile compiling the forward and backward, and the loader's first batch)")
+        every = training.run.selection["every"]
+        if every and (step == 1 or step % every == 0):
+            if self.reference is not None and training.env.is_main:
+                self.select(epoch, step)
+            distributed.barrier()
+
+    def select(self, epoch: int, step: int) -> None:
+        """One evaluation of the reference's selection; the best so far (ties go to the later
+        step, as the reference's `best_score <= R1`) is saved as the pending candidate."""
+        self.model.eval()
+        r1 = self.reference(unwrap(self.model))["t2v"]["R1"]
+        self.model.train()
+        record, selection = {"step": step, "epoch": epoch + 1, "t2v_R1": r1}, self.training.run.selection
+        selection["evaluations"].append(record)
+        if selection["best"] is None or r1 >= selection["best"]["t2v_R1"]:
+            selection["best"] = record
+            self.training.checkpoints.save_reference_candidate(
+                unwrap(self.model), epoch=epoch, step=step, params=self.training.params.to_dict(), record=record)
+
+
+def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHooks) -> dict:
+    """The updates of epoch `epoch` (0-based); returns its record (epoch, step, last loss,
+    samples skipped)."""
+    params = training.params
+    training.run.step, skipped = train_one_epoch(
+        model, training.loader, training.optimizer, training.scheduler, training.scaler, training.step_log,
+        epoch=epoch, step=training.run.step, dtype=training.dtype, grad_clip=params.grad_clip,
+        loss_fn=training.loss_fn, world_size=training.env.world_size, after_step=hooks,
+        progress=params.progress and training.env.is_main, desc=f"epoch {epoch + 1}/{params.epochs}")
+    return {"epoch": epoch + 1, "step": training.run.step, "loss": training.step_log.last_record["loss"],
+            "skipped_samples": skipped}
+
+
+def validate_epoch(training: Training, model: nn.Module, record: dict,
+                   validate: Callable[[nn.Module], dict] | None) -> bool:
+    """Rank 0 validates (adding "val" to `record`, warning once about signs of collapse);
+    returns whether this epoch is the best so far (ties go to the later epoch, as in the
+    reference's `best_score <= R1`)."""
+    if validate is None or not training.env.is_main:
+        return False
+    model.eval()
+    record.update(validate(unwrap(model)))
+    signs = collapse_signs(record["val"]) if "val" in record else None
+    if signs and not training.collapse_warned:
+        warnings.warn(f"epoch {record['epoch']}: {signs}. Check lr (a negative or too large "
+                      f"one), the data and the loss curve.", stacklevel=3)
+        training.collapse_warned = True
+    improved = "val" in record and record["val"]["t2v"]["R1"] >= training.run.best_score
+    if improved:
+        training.run.best_score = record["val"]["t2v"]["R1"]
+    return improved
+
+
+def save_epoch(training: Training, model: nn.Module, record: dict, improved: bool) -> None:
+    """Rank 0 writes the epoch's checkpoints (RunCheckpoints' order), history and the
+    reference selection's scores, and prints the epoch's line."""
+    run, params = training.run, training.params
+    training.checkpoints.save_epoch(unwrap(model), training.optimizer, training.scheduler, training.scaler,
+                                    epoch=record["epoch"], step=run.step, improved=improved,
+                                    **training.save_state())
+    atomic_write_json(training.out_dir / "history.json", run.history)
+    if run.selection["every"]:
+        atomic_write_json(training.out_dir / "reference.json", run.selection)
+    print(f"[emcl_nb] epoch {record['epoch']}/{params.epochs}: loss {record['loss']:.4f}"
+          + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))
+
+
+def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
+        reference: Callable[[nn.Module], dict] | None = None, resume: bool = True,
+        on_log: Callable[[list], None] | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+    """Train `params.epochs` epochs on `train_set` (a dataset of batch dicts).
+
+    `validate(model) -> {"val": {"t2v": {"R1": ...}, ...}}` runs after each epoch on rank 0;
+    the best epoch by validation (never test) text-to-video R@1 is kept as `best.pt`.
+    `reference(model) -> metrics` of params.reference_split, with params.reference_selection:
+    the reference's selection, run on rank 0 after update 1 and every
+    params.reference_interval updates; the best (ties: the later) is kept as `reference.pt`
+    and the scores in `reference.json`. With `resume`, an existing `last.pt` is continued.
+    Rank 0 holds the run folder's lock throughout: a second run into it fails at once.
+    """
+    env = distributed.env_from_torchrun()
+    check_setup(params, len(train_set), env.world_size)
+    with folder_lock(params.out_dir) if env.is_main else contextlib.nullcontext():
+        training = set_up(params, train_set, env, on_log)
+        if env.is_main:
+            sweep_killed_writes(training)
+        if resume and training.checkpoints.last.exists():
+            resume_from_last(training)
+        elif env.is_main:
+            start_new_run(training)
+        model = wrap(training)
+        hooks = StepHooks(training, model, reference)
+        for epoch in range(training.run.epoch, params.epochs):
+            record = train_epoch(training, model, epoch, hooks)
+            improved = validate_epoch(training, model, record, validate)
+            training.run.history.append(record)
+            if env.is_main:
+                save_epoch(training, model, record, improved)
+            distributed.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    checkpoints = training.checkpoints
+    return FitResult(out_dir=params.out_dir, last_checkpoint=checkpoints.last,
+                     best_checkpoint=checkpoints.best if checkpoints.best.exists() else None,
+                     history=training.run.history, log_path=training.step_log.path or params.out_dir / "log.jsonl")
