@@ -22,7 +22,14 @@ from emcl_nb.model.metrics import DSL, TIE_RULE, format_table
 from emcl_nb.params import MODEL_FIELDS, REPO_ROOT, Params
 from emcl_nb.progress import note
 from emcl_nb.training.build import build_model
-from emcl_nb.training.checkpoint import CheckpointError, load_model_weights, read_checkpoint
+from emcl_nb.training.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    clip_from_weights,
+    load_model_weights,
+    model_weights,
+    read_checkpoint,
+)
 from emcl_nb.training.distributed import DistEnv, resolve_device
 from emcl_nb.training.runtime import configure_torch
 
@@ -33,19 +40,24 @@ def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
     """(model, params, load report) for a checkpoint file. Our checkpoints carry their model
     config (older ones: their run's parameters): the model is built with its MODEL_FIELDS (a
     note says where they differ from `params`); a reference checkpoint is built from `params`
-    as given."""
+    as given. CLIP is built from the checkpoint's own `clip.*` weights, so the CLIP file the
+    run was trained from is not needed; only a file without them reads params.clip_weights."""
     path = Path(path)
     state = read_checkpoint(path)
-    ours = isinstance(state, dict) and "format" in state
-    trained = (state.get("model_config") or state.get("params")) if ours else None
-    if trained:
-        changes = {name: trained[name] for name in MODEL_FIELDS
-                   if name in trained and trained[name] != getattr(params, name)}
-        for name, value in changes.items():
+    weights, layout = model_weights(state, str(path))
+    clip_model = clip_from_weights(weights, str(path))
+    trained = (state.get("model_config") or state.get("params")) if layout == FORMAT else None
+    changes = {name: trained[name] for name in MODEL_FIELDS
+               if trained and name in trained and trained[name] != getattr(params, name)}
+    if clip_model is None:
+        note(f"{path.name} holds no whole CLIP: it is read from clip_weights={params.clip_weights!r}")
+        changes.pop("clip_weights", None)          # a file is needed: the one given now wins
+    for name, value in changes.items():
+        if name != "clip_weights":                 # CLIP itself comes from the checkpoint
             note(f"{path.name} was trained with {name}={value!r}; using it "
                  f"(params say {getattr(params, name)!r})")
-        params = params.replace(**changes)
-    model = build_model(params)
+    params = params.replace(**changes)
+    model = build_model(params, clip_model)
     report = load_model_weights(model, state, source=str(path))
     return model.to(device).eval(), params, report
 

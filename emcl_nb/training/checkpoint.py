@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from clip.model import CLIP
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -27,6 +28,7 @@ except ImportError:                                               # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
 from emcl_nb.io import atomic_write
+from emcl_nb.model.clip_backbone import InvalidWeightsError, clip_from_state_dict
 from emcl_nb.model.emcl import seeded_emcl
 
 FORMAT = "emcl-nb/1"
@@ -168,7 +170,7 @@ class LoadReport:
     params: dict | None = None         # the run's parameters (our checkpoints only)
 
 
-def _unwrap_state(state, source: str) -> tuple[dict, str]:
+def model_weights(state, source: str) -> tuple[dict, str]:
     """(model state dict, layout) of a loaded file: ours, or a reference state dict."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint or a "
@@ -186,6 +188,22 @@ def _unwrap_state(state, source: str) -> tuple[dict, str]:
                               f"entries {not_tensors[:5]} are not tensors")
     state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
     return {key: value for key, value in state.items() if key not in DROPPED_KEYS}, "reference"
+
+
+CLIP_PREFIX = "clip."
+
+
+def clip_from_weights(weights: dict, source: str) -> CLIP | None:
+    """The CLIP tower a model's weights hold (their `clip.*` tensors: every checkpoint of
+    ours and of the reference code has them), built with the architecture read off the
+    shapes, so that evaluating a checkpoint never needs the CLIP file it was trained from.
+    None when they do not hold a whole CLIP."""
+    clip_state = {key.removeprefix(CLIP_PREFIX): value for key, value in weights.items()
+                  if key.startswith(CLIP_PREFIX)}
+    try:
+        return clip_from_state_dict(clip_state, source)
+    except InvalidWeightsError:
+        return None
 
 
 def _listed(keys, limit: int = 5) -> str:
@@ -207,7 +225,7 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
         state = read_checkpoint(Path(path_or_state))
     else:
         source, state = source or "the given state dict", path_or_state
-    weights, layout = _unwrap_state(state, source)
+    weights, layout = model_weights(state, source)
     seed = model.config.seed if seed is None else seed
 
     expected = model.state_dict()

@@ -141,6 +141,31 @@ def test_our_checkpoint_loads_exactly_including_the_trained_bases(params, tmp_pa
         assert torch.equal(target.state_dict()[key], value), key
 
 
+def test_a_checkpoint_is_evaluated_without_the_clip_file_it_was_trained_from(params, tmp_path, capsys):
+    """The CLIP file named in the checkpoint has moved: CLIP is built from the checkpoint's own
+    weights. A file without CLIP's weights needs one, and the clip_weights given now is read."""
+    torch.manual_seed(0)
+    clip_file = tmp_path / "clip" / "random-clip.pt"
+    clip_file.parent.mkdir()
+    torch.save(build_model(params).clip.state_dict(), clip_file)       # a CLIP saved as a state dict
+    trained = params.replace(clip_weights=str(clip_file))
+    model = make_model(trained)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model=model, epoch=1, step=1, params=trained.to_dict())
+    clip_file.rename(tmp_path / "moved.pt")
+    elsewhere = params.replace(clip_weights=str(tmp_path / "nowhere.pt"))   # the old path would fail too
+    loaded, run_params, _ = evaluation_run.load_for_evaluation(path, elsewhere, torch.device("cpu"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert run_params.clip_weights == str(clip_file) and "holds no whole CLIP" not in capsys.readouterr().out
+
+    without_clip = {key: value for key, value in reference_layout(model).items() if ".clip." not in f".{key}"}
+    torch.save(without_clip, tmp_path / "heads-only.pt")
+    with pytest.raises(Exception, match="nowhere.pt"):                  # the file given now is the one read
+        evaluation_run.load_for_evaluation(tmp_path / "heads-only.pt", elsewhere, torch.device("cpu"))
+    assert "holds no whole CLIP: it is read from clip_weights=" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("stored", ["model_config", "params only (older checkpoints)"])
 def test_a_checkpoint_builds_the_model_it_was_trained_as(params, tmp_path, stored):
     trained = params.replace(agg_module="seqLSTM", temp=2.0, emcl_bases=5)
