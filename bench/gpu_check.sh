@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU-ready measurement in one short script (about 8 minutes at most on one GPU):
-#   1. ViT-B/32 training clips/s, FLOPs per step and MFU (batch 128 x 12 frames, bf16), peak memory;
+#   1. ViT-B/32 training clips/s, FLOPs per step and MFU (batch 128 x 12 frames, bf16; then with
+#      the reference's fp16 CLIP, clip_dtype=fp16), peak memory;
 #   2. evaluation of the 1k x 1k block matrix, batched vs the reference loop;
 #   3. loader clips/s, decoding with decord and reading the decoded-frame cache.
 # Without CUDA it runs small CPU presets instead, says so, and takes a minute or two.
@@ -40,6 +41,9 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     step "ViT-B/32 training, batch 128 x 12 frames, bf16 (clips/s, MFU, peak memory)" 240 \
         "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set precision=bf16 \
         --warmup 3 --steps 10 --repeats 3 --flops "${json[@]}"
+    step "ViT-B/32 training as above in the reference's regime: CLIP stored and updated in fp16 (clip_dtype=fp16)" 240 \
+        "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set clip_dtype=fp16 \
+        --warmup 3 --steps 10 --repeats 3 --flops
     if [[ -n "${GPU_CHECK_COMPILE:-}" ]]; then
         step "ViT-B/32 training as above with compile=true (first step: compile time)" 300 \
             "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set precision=bf16 compile=true \

@@ -40,7 +40,7 @@ from emcl_nb.params import Params, load_params, parse_overrides
 from emcl_nb.training.build import build_model
 from emcl_nb.training.engine import train_step
 from emcl_nb.training.optim import build_optimizer
-from emcl_nb.training.runtime import autocast_dtype, configure_torch, cpu_model, seed_everything
+from emcl_nb.training.runtime import autocast_dtype, configure_torch, cpu_model, grad_scaler, seed_everything
 
 PRESETS = {
     "tiny": dict(clip_weights="tiny", tiny_width=128, tiny_layers=2, tiny_patch=16,
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(params, clip_model).to(device).train()
     total_steps = args.warmup + args.steps * args.repeats + int(args.flops)
     optimizer, scheduler = build_optimizer(model, params, total_steps)
-    dtype = autocast_dtype(device, params.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype = autocast_dtype(device, params.precision, model.clip.dtype)
+    scaler = grad_scaler(device, dtype, params.clip_dtype)
     batch = random_batch(params, device)
 
     compile_cache = None

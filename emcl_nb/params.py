@@ -140,6 +140,9 @@ class Params:
     tiny_patch: int = in_model(16, MODEL)           # tiny CLIP: ViT patch size
     agg_module: str = in_model("seqTransf", MODEL)  # None | seqLSTM | seqTransf
     num_hidden_layers: int = in_model(4, MODEL)     # temporal transformer depth
+    # eps of the temporal transformer's LayerNorms: 1e-12 in the reference (its TF-style
+    # LayerNorm), 1e-5 in CLIP's blocks (ours)
+    temporal_ln_eps: float = in_model(1e-5, MODEL)
     # text (text-conditioned frame weights) | mean (CLIP4Clip meanP)
     pooling: str = in_model("text", MODEL)
     temp: float = in_model(3.0, MODEL)              # text-conditioned pooling temperature
@@ -165,9 +168,15 @@ class Params:
     # "bias" / "LayerNorm"
     decay_exempt: str = in_train("norms", TRAINING)
     warmup_proportion: float = in_train(0.1, TRAINING)
-    # global gradient norm clip (and BertAdam's per-tensor clip); = world size restores the reference's
-    # 1/W gradient regime
+    # global gradient norm clip (and BertAdam's per-tensor clip); 1.0 as the reference
     grad_clip: float = in_train(1.0, TRAINING)
+    # reference: each process gets what the reference's all-gather gives it (1/W of the gradient
+    # for everything before the gather, logit_scale at full size) | exact: the true gradient
+    ddp_gradients: str = in_train("exact", TRAINING)
+    # fp16: CLIP's Linear/Conv weights and biases, attention in-projections, proj and
+    # text_projection stored and updated in fp16 as the reference's convert_weights + fp16 BertAdam
+    # (computed in fp16, no loss scaling) | fp32: fp32 master weights (autocast by `precision`)
+    clip_dtype: str = in_train("fp32", TRAINING, EVAL_MAY_CHANGE)
     freeze_patch_embedding: bool = in_train(True, TRAINING)  # the reference freezes CLIP's visual.conv1
     # auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU) | fp32 | bf16 | fp16
     precision: str = in_train("auto", TRAINING, EVAL_MAY_CHANGE)
@@ -219,7 +228,7 @@ class Params:
 
     def replace(self, **changes) -> Params:
         """A copy with `changes` applied and validated like an override."""
-        return _apply(self, changes, source="replace()")
+        return check_combinations(_apply(self, changes, source="replace()"))
 
 
 CHOICES = {
@@ -231,6 +240,8 @@ CHOICES = {
     "pooling": ("text", "mean"),
     "optimizer": ("bertadam", "adamw"),
     "decay_exempt": ("norms", "reference"),
+    "ddp_gradients": ("reference", "exact"),
+    "clip_dtype": ("fp16", "fp32"),
     "emcl_init": ("reference", "distinct"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
 }
@@ -339,6 +350,19 @@ def _apply(params: Params, changes: dict, source: str) -> Params:
     return dataclasses.replace(params, **checked)
 
 
+def check_combinations(params: Params) -> Params:
+    """Settings that are each valid but cannot go together (a ParamsError naming them)."""
+    if params.clip_dtype == "fp16" and params.optimizer != "bertadam":
+        raise ParamsError(f"clip_dtype=fp16 reproduces the reference's fp16 CLIP updated by its fp16 "
+                          f"BertAdam; optimizer={params.optimizer!r} has no such update. Set "
+                          f"optimizer=bertadam, or clip_dtype=fp32 (fp32 master weights)")
+    if params.clip_dtype == "fp16" and params.precision not in ("auto", "fp16"):
+        raise ParamsError(f"clip_dtype=fp16 computes CLIP in fp16 (its weights are fp16); "
+                          f"precision={params.precision!r} cannot apply. Set precision=auto, or "
+                          f"clip_dtype=fp32 to compute in {params.precision}")
+    return params
+
+
 def parse_overrides(items) -> dict:
     """`["epochs=2", "lr=1e-3"]` or `"epochs=2 lr=1e-3"` -> dict of raw values."""
     if isinstance(items, dict):
@@ -376,7 +400,7 @@ def load_params(dataset: str = "synthetic", overrides=None, *, use_env: bool = T
     if env:
         print(f"[emcl_nb] applying {ENV_OVERRIDES}: {env}")
         params = _apply(params, parse_overrides(env), source=ENV_OVERRIDES)
-    return _absolute_paths(params)
+    return check_combinations(_absolute_paths(params))
 
 
 def _absolute_paths(params: Params) -> Params:

@@ -69,6 +69,24 @@ def test_readme_performance_table_is_what_report_generates():
     assert any(row["source"].startswith("quoted") for row in rows)
 
 
+def test_readme_regime_table_is_what_its_measurement_file_gives():
+    regime = import_bench("reference_regime")
+    readme = (ROOT / "README.md").read_text()
+    result = json.loads((ROOT / "docs" / "results" / "reference-regime.json").read_text())
+    assert replace_section(readme, "regime-results", regime.render(result)) == readme, \
+        "README's regime table is stale: run `python bench/reference_regime.py`"
+    assert [row["gradient_std"] for row in result["update"]] == list(regime.GRADIENT_STDS)
+
+
+def test_regime_measurements_of_the_layer_norm_and_the_frame_choice_run():
+    """The small measurements end to end (the update table takes longer and runs in the script)."""
+    regime = import_bench("reference_regime")
+    ln = regime.layer_norm_eps(width=64)
+    assert 0 < ln["mean_abs_difference"] < ln["max_abs_difference"] < 1e-2
+    numbered = regime.numbered_frames(6)
+    assert numbered.shape == (6, 80, 160, 3) and (numbered[5, :40, :16] == 255).all()   # bit 0 of 5 is 1
+
+
 def test_report_divides_each_row_by_the_reference_measured_with_it():
     """Side-by-side rows by their own reference, quoted rows by the quoted baseline, standalone
     runs by the side-by-side reference."""

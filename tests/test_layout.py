@@ -105,8 +105,9 @@ def test_the_model_library_loads_without_the_run_machinery():
     matplotlib or process-group set-up of the app."""
     code = ("import sys, torch; from emcl_nb.model import ModelConfig, create_model; "
             "fields = dict(clip_weights='tiny', tiny_width=64, tiny_layers=1, tiny_patch=16, image_size=32, "
-            "agg_module='seqTransf', num_hidden_layers=1, pooling='text', temp=3.0, emcl='on', emcl_bases=4, "
-            "emcl_stages=2, emcl_momentum=0.9, emcl_lamd=1.0, emcl_beta=3.0, emcl_init='reference', seed=0); "
+            "agg_module='seqTransf', num_hidden_layers=1, temporal_ln_eps=1e-5, pooling='text', temp=3.0, "
+            "emcl='on', emcl_bases=4, emcl_stages=2, emcl_momentum=0.9, emcl_lamd=1.0, emcl_beta=3.0, "
+            "emcl_init='reference', seed=0); "
             "create_model(ModelConfig(**fields)); "
             "loaded = [m for m in ('emcl_nb.params', 'emcl_nb.training', 'emcl_nb.data', 'matplotlib', "
             "'IPython', 'yaml') if m in sys.modules]; assert not loaded, loaded")

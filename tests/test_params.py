@@ -38,8 +38,10 @@ def test_real_datasets_train_with_the_reference_recipe(dataset):
 
 
 def test_optimizer_and_pooling_are_flat_keys():
-    params = load_params("msvd", {"optimizer": "adamw", "pooling": "mean"}, use_env=False)
+    params = load_params("msvd", {"optimizer": "adamw", "pooling": "mean", "clip_dtype": "fp32"}, use_env=False)
     assert (params.optimizer, params.pooling) == ("adamw", "mean")
+    with pytest.raises(ParamsError, match="clip_dtype=fp16 .* optimizer=bertadam, or clip_dtype=fp32"):
+        load_params("msvd", {"optimizer": "adamw"}, use_env=False)      # the file's fp16 CLIP needs BertAdam
     with pytest.raises(ParamsError, match="pooling"):
         load_params("msvd", {"pooling": "max"}, use_env=False)
 
@@ -103,14 +105,16 @@ def test_relative_paths_are_relative_to_the_repository(tmp_path, monkeypatch):
     assert str(tmp_path) not in params.anno_path
 
 
-# The field groups as they were listed by hand before they were derived from the tags.
+# The field groups as they were listed by hand before they were derived from the tags, with
+# the fields added since (the reference regime: temporal_ln_eps, ddp_gradients, clip_dtype).
 OLD_DATA = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
 OLD_MODEL = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
              "agg_module", "num_hidden_layers", "pooling", "temp", "emcl", "emcl_bases", "emcl_stages",
-             "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init")
+             "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init", "temporal_ln_eps")
 OLD_TRAINING = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
                 "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "decay_exempt",
-                "warmup_proportion", "grad_clip", "freeze_patch_embedding", "precision")
+                "warmup_proportion", "grad_clip", "freeze_patch_embedding", "precision",
+                "ddp_gradients", "clip_dtype")
 OLD_SYNTHETIC = ("synthetic", "synthetic_distractors", "synthetic_shape_scale", "synthetic_templates",
                  "synthetic_seed", "synthetic_train", "synthetic_test", "synthetic_val",
                  "synthetic_frames", "synthetic_fps", "synthetic_size")
@@ -124,7 +128,7 @@ OLD_GROUPS = {
     "SYNTHETIC_FIELDS": OLD_SYNTHETIC,
     "SELECTION_FIELDS": OLD_SELECTION,
     "RESUME_FIELDS": OLD_MODEL + OLD_DATA + OLD_TRAINING + OLD_SYNTHETIC + OLD_SELECTION,
-    "REUSE_FIELDS": tuple(n for n in OLD_TRAINING if n not in ("seed", "precision")) + OLD_SYNTHETIC,
+    "REUSE_FIELDS": tuple(n for n in OLD_TRAINING if n not in ("seed", "precision", "clip_dtype")) + OLD_SYNTHETIC,
     "SCORING_FIELDS": ("block_size", "emcl_bases", "emcl_stages", "emcl_lamd", "emcl_beta", "emcl_init",
                        "inference_emcl_bases", "inference_emcl_stages", "inference_emcl_lamd",
                        "inference_emcl_beta", "inference_block_size", "dsl_t2v_temp", "dsl_v2t_temp"),

@@ -48,8 +48,9 @@ METRIC = "t2v_R1"                # what the per-query hits, the spread and the i
 # the recipe already has (e.g. K = 32 when the file says 32) is the reference run itself.
 TRAINED_VARIANTS = {
     "emcl-off": ("text pooling, EMCL off", {"emcl": "off"}),
+    # CLIP4Clip's recipe: no augmentation (the synthetic grid has none anyway)
     "meanp": ("CLIP4Clip meanP (mean pooling, no temporal module, no EMCL)",
-              {"pooling": "mean", "agg_module": "None", "emcl": "off"}),
+              {"pooling": "mean", "agg_module": "None", "emcl": "off", "train_augment": False}),
     "distinct": ("EMCL, distinct (non-collapsing) bases", {"emcl_init": "distinct"}),
     "bases-8": ("EMCL, K = 8 bases", {"emcl_bases": 8}),
     "beta-1": ("EMCL, β = 1", {"emcl_beta": 1.0}),

@@ -117,21 +117,25 @@ def output_problem(source: Path, output: Path) -> str | None:
     return None
 
 
-def compress_one(source: Path, destination: Path) -> str:
+def compress_one(source: Path, destination: Path, reference_rate: bool = False) -> str:
     """Encode one video to 3 fps / short side 224 H.264 mp4 and check the output; returns
-    ffmpeg's warnings, raises FFmpegError."""
+    ffmpeg's warnings, raises FFmpegError. The frames are kept by ffmpeg's fps filter (the
+    source frame nearest each 1/3 s), or with `reference_rate` by the output option `-r 3`
+    as the reference's script does (it can keep other source frames; docs/data.md)."""
+    rate = ["-vf", SCALE_FILTER, "-r", str(TARGET_FPS)] if reference_rate else \
+        ["-vf", f"fps={TARGET_FPS},{SCALE_FILTER}"]
     return encode_mp4(["-threads", "1", "-i", str(source)], destination,
-                      ["-vf", f"fps={TARGET_FPS},{SCALE_FILTER}", "-an", "-sn", "-dn",
-                       "-crf", str(CRF)],
+                      [*rate, "-an", "-sn", "-dn", "-crf", str(CRF)],
                       verify=lambda written: output_problem(source, written))
 
 
 def compress_videos(input_root, output_root, workers: int | None = None,
-                    progress: bool = True) -> CompressReport:
+                    progress: bool = True, reference_rate: bool = False) -> CompressReport:
     """Compress every video under `input_root` into `output_root`, keeping the tree.
 
     Runs `workers` ffmpeg processes at once (default: one per CPU core). Finished outputs
-    are skipped, so an interrupted run can simply be started again.
+    are skipped, so an interrupted run can simply be started again. `reference_rate`: see
+    `compress_one`.
     """
     input_root, output_root = Path(input_root), Path(output_root)
     _check_roots(input_root, output_root)
@@ -158,7 +162,7 @@ def compress_videos(input_root, output_root, workers: int | None = None,
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress_bar(total=len(todo), desc="compress", unit="video", disable=not progress) as bar:
-        jobs = {pool.submit(compress_one, input_root / rel, dest): rel for dest, rel in todo.items()}
+        jobs = {pool.submit(compress_one, input_root / rel, dest, reference_rate): rel for dest, rel in todo.items()}
         for job in as_completed(jobs):
             relative = jobs[job]
             try:
@@ -182,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_root", required=True, help="where the .mp4 files go (same tree)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--reference_rate", action="store_true",
+                        help="keep frames with the output option -r 3 as the reference's script does, "
+                             "instead of the fps filter (other source frames can be kept)")
     args = parser.parse_args(argv)
     report = compress_videos(args.input_root, args.output_root, args.workers,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, reference_rate=args.reference_rate)
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -86,7 +86,7 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
     present = torch.zeros(n_videos, dtype=torch.bool)
     bar = dict(disable=not params.progress, leave=False, unit="batch")
 
-    with torch.no_grad(), autocast(device, autocast_dtype(device, params.precision)):
+    with torch.no_grad(), autocast(device, autocast_dtype(device, params.precision, model.clip.dtype)):
         for batch in progress_bar(text_loader, desc=f"encode {split} texts", **bar):
             features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
             text[batch["index"]] = features.float().cpu()                                 # [B, D]
@@ -159,7 +159,7 @@ def feature_key(model, params: Params, split: str, annotations, device: torch.de
     """Everything the features of `split` depend on."""
     return {"version": CACHE_VERSION, "split": split, "weights": weights_fingerprint(model),
             "annotations": annotations_fingerprint(annotations),
-            "precision": str(autocast_dtype(device, params.precision) or torch.float32),
+            "precision": str(autocast_dtype(device, params.precision, model.clip.dtype) or torch.float32),
             **{name: getattr(params, name) for name in FEATURE_FIELDS}}
 
 

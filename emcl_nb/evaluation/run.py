@@ -41,7 +41,9 @@ def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
     config (older ones: their run's parameters): the model is built with its MODEL_FIELDS (a
     note says where they differ from `params`); a reference checkpoint is built from `params`
     as given. CLIP is built from the checkpoint's own `clip.*` weights, so the CLIP file the
-    run was trained from is not needed; only a file without them reads params.clip_weights."""
+    run was trained from is not needed; only a file without them reads params.clip_weights.
+    With clip_dtype=fp16, CLIP is stored (and computes) in fp16 on CUDA as the reference's, in
+    fp32 elsewhere."""
     path = Path(path)
     state = read_checkpoint(path)
     weights, layout = model_weights(state, str(path))
@@ -56,6 +58,11 @@ def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
         if name != "clip_weights":                 # CLIP itself comes from the checkpoint
             note(f"{path.name} was trained with {name}={value!r}; using it "
                  f"(params say {getattr(params, name)!r})")
+    if params.clip_dtype == "fp16" and device.type != "cuda":
+        # an fp16 CLIP computes in fp16, which CPUs without fp16 units do many times slower
+        note(f"clip_dtype=fp16: on the {device.type} CLIP computes in fp32 from the same (fp16) weights; "
+             f"on CUDA in fp16, as the reference")
+        changes["clip_dtype"] = "fp32"
     params = params.replace(**changes)
     model = build_model(params, clip_model)
     report = load_model_weights(model, state, source=str(path))

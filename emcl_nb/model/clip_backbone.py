@@ -143,6 +143,35 @@ def clip_from_state_dict(state_dict: dict[str, torch.Tensor], source: Path | str
     return model.train()
 
 
+# The modules whose weights the reference's `convert_weights` stores in fp16, and the
+# attention and projection tensors it converts by name: everything else (embeddings, position
+# tables, LayerNorms, logit_scale) stays fp32.
+FP16_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+FP16_ATTENTION_TENSORS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                          "in_proj_bias", "bias_k", "bias_v")
+FP16_PROJECTIONS = ("text_projection", "proj")
+
+
+def convert_to_fp16(model: CLIP) -> CLIP:
+    """Store CLIP's weights in fp16 as the reference does on CUDA (its `convert_weights`): the
+    weights and biases of every Linear and Conv layer (the attention's output projection
+    included), the attention in-projections, `text_projection` and the vision tower's `proj`.
+    In place; returns the model. Its towers then compute in fp16 (`model.dtype`)."""
+    def convert(module: torch.nn.Module) -> None:
+        if isinstance(module, FP16_MODULES):
+            names = ("weight", "bias")
+        elif isinstance(module, torch.nn.MultiheadAttention):
+            names = FP16_ATTENTION_TENSORS
+        else:
+            names = FP16_PROJECTIONS
+        for name in names:
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                tensor.data = tensor.data.half()
+    model.apply(convert)
+    return model
+
+
 def encode_text(model: CLIP, text_ids: torch.Tensor) -> torch.Tensor:
     """Sentence features [B,D] of token ids [B,L], L <= 77: the EOT position (largest id)
     after ln_final and text_projection, not normalised.
@@ -155,8 +184,8 @@ def encode_text(model: CLIP, text_ids: torch.Tensor) -> torch.Tensor:
     if text_ids.dim() != 2 or text_ids.shape[1] > model.context_length:
         raise ValueError(f"text_ids must be [B, L] with L <= {model.context_length} "
                          f"(set max_words <= {model.context_length}); got {tuple(text_ids.shape)}")
-    L = text_ids.shape[1]
-    x = model.token_embedding(text_ids) + model.positional_embedding[:L]    # [B, L, C]
+    L, dtype = text_ids.shape[1], model.dtype                               # the tower's dtype (fp16 converted)
+    x = model.token_embedding(text_ids).to(dtype) + model.positional_embedding[:L].to(dtype)  # [B, L, C]
     for block in model.transformer.resblocks:
         x = residual_block(block, x, causal=True)
     eot = x[torch.arange(len(x), device=x.device), text_ids.argmax(dim=-1)]  # [B, C]
@@ -200,7 +229,7 @@ def folded_patch_embedding(conv1: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.
     for x in 0..255. Exact algebra: normalize is x / (255 std) - mean / std per input
     channel, so the weights scale by 1 / (255 std) and the offset is conv1 of the constant
     image mean / std. Differentiable in conv1.weight, so it serves a trained conv1 too."""
-    w = conv1.weight                                                        # [C, 3, P, P]
+    w = conv1.weight.float()                           # [C, 3, P, P], folded in fp32 (fp16 CLIP too)
     mean, std = clip_statistics(w.device, w.dtype)
     weight = w / (255.0 * std).view(1, 3, 1, 1)                             # [C, 3, P, P]
     offset = (w * (mean / std).view(1, 3, 1, 1)).sum((1, 2, 3))           # [C], fp32 even under autocast
@@ -257,7 +286,9 @@ def encode_uint8_frames(model: CLIP, frames_uint8: torch.Tensor, keep: torch.Ten
 def encode_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """CLIP's VisionTransformer.forward after conv1: patch embeddings [N,g*g,C] -> [N,D].
     Runs batch-first (CLIP permutes to [L,N,C] and back; the result is the same), and the
-    last block computes the CLS token alone: nothing reads the other tokens' outputs."""
+    last block computes the CLS token alone: nothing reads the other tokens' outputs. An
+    fp16 tower (convert_to_fp16) runs its residual stream in fp16, as the reference's."""
+    x = x.to(visual.conv1.weight.dtype)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)      # [N, 1, C]
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [N, 1 + g*g, C]
     x = visual.ln_pre(x)

@@ -21,6 +21,7 @@ class ModelConfig:
     # ---- aggregation and pooling ----
     agg_module: str             # None | seqLSTM | seqTransf
     num_hidden_layers: int      # temporal transformer depth
+    temporal_ln_eps: float      # eps of the temporal transformer's LayerNorms (reference: 1e-12)
     pooling: str                # text (text-conditioned frame weights) | mean (CLIP4Clip meanP)
     temp: float                 # text-conditioned pooling temperature
     # ---- EMCL ----

@@ -95,7 +95,11 @@ def block_logits(t: torch.Tensor, v: torch.Tensor, emcl_module: EMCL | None,
 
 class MaskedResidualAttentionBlock(ResidualAttentionBlock):
     """CLIP's residual attention block (same parameter names), non-causal, with padded
-    frames masked as keys."""
+    frames masked as keys, its LayerNorms at `ln_eps`."""
+
+    def __init__(self, width: int, heads: int, ln_eps: float):
+        super().__init__(width, heads)
+        self.ln_1.eps = self.ln_2.eps = ln_eps
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         # x [T, B, D]; key_padding_mask [B, T], True = ignore this frame as a key
@@ -107,9 +111,9 @@ class MaskedResidualAttentionBlock(ResidualAttentionBlock):
 class TemporalTransformer(nn.Module):
     """A stack of `layers` masked residual attention blocks over the frames."""
 
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, ln_eps: float):
         super().__init__()
-        self.resblocks = nn.ModuleList(MaskedResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(MaskedResidualAttentionBlock(width, heads, ln_eps) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -137,7 +141,8 @@ class EMCLNet(nn.Module):
 
         if config.agg_module == "seqTransf":
             self.frame_position_embeddings = nn.Embedding(CONTEXT_LENGTH, D)
-            self.transformerClip = TemporalTransformer(D, config.num_hidden_layers, max(1, D // 64))
+            self.transformerClip = TemporalTransformer(D, config.num_hidden_layers, max(1, D // 64),
+                                                       config.temporal_ln_eps)
             if config.clip_weights != "tiny":
                 # The trick transfers pretrained structure. A random CLIP's text positions are
                 # drawn with std 0.01, 1 % of a frame feature's norm, which would hide the

@@ -32,7 +32,14 @@ from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng
 from emcl_nb.training.checks import check_resumable, check_setup, collapse_signs
 from emcl_nb.training.optim import build_optimizer
 from emcl_nb.training.run_log import StepLog, truncate_log
-from emcl_nb.training.runtime import autocast, autocast_dtype, configure_torch, seed_everything, to_device
+from emcl_nb.training.runtime import (
+    autocast,
+    autocast_dtype,
+    configure_torch,
+    grad_scaler,
+    seed_everything,
+    to_device,
+)
 
 # What training writes in the run folder besides checkpoints/ (evaluation writes there too).
 TRAINING_FILES = ("params.yaml", "history.json", "log.jsonl", "reference.json")
@@ -174,12 +181,12 @@ def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Train
     loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
     total_steps = len(loader) * params.epochs
     optimizer, scheduler = build_optimizer(model, params, total_steps)
-    dtype = autocast_dtype(device, params.precision)
+    dtype = autocast_dtype(device, params.precision, model.clip.dtype)
     every = params.reference_interval if params.reference_selection else 0
     return Training(
         params=params, env=env, device=device, model=model, loader=loader, optimizer=optimizer,
-        scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        loss_fn=EMCLLoss(), dtype=dtype, total_steps=total_steps,
+        scheduler=scheduler, scaler=grad_scaler(device, dtype, params.clip_dtype),
+        loss_fn=EMCLLoss(params.ddp_gradients), dtype=dtype, total_steps=total_steps,
         checkpoints=RunCheckpoints(params.out_dir / "checkpoints"),
         step_log=StepLog(params.out_dir / "log.jsonl" if env.is_main else None, params.log_every,
                          params.batch_size, on_log if env.is_main else None),

@@ -51,6 +51,12 @@ class BertAdam(torch.optim.Optimizer):
     clip in the training loop), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g², the update
     u = m / (sqrt(v) + eps) gets `weight_decay * p` added, and p -= lr * u. The group's
     "lr" is the scheduled rate (build_optimizer drives it with `warmup_cosine`).
+
+    fp32 tensors go through torch's fused AdamW kernel (the same update, one pass). fp16
+    tensors (clip_dtype=fp16) are updated op by op in fp16 with fp16 state, as the reference's
+    BertAdam updates its fp16 CLIP: each intermediate rounded to fp16, so small second
+    moments underflow and steps below half an fp16 step are lost, as there
+    (`reference_update`).
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6,
@@ -72,8 +78,7 @@ class BertAdam(torch.optim.Optimizer):
                     self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
             grads = [p.grad for p in params]
             if group["max_grad_norm"] > 0:   # the reference's per-tensor clip (eps 1e-6), in place as there
-                norms = torch._foreach_norm(grads)
-                torch._foreach_add_(norms, 1e-6)
+                norms = torch._foreach_add(torch._foreach_norm(grads), 1e-6)   # out of place: see reference_update
                 scales = torch._foreach_div([torch.full_like(n, group["max_grad_norm"]) for n in norms], norms)
                 torch._foreach_clamp_max_(scales, 1.0)
                 # After the loop's global clip to the same norm no tensor is over it: on the
@@ -89,7 +94,11 @@ class BertAdam(torch.optim.Optimizer):
             # The kernel takes tensors of one device and dtype per call.
             tensors = [params, grads, [self.state[p]["exp_avg"] for p in params],
                        [self.state[p]["exp_avg_sq"] for p in params]]
-            for (device, _), (same_kind, _) in self._group_tensors_by_device_and_dtype(tensors).items():
+            for (device, dtype), (same_kind, _) in self._group_tensors_by_device_and_dtype(tensors).items():
+                if dtype == torch.float16:
+                    reference_update(*same_kind, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                     eps=group["eps"], weight_decay=group["weight_decay"])
+                    continue
                 torch._fused_adamw_(
                     *same_kind, [], [self._no_bias_correction_step(device)] * len(same_kind[0]),
                     lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
@@ -105,6 +114,25 @@ class BertAdam(torch.optim.Optimizer):
         if device not in self._steps:
             self._steps[device] = torch.tensor(NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)
         return self._steps[device]
+
+
+def reference_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                     exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                     weight_decay: float) -> None:
+    """BertAdam's update (after its per-tensor clip) op by op, in the tensors' own dtype, in
+    the reference's order: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g g; u = m / (sqrt(v) + eps);
+    u += wd p (wd > 0); p -= lr u. In place on params and the moments. In fp16 every step
+    rounds to fp16 as the reference's fp16 run does (the foreach ops round like the single
+    tensor ops it calls; tested bit for bit against a transcription of the reference)."""
+    # Out-of-place foreach ops with scalars: in place, the CPU's foreach path rounds the scalar
+    # to fp16 first (0.9 -> 0.8999), which the reference's single-tensor ops do not.
+    torch._foreach_copy_(exp_avgs, torch._foreach_add(torch._foreach_mul(exp_avgs, beta1), grads, alpha=1 - beta1))
+    torch._foreach_copy_(exp_avg_sqs, torch._foreach_addcmul(torch._foreach_mul(exp_avg_sqs, beta2), grads, grads,
+                                                              value=1 - beta2))
+    updates = torch._foreach_div(exp_avgs, torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), eps))
+    if weight_decay > 0:
+        updates = torch._foreach_add(updates, torch._foreach_mul(params, weight_decay))
+    torch._foreach_sub_(params, torch._foreach_mul(updates, lr))
 
 
 def build_optimizer(model: nn.Module, params: Params, total_steps: int):

@@ -65,13 +65,24 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
         return False
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """fp32 master weights always; autocast to bf16 on CUDA (fp16 where bf16 is missing)."""
+def autocast_dtype(device: torch.device, precision: str,
+                   clip_storage: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The dtype CLIP computes in under autocast (None: fp32). A CLIP stored in fp16
+    (clip_dtype=fp16) computes in fp16, as the reference's; fp32 master weights autocast to
+    bf16 on CUDA (fp16 where bf16 is missing) with precision=auto, or as `precision` says."""
+    if clip_storage == torch.float16:
+        return torch.float16
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None, clip_dtype: str) -> torch.amp.GradScaler:
+    """Loss scaling where fp32 master weights train under fp16 autocast; none otherwise: an
+    fp16 CLIP (clip_dtype=fp16) is trained as the reference trains it, without."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and clip_dtype == "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
