@@ -10,8 +10,21 @@ from __future__ import annotations
 
 import argparse
 
-from emcl_nb.evaluation.run import evaluate_run
+from emcl_nb.cli import add_traceback_flag, run_command
+from emcl_nb.data.inputs import check_inputs
 from emcl_nb.params import CHOICES, SCORING_FIELDS, load_params, parse_overrides
+
+
+def evaluate_command(args, sets: dict, emcl_mode: str | None, overrides: dict) -> None:
+    params = load_params(args.params, sets)
+    check_inputs(params, weights=False, splits=(args.split,))   # the weights come from the checkpoint
+    # Imported here, after the check: torch and the evaluation machinery take seconds to load.
+    from emcl_nb.evaluation.run import evaluate_run
+
+    summary = evaluate_run(params, args.checkpoint or ("best", "last"), split=args.split,
+                           emcl_mode=emcl_mode, name=args.name, cache=not args.no_cache, **overrides)
+    print(summary["table"])
+    print(f"[emcl_nb] wrote {params.out_dir / (args.name + '.json')} and {args.name}.md")
 
 
 def main(argv=None) -> None:
@@ -30,15 +43,12 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help=f"override parameters; scoring settings ({', '.join(SCORING_FIELDS)}) "
                              f"re-score cached features without encoding again")
+    add_traceback_flag(parser)
     args = parser.parse_args(argv)
     sets = parse_overrides(args.set)
     emcl_mode = args.emcl or sets.pop("emcl", None)
     overrides = {key: sets.pop(key) for key in list(sets) if key in SCORING_FIELDS}
-    params = load_params(args.params, sets)
-    summary = evaluate_run(params, args.checkpoint or ("best", "last"), split=args.split,
-                           emcl_mode=emcl_mode, name=args.name, cache=not args.no_cache, **overrides)
-    print(summary["table"])
-    print(f"[emcl_nb] wrote {params.out_dir / (args.name + '.json')} and {args.name}.md")
+    run_command(lambda: evaluate_command(args, sets, emcl_mode, overrides), traceback=args.traceback)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ In a terminal this is tqdm's text bar on stderr. In a Jupyter kernel the same te
 drawn into one display output updated in place and stored as plain text, so a notebook
 saved and reopened shows the bar's last line. (tqdm's widget bars reopen as "Error
 displaying widget: model not found", since their widget models die with the kernel.)
+Anywhere else (stderr a log file or a pipe: a headless run) there is no bar: its redraws
+would flood the log; the commands print a line per epoch and a timing summary instead.
 """
 from __future__ import annotations
 
 import io
+import sys
 
 from IPython import get_ipython
 from IPython.display import display
@@ -37,9 +40,12 @@ class DisplayLine(io.TextIOBase):
 
 def progress_bar(iterable=None, **kwargs) -> tqdm:
     """`tqdm(iterable, **kwargs)`, drawn as an in-place text line in a Jupyter kernel
-    (redrawn at most twice a second there: every redraw is a message to the browser)."""
+    (redrawn at most twice a second there: every redraw is a message to the browser), on
+    stderr in a terminal, and not drawn when stderr is neither (a log file)."""
     if in_kernel() and not kwargs.get("disable"):
         kwargs = {"file": DisplayLine(), "mininterval": 0.5, "ncols": 100, **kwargs}
+    elif not sys.stderr.isatty():
+        kwargs["disable"] = True
     return tqdm(iterable, **kwargs)
 
 

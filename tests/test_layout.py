@@ -12,10 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "emcl_nb"
 # Imports a function may make (each says why where it is made): dependencies that stay
-# optional at run time or cost seconds only the code that needs them should pay.
+# optional at run time or cost seconds only the code that needs them should pay, and a
+# command's machinery, which loads after the command has checked its inputs.
 FUNCTION_LEVEL_IMPORTS = {
     "timm.data.auto_augment",   # seconds to import; only the loader-side augmentation uses it
     "imageio_ffmpeg",           # the fallback binary, only where PATH has no ffmpeg
+    # the commands' machinery, loaded after their inputs are checked (torch takes seconds)
+    "emcl_nb.training.run", "emcl_nb.training.distributed", "emcl_nb.evaluation.run",
 }
 
 
@@ -103,7 +106,8 @@ def test_emclnet_imports_neither_params_nor_distributed():
 def test_the_model_library_loads_without_the_run_machinery():
     """Importing it (and building a tiny model) pulls in no run parameters, notebooks,
     matplotlib or process-group set-up of the app."""
-    code = ("import sys, torch; from emcl_nb.model import ModelConfig, create_model; "
+    code = ("import sys, torch; from emcl_nb.model.config import ModelConfig; "
+            "from emcl_nb.model.emclnet import create_model; "
             "fields = dict(clip_weights='tiny', tiny_width=64, tiny_layers=1, tiny_patch=16, image_size=32, "
             "agg_module='seqTransf', num_hidden_layers=1, temporal_ln_eps=1e-5, pooling='text', temp=3.0, "
             "emcl='on', emcl_bases=4, emcl_stages=2, emcl_momentum=0.9, emcl_lamd=1.0, emcl_beta=3.0, "

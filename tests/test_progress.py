@@ -1,15 +1,25 @@
 """Progress bars in a notebook are plain text updated in place, so a saved notebook
-reopens with the bar's last line instead of "Error displaying widget: model not found"."""
+reopens with the bar's last line instead of "Error displaying widget: model not found";
+in a terminal they are tqdm's, and a headless run's log gets none."""
+import sys
+
 import nbformat
 from nbclient import NotebookClient
 
 from emcl_nb.progress import in_kernel, progress_bar
 
 
-def test_outside_a_kernel_it_is_tqdm_on_stderr(capsys):
+def test_in_a_terminal_it_is_tqdm_on_stderr(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert not in_kernel()
     assert list(progress_bar(range(3), desc="plain")) == [0, 1, 2]
     assert "plain: 100%" in capsys.readouterr().err
+
+
+def test_a_log_that_is_not_a_terminal_gets_no_bar(capsys):
+    assert not sys.stderr.isatty()                      # captured: as a log file would be
+    assert list(progress_bar(range(3), desc="plain")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
 
 
 def test_in_a_kernel_the_bar_is_one_text_output_updated_in_place():

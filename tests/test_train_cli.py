@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from emcl_nb.data.prepare import DataNotFoundError, ensure_data, split_statistics
+from emcl_nb.data.inputs import DataNotFoundError
+from emcl_nb.data.prepare import ensure_data, split_statistics
 from emcl_nb.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,32 @@ def test_missing_real_data_is_named_before_any_work(tmp_path):
         ensure_data(params)
     message = str(error.value)
     assert "raw-captions.pkl" in message and "train_list.txt" in message and "anno_path" in message
+
+
+def _command(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m emcl_nb.<module> ...` run through its main(), reporting its exit status and
+    whether torch was imported by then."""
+    code = (f"import sys\nfrom emcl_nb.{module} import main\ntry:\n    main({list(args)!r})\n"
+            "except SystemExit as exit:\n    print('exit', exit.code, 'torch' in sys.modules)")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_train_command_names_every_missing_input_at_once_before_torch_loads(tmp_path):
+    done = _command("train", "--params", "msrvtt", "--set", f"clip_cache={tmp_path}/clip",
+                    f"anno_path={tmp_path}/annotations", f"video_path={tmp_path}/videos")
+    assert done.stdout.split() == ["exit", "2", "False"], done.stdout + done.stderr
+    assert "3 input(s) missing" in done.stderr and "Traceback" not in done.stderr
+    for named in ("ViT-B-32.pt", "MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "video_path="):
+        assert named in done.stderr, named
+
+
+def test_command_errors_are_one_line_unless_a_traceback_is_asked_for():
+    done = _command("evaluate", "--params", "synthetic", "--set", "lr=-1")
+    assert done.stdout.split()[:2] == ["exit", "2"]
+    assert done.stderr.startswith("[emcl_nb] error: parameter 'lr'") and "Traceback" not in done.stderr
+    shown = _command("evaluate", "--params", "synthetic", "--traceback", "--set", "lr=-1")
+    assert "Traceback" in shown.stderr and "ParamsError" in shown.stderr
 
 
 def test_split_statistics_of_the_synthetic_set(tmp_path):

@@ -196,21 +196,22 @@ def _report(folder: Path, annotations: Annotations, clips: list[Clip], settings:
 
 
 def describe(report: dict) -> str:
-    """One line: what a cache holds, its size and build time."""
+    """One line: what a cache holds, its size and build time (a cache found complete says so)."""
+    built = (f"found complete (built earlier in {report['build_seconds']:.1f} s)" if report.get("reused")
+             else f"built in {report['build_seconds']:.1f} s")
     return (f"frame cache {report['split']}: {report['clips']} clips, {report['frames']} frames, "
-            f"{report['bytes'] / 1e9:.3f} GB in {report['files']} files, built in "
-            f"{report['build_seconds']:.1f} s, {len(report['unreadable'])} unreadable videos "
-            f"({report['folder']})")
+            f"{report['bytes'] / 1e9:.3f} GB in {report['files']} files, {built}, "
+            f"{len(report['unreadable'])} unreadable videos ({report['folder']})")
 
 
 def build_frame_cache(params: Params, split: str, *, progress: bool | None = None) -> dict:
     """Build (or finish, or reuse) the cache of `split` for `params`; returns its report
-    (also in cache.json beside it)."""
+    (also in cache.json beside it; a cache found complete is reported with "reused": True)."""
     annotations = load_annotations(params, split)
     clips = split_clips(annotations)
     folder = cache_folder(params, annotations, clips)
     if (folder / REPORT).is_file():
-        return _read_json(folder / REPORT)
+        return {**_read_json(folder / REPORT), "reused": True}
     settings = sampling_settings(params)
     with folder_lock(folder):
         sweep_temp_files(folder)

@@ -2,43 +2,17 @@
 
 The synthetic set is generated on first use. For the real benchmarks, nothing can be
 downloaded on the machines this project is tested on, so a missing file is an error that
-names the file, where the data comes from and the parameter to set.
+names the file, where the data comes from and the parameter to set (emcl_nb.data.inputs).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from emcl_nb.data.annotations import SPLITS, has_split, load_annotations, split_files
+from emcl_nb.data.annotations import SPLITS, has_split, load_annotations
 from emcl_nb.data.frame_cache import build_frame_caches
+from emcl_nb.data.inputs import check_inputs
 from emcl_nb.data.synthetic import generate_from_params
 from emcl_nb.params import Params
-
-# Where each benchmark's annotations and videos come from (the release README's sources).
-SOURCES = {
-    "msrvtt": "splits and captions: msrvtt_data.zip from the CLIP4Clip release "
-              "(github.com/ArrowLuo/CLIP4Clip/releases); videos: MSRVTT.zip from Frozen in Time",
-    "msvd": "raw-captions.pkl and the split lists with the videos: the EMCL-Net / CLIP4Clip "
-            "processed MSVD release",
-    "lsmdc": "LSMDC cannot be redistributed: request it from the dataset authors "
-             "(sites.google.com/site/describingmovies) and bring your own copy",
-    "activity": "ActivityNet Captions (cs.stanford.edu/people/ranjaykrishna/densevid) with "
-                "train_ids.json / val_ids.json from the EMCL-Net release",
-    "didemo": "DiDeMo (github.com/lisaanne/localizingmoments) with the EMCL-Net release lists",
-}
-
-
-class DataNotFoundError(FileNotFoundError):
-    """Annotations or videos are missing; the message says what to fetch and where to put it."""
-
-
-def annotation_status(params: Params) -> dict[str, dict[str, bool]]:
-    """For each split the layout has: annotation file name -> present on disk."""
-    status = {}
-    for split in SPLITS:
-        files = split_files(params, split)
-        if files is not None:
-            status[split] = {path.name: path.is_file() for path in files}
-    return status
 
 
 def ensure_data(params: Params, *, progress: bool | None = None) -> Path:
@@ -54,18 +28,7 @@ def ensure_data(params: Params, *, progress: bool | None = None) -> Path:
 def _ensure_files(params: Params, progress: bool | None) -> Path:
     if params.synthetic:
         return generate_from_params(params, progress)
-    missing = [f"{split}: {name}" for split, files in annotation_status(params).items()
-               if split != "val" for name, present in files.items() if not present]
-    if missing:
-        raise DataNotFoundError(
-            f"dataset {params.dataset!r} ({params.layout}) is missing annotation files in "
-            f"anno_path={params.anno_path}: {', '.join(missing)}. Get them from "
-            f"{SOURCES[params.layout]}, then set anno_path (params/{params.dataset}.yaml or "
-            f"--set anno_path=...).")
-    if not Path(params.video_path).expanduser().is_dir():
-        raise DataNotFoundError(
-            f"video_path={params.video_path} is not a folder. Put the videos there (compressed "
-            f"with `python -m emcl_nb.data.compress`) or set video_path.")
+    check_inputs(params, weights=False)
     return Path(params.anno_path)
 
 

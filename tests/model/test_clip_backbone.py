@@ -9,7 +9,6 @@ from emcl_nb.model.clip_backbone import (
     CLIP_MEAN,
     CLIP_STD,
     InvalidWeightsError,
-    WeightsNotFoundError,
     build_tiny_clip,
     encode_frames,
     encode_text,
@@ -17,6 +16,7 @@ from emcl_nb.model.clip_backbone import (
     load_clip_model,
     normalize_frames,
 )
+from emcl_nb.model.clip_files import WeightsNotFoundError
 
 
 @pytest.fixture
