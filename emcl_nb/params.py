@@ -98,6 +98,10 @@ class Params:
     msrvtt_train_csv: str = in_data("MSRVTT_train.9k.csv", TRAINING)
     # validation ids held out of training (e.g. MSRVTT_val.full.csv); "" = none
     msrvtt_val_csv: str = in_data("", TRAINING)
+    # a short trial on real data: the first N videos of the training split (with all their
+    # captions), of the validation and test splits; 0 = all
+    max_train_videos: int = in_data(0, TRAINING)
+    max_eval_videos: int = in_data(0, SELECTION)
     max_words: int = in_data(32, DATA)
     max_frames: int = in_data(12, DATA)
     video_framerate: int = in_data(1, DATA)         # frames sampled per second of video
@@ -185,6 +189,8 @@ class Params:
     progress: bool = in_train(True)                 # tqdm progress bars
     # torch.compile the training forward (the first step compiles; its time is printed)
     compile: bool = in_train(False)
+    # stop after this many updates, the schedule fitted to them (a smoke test); 0 = the epochs'
+    max_steps: int = in_train(0, TRAINING)
 
     # ---- evaluation ----
     batch_size_val: int = in_eval(128)
@@ -259,6 +265,9 @@ LIMITS = {
     "grad_clip": (lambda v: v >= 0, "at least 0 (the largest gradient norm kept; 0: no clipping)"),
     "warmup_proportion": (lambda v: 0 <= v < 1, "in [0, 1) (the share of steps spent warming up)"),
     "max_frames": (lambda v: v >= 1, "at least 1 (frames sampled per video)"),
+    "max_train_videos": (lambda v: v >= 0, "at least 0 (0: every training video)"),
+    "max_eval_videos": (lambda v: v >= 0, "at least 0 (0: every validation and test video)"),
+    "max_steps": (lambda v: v >= 0, "at least 0 (0: every step of the epochs)"),
     "video_framerate": (lambda v: v >= 1, "at least 1 (frames sampled per second)"),
     "run": (_single_folder_name, "a single folder name (no '/', not '.' or '..'): "
                                  "outputs go to <output_root>/<dataset>/<run>/"),

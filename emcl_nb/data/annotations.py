@@ -51,6 +51,7 @@ EMPTY_CAPTION = "empty caption"
 MISSING_VIDEO = "no video file"
 NO_CAPTIONS = "listed video without captions"
 BROKEN_CLIP = "known broken LSMDC clip"
+LIMITED = "beyond max_train_videos / max_eval_videos"
 
 
 ENCODING = "utf-8"               # of every text annotation file (a byte-order mark is allowed)
@@ -323,7 +324,33 @@ def load_annotations(params: Params, split: str) -> Annotations:
         records, uncaptioned = READERS[params.layout](files, split)
         if split == "test" and single_sentence_test(params.layout):
             _check_one_text_per_video(records, files[0])
-        return _assemble(params, split, records, uncaptioned, videos)
+        annotations = _assemble(params, split, records, uncaptioned, videos)
+    limit = params.max_train_videos if split == "train" else params.max_eval_videos
+    return first_videos(annotations, limit) if limit else annotations
+
+
+def first_videos(annotations: Annotations, count: int) -> Annotations:
+    """The first `count` videos of a split with all their samples (a short trial: the
+    max_train_videos / max_eval_videos settings); the samples left out are counted in
+    `dropped` under LIMITED."""
+    if count >= annotations.num_videos:
+        return annotations
+    keep = annotations.video_index < count                                       # [samples]
+    samples = [sample for sample, kept in zip(annotations.samples, keep) if kept]
+    video_index = annotations.video_index[keep]
+    dropped = Counter(annotations.dropped)
+    dropped[LIMITED] += int((~keep).sum())
+    return Annotations(annotations.layout, annotations.split, samples, annotations.video_ids[:count],
+                       video_index, annotations.video_paths[:count], caption_groups(video_index, count),
+                       dropped)
+
+
+def caption_groups(video_index, num_videos: int) -> list[list[int]]:
+    """Per video, the indices of its samples (video_index: each sample's video)."""
+    groups: list[list[int]] = [[] for _ in range(num_videos)]
+    for i, v in enumerate(np.asarray(video_index).tolist()):
+        groups[v].append(i)
+    return groups
 
 
 def _check_one_text_per_video(records: list[Sample], path: Path) -> None:
@@ -394,8 +421,6 @@ def _assemble(params: Params, split: str, records: list[Sample], uncaptioned: li
     if not samples:
         raise AnnotationError(f"{where}: no usable samples ({dict(dropped) or 'no records'}); "
                               "check anno_path and video_path")
-    groups: list[list[int]] = [[] for _ in video_ids]
-    for i, v in enumerate(video_index):
-        groups[v].append(i)
+    groups = caption_groups(video_index, len(video_ids))
     return Annotations(params.layout, split, samples, video_ids,
                        np.asarray(video_index, dtype=np.int64), video_paths, groups, dropped)

@@ -95,10 +95,11 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *, d
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step_log: StepLog, *,
                     epoch: int, step: int, dtype: torch.dtype | None, grad_clip: float,
                     loss_fn: EMCLLoss | None = None, world_size: int = 1,
-                    after_step: Callable[[int, int], None] | None = None,
+                    after_step: Callable[[int, int], None] | None = None, stop_at: int | None = None,
                     progress: bool = True, desc: str = "") -> tuple[int, int]:
-    """One pass over `loader` from global step `step`: `train_step` on each batch, its loss
-    and learning rates into `step_log`, then `after_step(epoch, step)`.
+    """One pass over `loader` from global step `step` (ended early once the global step reaches
+    `stop_at`): `train_step` on each batch, its loss and learning rates into `step_log`, then
+    `after_step(epoch, step)`.
     Returns (the global step after the pass, training samples skipped as unreadable)."""
     device = unwrap(model).device
     model.train()
@@ -121,6 +122,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step
             after_step(epoch, step)
         if not step_log.pending and progress:     # just flushed: shows the logged value
             bar.set_postfix(loss=f"{step_log.last_record['loss']:.4f}")
+        if stop_at is not None and step >= stop_at:
+            break
     step_log.flush()
     return step, skipped
 
@@ -160,10 +163,25 @@ class Training:
     step_log: StepLog
     run: RunState
     collapse_warned: bool = False
+    seconds: dict = field(default_factory=dict)     # wall time by part of the run (timing summary)
 
     @property
     def out_dir(self) -> Path:
         return self.params.out_dir
+
+    @property
+    def finished(self) -> bool:
+        """All epochs trained, or the max_steps updates."""
+        return self.run.epoch >= self.params.epochs or self.run.step >= self.total_steps
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Add the wall time of the `with` block to `seconds[part]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
     def save_state(self) -> dict:
         """The arguments of a checkpoint write: the run's parameters and metrics."""
@@ -180,6 +198,8 @@ def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Train
     model = build_model(params).to(device)
     loader = build_loader(train_set, params, train=True, rank=env.rank, world_size=env.world_size)
     total_steps = len(loader) * params.epochs
+    if params.max_steps:                 # a smoke test: the schedule fitted to its updates
+        total_steps = min(total_steps, params.max_steps)
     optimizer, scheduler = build_optimizer(model, params, total_steps)
     dtype = autocast_dtype(device, params.precision, model.clip.dtype)
     every = params.reference_interval if params.reference_selection else 0
@@ -221,9 +241,10 @@ def resume_from_last(training: Training) -> None:
     training.checkpoints.promote_reference(training.run.step)
     truncate_log(training.step_log.path, training.run.step)
     atomic_write_json(training.out_dir / "history.json", training.run.history)   # killed before it was written
-    if training.run.epoch >= params.epochs:
-        print(f"[emcl_nb] run {params.run} is complete: {training.run.epoch}/{params.epochs} epochs; "
-              f"delete {repo_relative(training.out_dir)} (or train with --no-resume) to retrain")
+    if training.finished:
+        print(f"[emcl_nb] run {params.run} is complete: {training.run.epoch}/{params.epochs} epochs, "
+              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain "
+              f"(the earlier checkpoints are kept aside)")
     else:
         print(f"[emcl_nb] resuming {repo_relative(last)} after epoch {training.run.epoch} "
               f"(step {training.run.step} of {training.total_steps})")
@@ -257,6 +278,16 @@ class StepHooks:
     def __init__(self, training: Training, model: nn.Module, reference: Callable[[nn.Module], dict] | None):
         self.training, self.model, self.reference = training, model, reference
         self.first_step, self.started = training.run.step + 1, time.perf_counter()
+        self.estimated = False
+
+    def estimate_cost(self, step: int, seconds: float) -> None:
+        """Print what the rest of the reference's selection will cost, from one evaluation."""
+        training, every = self.training, self.training.run.selection["every"]
+        remaining = training.total_steps // every - step // every
+        print(f"[emcl_nb] reference_selection: scoring {training.params.reference_split} took {seconds:.0f} s; "
+              f"it runs after update 1 and every {every} updates: {remaining} more time(s), about "
+              f"{remaining * seconds / 60:.0f} min on this device (reference_selection=false skips it)")
+        self.estimated = True
 
     def __call__(self, epoch: int, step: int) -> None:
         training = self.training
@@ -271,10 +302,16 @@ class StepHooks:
 
     def select(self, epoch: int, step: int) -> None:
         """One evaluation of the reference's selection; the best so far (ties go to the later
-        step, as the reference's `best_score <= R1`) is saved as the pending candidate."""
+        step, as the reference's `best_score <= R1`) is saved as the pending candidate. The
+        first one says what the selection will cost on this device."""
         self.model.eval()
-        r1 = self.reference(unwrap(self.model))["t2v"]["R1"]
+        with self.training.timed("reference selection"):
+            started = time.perf_counter()
+            r1 = self.reference(unwrap(self.model))["t2v"]["R1"]
+            seconds = time.perf_counter() - started
         self.model.train()
+        if not self.estimated:
+            self.estimate_cost(step, seconds)
         record, selection = {"step": step, "epoch": epoch + 1, "t2v_R1": r1}, self.training.run.selection
         selection["evaluations"].append(record)
         if selection["best"] is None or r1 >= selection["best"]["t2v_R1"]:
@@ -291,7 +328,8 @@ def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHoo
         model, training.loader, training.optimizer, training.scheduler, training.scaler, training.step_log,
         epoch=epoch, step=training.run.step, dtype=training.dtype, grad_clip=params.grad_clip,
         loss_fn=training.loss_fn, world_size=training.env.world_size, after_step=hooks,
-        progress=params.progress and training.env.is_main, desc=f"epoch {epoch + 1}/{params.epochs}")
+        stop_at=training.total_steps, progress=params.progress and training.env.is_main,
+        desc=f"epoch {epoch + 1}/{params.epochs}")
     return {"epoch": epoch + 1, "step": training.run.step, "loss": training.step_log.last_record["loss"],
             "skipped_samples": skipped}
 
@@ -330,6 +368,23 @@ def save_epoch(training: Training, model: nn.Module, record: dict, improved: boo
           + (f", val t2v R@1 {record['val']['t2v']['R1']:.1f}" if "val" in record else ""))
 
 
+def timing_summary(training: Training) -> str:
+    """One line: where this call of `fit` spent its time (updates without the reference
+    selection run between them)."""
+    seconds = dict(training.seconds)
+    selection = seconds.pop("reference selection", 0.0)
+    seconds["updates"] = seconds.get("updates", 0.0) - selection
+    if selection:
+        seconds["reference selection"] = selection
+    total = sum(seconds.values())
+    parts = ", ".join(f"{part} {_duration(value)}" for part, value in seconds.items())
+    return f"[emcl_nb] training took {_duration(total)}: {parts}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
         reference: Callable[[nn.Module], dict] | None = None, resume: bool = True,
         on_log: Callable[[list], None] | None = None,
@@ -357,14 +412,21 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         model = wrap(training)
         hooks = StepHooks(training, model, reference)
         for epoch in range(training.run.epoch, params.epochs):
-            record = train_epoch(training, model, epoch, hooks)
-            improved = validate_epoch(training, model, record, validate)
+            if training.finished:                      # max_steps reached
+                break
+            with training.timed("updates"):
+                record = train_epoch(training, model, epoch, hooks)
+            with training.timed("validation"):
+                improved = validate_epoch(training, model, record, validate)
             training.run.history.append(record)
             if env.is_main:
-                save_epoch(training, model, record, improved)
+                with training.timed("checkpoints"):
+                    save_epoch(training, model, record, improved)
             distributed.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(record)
+        if env.is_main and training.seconds:
+            print(timing_summary(training))
     checkpoints = training.checkpoints
     return FitResult(out_dir=params.out_dir, last_checkpoint=checkpoints.last,
                      best_checkpoint=checkpoints.best if checkpoints.best.exists() else None,

@@ -13,6 +13,7 @@ import emcl_nb.data.annotations as annotations_module
 from emcl_nb.data.annotations import (
     BROKEN_CLIP,
     EMPTY_CAPTION,
+    LIMITED,
     LSMDC_BROKEN_CLIPS,
     MISSING_VIDEO,
     NO_CAPTIONS,
@@ -88,6 +89,24 @@ def test_msrvtt_splits_groups_and_lookup(tmp_path):
     assert has_split(with_val, "val")
     va = load_annotations(with_val, "val")
     assert va.video_ids == val and va.caption_groups == [[0, 1, 2]]
+
+
+def test_a_short_trial_takes_the_first_videos_with_all_their_captions(tmp_path):
+    """max_train_videos / max_eval_videos: the first N videos of a split, every caption of
+    each, the rest counted as left out (so that a report says how many queries were scored)."""
+    train = ["video0", "video1", "video2"]
+    test_rows = [("video7", "a man sings"), ("video8", "a cat, on a mat")]
+    write_msrvtt(tmp_path / "anno", train, test_rows, captions_per_video=3)
+    make_videos(tmp_path / "videos", [*train, "video7", "video8"])
+    params = params_for("msrvtt", tmp_path, max_train_videos=2, max_eval_videos=1)
+    tr = load_annotations(params, "train")
+    assert tr.video_ids == ["video0", "video1"] and len(tr) == 6
+    assert tr.caption_groups == [[0, 2, 4], [1, 3, 5]]               # json order is caption-major
+    assert [tr.samples[i].video_id for i in tr.caption_groups[1]] == ["video1"] * 3
+    assert tr.dropped == {LIMITED: 3}
+    te = load_annotations(params, "test")
+    assert te.video_ids == ["video7"] and te.dropped == {LIMITED: 1}
+    assert load_annotations(params.replace(max_eval_videos=5), "test").video_ids == ["video7", "video8"]
 
 
 def test_msrvtt_bad_samples_are_counted_or_raised(tmp_path, caplog):

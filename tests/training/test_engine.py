@@ -303,14 +303,33 @@ def test_adamw_stays_available(tmp_path):
     assert all(group["lr"] == 0.0 for group in optimizer.param_groups)    # warm-up starts at 0
 
 
-def test_reference_selection_scores_at_the_reference_steps_and_keeps_the_best(tmp_path):
+def test_reference_selection_scores_at_the_reference_steps_and_keeps_the_best(tmp_path, capsys):
     params = tiny_params(tmp_path, epochs=2, reference_selection=True, reference_eval_steps=2)
     scores = iter([10.0, 30.0, 30.0, 20.0])      # steps 1, 2, 4, 6 (3 steps per epoch)
     result = fit(params, RandomClips(24, params), reference=lambda model: {"t2v": {"R1": next(scores)}})
+    printed = capsys.readouterr().out
+    assert printed.count("reference_selection: scoring test took") == 1          # said once, at step 1
+    assert "every 2 updates: 3 more time(s)" in printed                        # steps 2, 4, 6
+    assert "training took" in printed and "reference selection" in printed
     selection = json.loads((result.out_dir / "reference.json").read_text())
     assert [e["step"] for e in selection["evaluations"]] == [1, 2, 4, 6]
     assert selection["split"] == "test" and selection["best"]["step"] == 4   # ties: the later step
     assert read_checkpoint(result.out_dir / "checkpoints" / "reference.pt")["step"] == 4
+
+
+def test_max_steps_ends_a_short_trial_with_the_schedule_fitted_to_it(tmp_path, capsys):
+    """3 epochs of 2 updates, max_steps=5: updates 0-4, the third epoch cut after one; the
+    warm-up + cosine schedule spans the 5 updates; the run is then complete."""
+    params = tiny_params(tmp_path, epochs=3, max_steps=5, warmup_proportion=0.2, lr=1e-3, coef_lr=1.0)
+    result = fit(params, RandomClips(16, params))
+    log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [record["step"] for record in log] == [0, 1, 2, 3, 4]
+    assert [record["epoch"] for record in result.history] == [1, 2, 3]
+    last_lr = next(value for key, value in log[-1].items() if key.startswith("lr_new"))
+    assert last_lr == pytest.approx(1e-3 * warmup_cosine(5, 0.2)(4))          # the schedule of 5 steps
+    assert read_checkpoint(result.last_checkpoint)["step"] == 5
+    fit(params, RandomClips(16, params))
+    assert "is complete: 3/3 epochs, 5/5 steps" in capsys.readouterr().out
 
 
 def test_a_killed_epoch_leaves_no_reference_checkpoint_behind(tmp_path, monkeypatch):
