@@ -106,7 +106,8 @@ def test_relative_paths_are_relative_to_the_repository(tmp_path, monkeypatch):
 
 
 # The field groups as they were listed by hand before they were derived from the tags, with
-# the fields added since (the reference regime: temporal_ln_eps, ddp_gradients, clip_dtype).
+# the fields added since (the reference regime: temporal_ln_eps, ddp_gradients, clip_dtype;
+# a short trial: max_train_videos, max_steps, max_eval_videos).
 OLD_DATA = ("layout", "max_words", "max_frames", "video_framerate", "image_size")
 OLD_MODEL = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
              "agg_module", "num_hidden_layers", "pooling", "temp", "emcl", "emcl_bases", "emcl_stages",
@@ -114,11 +115,11 @@ OLD_MODEL = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_s
 OLD_TRAINING = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
                 "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "decay_exempt",
                 "warmup_proportion", "grad_clip", "freeze_patch_embedding", "precision",
-                "ddp_gradients", "clip_dtype")
+                "ddp_gradients", "clip_dtype", "max_train_videos", "max_steps")
 OLD_SYNTHETIC = ("synthetic", "synthetic_distractors", "synthetic_shape_scale", "synthetic_templates",
                  "synthetic_seed", "synthetic_train", "synthetic_test", "synthetic_val",
                  "synthetic_frames", "synthetic_fps", "synthetic_size")
-OLD_SELECTION = ("reference_selection", "reference_eval_steps")
+OLD_SELECTION = ("reference_selection", "reference_eval_steps", "max_eval_videos")
 OLD_GROUPS = {
     "PATH_FIELDS": ("anno_path", "video_path", "output_root", "frame_cache_dir"),
     "DATA_FIELDS": OLD_DATA,
