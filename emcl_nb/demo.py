@@ -1,4 +1,4 @@
-"""`make demo`: notebooks 01 -> 05 run headlessly with papermill on one dataset.
+"""`make demo`: notebooks 01 -> 06 run headlessly with papermill on one dataset.
 
     python -m emcl_nb.demo [--dataset synthetic] [--run demo] [--set key=value ...]
     python -m emcl_nb.demo --refresh      # `make notebooks`: also store the executed

@@ -191,12 +191,18 @@ class Params:
     compile: bool = in_train(False)
     # stop after this many updates, the schedule fitted to them (a smoke test); 0 = the epochs'
     max_steps: int = in_train(0, TRAINING)
+    # write TensorBoard event files to <run>/tensorboard (needs the [tensorboard] extra)
+    tensorboard: bool = in_train(False)
 
     # ---- evaluation ----
     batch_size_val: int = in_eval(128)
     block_size: int = in_eval(32, SCORING)          # texts x videos per EMCL block (reference protocol)
     dsl_t2v_temp: float = in_eval(0.01, SCORING)
     dsl_v2t_temp: float = in_eval(0.01, SCORING)
+    # QB-Norm row (dynamic inverted softmax, text-to-video): training captions in its query bank
+    # (a sample seeded by seed; 0 = no row) and its beta
+    qbnorm_bank: int = in_eval(5000)
+    qbnorm_beta: float = in_eval(20.0)
     eval_every_epoch: bool = in_eval(True)          # validate each epoch on a non-test split where one exists
     # the reference's model selection as a labelled extra row: score its split (val: msvd, lsmdc; test:
     # others) at step 1 and every reference_eval_steps steps, keep the best as reference.pt
@@ -268,6 +274,7 @@ LIMITS = {
     "max_train_videos": (lambda v: v >= 0, "at least 0 (0: every training video)"),
     "max_eval_videos": (lambda v: v >= 0, "at least 0 (0: every validation and test video)"),
     "max_steps": (lambda v: v >= 0, "at least 0 (0: every step of the epochs)"),
+    "qbnorm_bank": (lambda v: v >= 0, "at least 0 (training queries in the QB-Norm bank; 0: no QB-Norm row)"),
     "video_framerate": (lambda v: v >= 1, "at least 1 (frames sampled per second)"),
     "run": (_single_folder_name, "a single folder name (no '/', not '.' or '..'): "
                                  "outputs go to <output_root>/<dataset>/<run>/"),

@@ -1,6 +1,6 @@
 """What the nbval run of the notebooks produced, checked with bounds that hold on any CPU.
 
-`make test-notebooks` runs this file right after nbval has executed notebooks 01-05 with
+`make test-notebooks` runs this file right after nbval has executed notebooks 01-06 with
 the nbval configuration (run `nbval`); it is not collected by `pytest tests`. nbval
 compares only the text around numbers, so the numbers are checked here: the model
 learns, the reported metrics match an independent computation, the files are written.
@@ -73,7 +73,10 @@ def test_every_notebook_wrote_its_results(run_dir):
     figures = sorted((run_dir / "figures").glob("*.*"))
     names = {path.stem for path in figures}
     assert {"01_sampled_frames", "02_training", "03_recall_at_k", "03_top5", "04_ablations",
-            "em_responsibilities", "em_basis_loadings", "em_frame_weights", "em_modality_gap"} <= names
+            "em_responsibilities", "em_basis_loadings", "em_frame_weights", "em_modality_gap",
+            "06_search_1"} <= names
     assert all(path.stat().st_size <= MAX_FIGURE_BYTES for path in figures), \
         {path.name: path.stat().st_size for path in figures}
     assert (run_dir / "checkpoints" / "best.pt").is_file()
+    indexed = json.loads((run_dir / "search-index" / "index.json").read_text())       # notebook 06
+    assert len(indexed["videos"]) == _metrics(run_dir)["last"]["n_videos"] and not indexed["unreadable"]

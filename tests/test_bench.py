@@ -50,6 +50,23 @@ def test_train_step_writes_its_figures_as_json(tmp_path):
     assert figures["command"].startswith("python bench/train_step.py --warmup 1")
 
 
+def test_search_bench_times_one_query_and_writes_its_figures(tmp_path):
+    path = tmp_path / "search.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "search.py"), "--videos", "100", "--dim", "32",
+                          "--frames", "4", "--bases", "4", "--stages", "2", "--repeats", "2", "--max-blocks", "2",
+                          "--device", "cpu", "--json", str(path)],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(path.read_text())
+    settings = figures["results"][0]["settings"]
+    assert figures["benchmark"] == "search" and figures["videos"] == 100 and set(settings) == {"default (32)", "2"}
+    assert all(len(s["runs_s"]) == 2 and s["median_s"] > 0 for s in settings.values())
+    report = import_bench("report")
+    table = "\n".join(report.search_table([figures | {"file": "search.json"}]))
+    assert "| cpu | 100 | default (32) |" in table and "measured: search.json" in table
+
+
 @pytest.mark.parametrize("option", ["--warmup", "--steps", "--repeats"])
 def test_train_step_refuses_a_count_below_one(capsys, option):
     train_step = import_bench("train_step")

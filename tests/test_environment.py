@@ -1,4 +1,5 @@
-"""environment.yml (conda) and pyproject.toml must list the same packages and pins."""
+"""environment.yml (conda) and pyproject.toml (its dependencies and every extra) must list the
+same packages and pins."""
 import tomllib
 from pathlib import Path
 
@@ -13,7 +14,8 @@ def _normalise(requirement: str) -> str:
 
 def test_environment_yml_agrees_with_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + project["optional-dependencies"]["test"]
+    declared = project["dependencies"] + [requirement for extra in project["optional-dependencies"].values()
+                                          for requirement in extra]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
     assert sorted(map(_normalise, pip_section)) == sorted(map(_normalise, declared))

@@ -19,7 +19,12 @@ FUNCTION_LEVEL_IMPORTS = {
     "imageio_ffmpeg",           # the fallback binary, only where PATH has no ffmpeg
     # the commands' machinery, loaded after their inputs are checked (torch takes seconds)
     "emcl_nb.training.run", "emcl_nb.training.distributed", "emcl_nb.evaluation.run",
+    "torch.utils.tensorboard",  # the optional [tensorboard] extra, only with tensorboard=true
 }
+# Functions that may import anything: the package's __getattr__ (PEP 562) imports its public
+# names on first use, so that `import emcl_nb` loads no torch and a command can check its
+# inputs before torch loads.
+LAZY_IMPORTERS = {("emcl_nb", "__getattr__")}
 
 
 def module_name(path: Path) -> str:
@@ -30,17 +35,17 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports(path: Path, *, top_level_only: bool = False) -> list[tuple[str, int, bool]]:
-    """(imported module, line, inside a function) of every import in `path`; `from package
-    import name` counts as the module package.name when that module exists."""
+def imports(path: Path, *, top_level_only: bool = False) -> list[tuple[str, int, str | None]]:
+    """(imported module, line, the function it is imported in or None) of every import in
+    `path`; `from package import name` counts as the module package.name when that module exists."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     tree = ast.parse(path.read_text())
-    in_function = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+    in_function = {id(node): fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
                    for node in ast.walk(fn) if node is not fn}
     found = []
     for node in ast.walk(tree):
-        nested = id(node) in in_function
+        nested = in_function.get(id(node))
         if top_level_only and nested:
             continue
         if isinstance(node, ast.Import):
@@ -122,8 +127,20 @@ def test_the_model_library_loads_without_the_run_machinery():
 def test_imports_are_at_the_top_of_modules_unless_they_keep_a_dependency_optional():
     inside = [f"{name}:{line} imports {target}" for name, path in MODULES.items()
               for target, line, nested in imports(path)
-              if nested and target not in FUNCTION_LEVEL_IMPORTS]
+              if nested and target not in FUNCTION_LEVEL_IMPORTS and (name, nested) not in LAZY_IMPORTERS]
     assert not inside, inside
+
+
+def test_import_emcl_nb_loads_no_torch_and_its_public_names_load_on_use():
+    code = ("import sys, emcl_nb; assert 'torch' not in sys.modules, 'torch at import'; "
+            "assert set(emcl_nb.__all__) <= set(dir(emcl_nb)); "
+            "assert callable(emcl_nb.load) and callable(emcl_nb.tokenize); assert 'torch' in sys.modules; "
+            "missing = [n for n in emcl_nb.__all__ if not hasattr(emcl_nb, n)]; assert not missing, missing")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'lod'"):
+        import emcl_nb
+        emcl_nb.lod  # noqa: B018 - a misspelt name is an AttributeError naming it
 
 
 def module_map(text: str) -> set[str]:

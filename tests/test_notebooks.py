@@ -17,8 +17,8 @@ TINY = ("synthetic_train=8 synthetic_val=2 synthetic_test=4 synthetic_frames=6 s
         "anno_path=outputs/data/papermill-test video_path=outputs/data/papermill-test/videos")
 
 
-def test_the_five_numbered_notebooks_exist():
-    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"]
+def test_the_six_numbered_notebooks_exist():
+    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

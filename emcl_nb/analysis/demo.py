@@ -1,4 +1,4 @@
-"""The demo (`make demo`, `python -m emcl_nb.demo`): notebooks 01 -> 05 run headlessly with
+"""The demo (`make demo`, `python -m emcl_nb.demo`): notebooks 01 -> 06 run headlessly with
 papermill on one dataset, and with `--refresh` (`make notebooks`) what the repository shows
 made from that run: the executed notebooks stored in notebooks/, the seed study, the README's
 results section.

@@ -1,5 +1,5 @@
 """Figures the notebooks show: sampled frames, training curves, recall@K, top-k retrievals,
-the ablation grid.
+search results, the ablation grid.
 
 Every function returns a matplotlib Figure (the notebook shows it and may save it);
 nothing here computes results.
@@ -60,6 +60,18 @@ def frame_grid(frames: np.ndarray, captions: list[str], max_frames: int = 8) -> 
         for col, ax in enumerate(np.atleast_1d(subfig.subplots(1, cols))):
             ax.imshow(frames[row, col * T // cols], interpolation="nearest")   # the pixels the model sees
             ax.axis("off")
+    return fig
+
+
+def search_strips(query: str, hits: list, frames: np.ndarray) -> plt.Figure:
+    """One query's results (emcl_nb.retrieval.index.Hit, best first) as strips of the frames
+    the model sees ([k, T, S, S, 3]), each titled with its rank, score, file and the time of
+    the frame the query attends to most."""
+    titles = [f"#{hit.rank}  {hit.score:.3f}  {Path(hit.path).name}"
+              + (f"  (attends {hit.time:.1f} s)" if hit.time is not None else "") for hit in hits]
+    fig = frame_grid(frames, titles, max_frames=6)
+    fig.set_size_inches(*(0.8 * fig.get_size_inches()))          # k strips of 6 frames: under 100 KB as JPEG
+    fig.suptitle(f"“{query}”", x=0.0, ha="left", fontsize=10, fontweight="bold")
     return fig
 
 

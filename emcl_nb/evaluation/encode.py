@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from emcl_nb.data.annotations import load_annotations
-from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader
+from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader, tokenize
 from emcl_nb.params import FEATURE_FIELDS, Params
 from emcl_nb.progress import note, progress_bar
 from emcl_nb.training.checkpoint import atomic_torch_save
@@ -102,6 +102,22 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
                       [sample.caption for sample in annotations.samples],
                       dropped=dict(annotations.dropped))
     return result if present.all() else _drop_videos(result, present)
+
+
+def encode_captions(model, captions: list[str], params: Params, device: torch.device | None = None, *,
+                    desc: str = "encode texts") -> torch.Tensor:
+    """[N, D] float32 CPU: the EOT features of `captions`, tokenised as a split's texts are
+    (max_words), batch_size_val at a time, under the evaluation's autocast."""
+    device = device or model.device
+    ids, mask = tokenize(captions, params.max_words)                                    # [N, L]
+    out = torch.zeros(len(captions), model.embed_dim)
+    starts = range(0, len(captions), params.batch_size_val)
+    with torch.no_grad(), autocast(device, autocast_dtype(device, params.precision)):
+        for start in progress_bar(starts, desc=desc, disable=not params.progress or len(starts) < 2,
+                                  leave=False, unit="batch"):
+            rows = slice(start, start + params.batch_size_val)
+            out[rows] = model.encode_text(ids[rows].to(device), mask[rows].to(device)).float().cpu()
+    return out
 
 
 def _drop_videos(features: Features, present: torch.Tensor) -> Features:

@@ -18,7 +18,7 @@ from emcl_nb.data.annotations import NO_CAPTIONS
 from emcl_nb.evaluation.encode import Features, load_or_encode
 from emcl_nb.evaluation.scoring import evaluate_model
 from emcl_nb.io import atomic_write_json, atomic_write_text
-from emcl_nb.model.metrics import DSL, TIE_RULE, format_table
+from emcl_nb.model.metrics import DSL, QBNORM, TIE_RULE, format_table
 from emcl_nb.params import MODEL_FIELDS, REPO_ROOT, Params
 from emcl_nb.progress import note
 from emcl_nb.training.build import build_model
@@ -97,14 +97,22 @@ def reference_protocol_label(out_dir: Path) -> str | None:
             f"steps: step {selection['best']['step']})")
 
 
+def qbnorm_label(bank: dict) -> str:
+    """The QB-Norm row's label, naming its bank: size and split, and beta."""
+    return f"QB-Norm ({bank['bank']} {bank['split']} queries, β {bank['beta']:g})"
+
+
 def _table_rows(results: dict) -> dict:
-    """{row label: {"t2v", "v2t"}} with a DSL row after each plain row that has one."""
+    """{row label: {"t2v", "v2t"}} with a DSL row after each plain row that has one, then its
+    QB-Norm row (text-to-video only)."""
     rows = {}
     for label, result in results.items():
         rows[label] = {"t2v": result["t2v"], "v2t": result["v2t"]}
         if "dsl_t2v" in result:
             rows[f"{label} + DSL (whole test query bank)"] = {"t2v": result["dsl_t2v"],
                                                              "v2t": result["dsl_v2t"]}
+        if "qbnorm_t2v" in result:
+            rows[f"{label} + {qbnorm_label(result['qbnorm'])}"] = {"t2v": result["qbnorm_t2v"]}
     return rows
 
 
@@ -133,6 +141,12 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
              f"- {dropped_statement(first, split)}",
              f"- {TIE_RULE}.",
              f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
+    bank = first.get("qbnorm")
+    if bank:
+        lines.append(f"- '+ QB-Norm' rows: {QBNORM}, text-to-video only; the bank: {bank['bank']} "
+                     f"of the {bank['available']} {bank['split']} captions (drawn with seed {params.seed}), "
+                     f"scored against the {split} videos as the {split} queries are; β {bank['beta']:g}. "
+                     f"Not transductive: no {split} query normalises another.")
     if any(label.startswith(REFERENCE_PROTOCOL) for label in results):
         lines.append(f"- '{REFERENCE_PROTOCOL}': the checkpoint the reference code keeps (best "
                      "T2V R@1 at step 1 and every 3 * n_display steps); selected on test for "
@@ -186,7 +200,7 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
             continue
         model, run_params, report = load_for_evaluation(path, params, device)
         result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,
-                                device=device, **overrides)
+                                device=device, qbnorm=True, **overrides)
         result.update(checkpoint=str(path), epoch=report.epoch, layout=report.layout,
                       recreated_emcl_bases=report.recreated)
         if entry == "reference":

@@ -4,7 +4,8 @@
 (docs/evaluation.md, docs/reference-differences.md #3) and one of three EMCL modes: "on"
 (the model's trained module, or a fresh one when K / stages / λ / β / init are overridden),
 "off" (pooling + cosine), "inference" (EMCL applied at test time only, docs/method.md §7).
-`score` gives the matrix, `evaluate_features` / `evaluate_model` the plain and DSL metrics.
+`score` gives the matrix, `evaluate_features` / `evaluate_model` the plain and DSL metrics
+(and QB-Norm's, given a query bank: emcl_nb.evaluation.querybank).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from emcl_nb.evaluation.encode import Features, load_or_encode
+from emcl_nb.evaluation.querybank import QueryBank, query_bank
 from emcl_nb.model.emcl import seeded_emcl
-from emcl_nb.model.metrics import DSL, PLAIN, evaluate_similarity
+from emcl_nb.model.metrics import DSL, PLAIN, evaluate_qbnorm, evaluate_similarity
 from emcl_nb.model.similarity import similarity_matrix
 from emcl_nb.params import CHOICES, EMCL_SETTINGS, SCORING_FIELDS, Params, ParamsError
 from emcl_nb.progress import note
@@ -99,10 +101,12 @@ def score(features: Features, params: Params, model, *, emcl_mode: str | None = 
     return score_with(features, model, scoring_setup(model.eval(), params, emcl_mode, **overrides))
 
 
-def score_with(features: Features, model, scoring: Scoring) -> torch.Tensor:
-    """Similarity matrix [texts, videos] under a prepared `scoring` (set up once, reused)."""
+def score_with(features: Features, model, scoring: Scoring, text: torch.Tensor | None = None) -> torch.Tensor:
+    """Similarity matrix [texts, videos] under a prepared `scoring` (set up once, reused).
+    `text`: other queries [B, D] scored against the split's videos (default: its own texts)."""
     device = model.device
-    sim = similarity_matrix(features.text.to(device), features.video.to(device),
+    text = features.text if text is None else text
+    sim = similarity_matrix(text.to(device), features.video.to(device),
                             features.frame_mask.to(device), temp=model.temp, emcl_module=scoring.emcl_module,
                             block_size=scoring.block_size, normalize=scoring.normalize,
                             pooling=model.pooling)
@@ -110,7 +114,7 @@ def score_with(features: Features, model, scoring: Scoring) -> torch.Tensor:
 
 
 def evaluate_features(features: Features, params: Params, model, *, emcl_mode: str | None = None,
-                      **overrides) -> dict:
+                      bank: QueryBank | None = None, **overrides) -> dict:
     """Plain and DSL metrics of `features` scored with `model` (see `score`).
 
     One caption per video: ranks against the diagonal; several (MSVD, MSR-VTT val):
@@ -118,13 +122,14 @@ def evaluate_features(features: Features, params: Params, model, *, emcl_mode: s
     "dsl_v2t" (the DSL ones use the whole test query bank: transductive), "n_texts",
     "n_videos", "chance_R1", "protocol", "emcl_mode", "scoring", "notes", "dropped_queries"
     (reason -> texts left out before scoring), "constant_rows" (texts scoring every video
-    alike: a collapsed model), ...}.
+    alike: a collapsed model), ...}. With a QB-Norm `bank` (evaluation.querybank), also
+    "qbnorm_t2v" (its text-to-video metrics, params.qbnorm_beta) and "qbnorm" (the bank).
     """
     scoring = scoring_setup(model.eval(), params, emcl_mode, **overrides)
     sim = score_with(features, model, scoring)
     text_video = None if features.single_sentence else features.text_video
     metrics = evaluate_similarity(sim, text_video, dsl_temps=scoring.dsl_temps)
-    return {
+    result = {
         "split": features.split,
         "t2v": metrics[PLAIN]["t2v"], "v2t": metrics[PLAIN]["v2t"],
         "dsl_t2v": metrics[DSL]["t2v"], "dsl_v2t": metrics[DSL]["v2t"], "dsl": DSL,
@@ -135,11 +140,18 @@ def evaluate_features(features: Features, params: Params, model, *, emcl_mode: s
         "skipped_videos": features.skipped_videos, "dropped_queries": features.dropped,
         "constant_rows": int((sim.amax(dim=1) - sim.amin(dim=1) <= CONSTANT_SPREAD).sum()),
     }
+    if bank is not None:
+        bank_sim = score_with(features, model, scoring, text=bank.text)                # [B, V]
+        result.update(qbnorm_t2v=evaluate_qbnorm(sim, bank_sim, text_video, params.qbnorm_beta)["t2v"],
+                      qbnorm=bank.describe(params.qbnorm_beta))
+    return result
 
 
 def evaluate_model(model, params: Params, split: str = "test", *, emcl_mode: str | None = None,
-                   cache: bool = True, device: torch.device | None = None, **overrides) -> dict:
+                   cache: bool = True, device: torch.device | None = None, qbnorm: bool = False,
+                   **overrides) -> dict:
     """Encode `split` (through the feature cache when `cache`), score it, return the metrics
-    of `evaluate_features`."""
+    of `evaluate_features`; with `qbnorm`, the QB-Norm row's too (the run's query bank)."""
     features = load_or_encode(model, params, split, device, cache=cache)
-    return evaluate_features(features, params, model, emcl_mode=emcl_mode, **overrides)
+    bank = query_bank(model, params, device, cache=cache) if qbnorm else None
+    return evaluate_features(features, params, model, emcl_mode=emcl_mode, bank=bank, **overrides)

@@ -79,6 +79,7 @@ class EMCL(nn.Module):
         else:
             self.register_buffer("basis_directions", random_directions(dim, num_bases, generator))
         self.last: EMState | None = None
+        self.last_training: EMState | None = None   # the latest call in training mode
 
     def extra_repr(self) -> str:
         return (f"num_bases={self.num_bases}, stage_num={self.stage_num}, momentum={self.momentum}, "
@@ -108,6 +109,8 @@ class EMCL(nn.Module):
             if self.training and x.dim() == 2:
                 self._update_bases(mu, z)
         self.last = EMState(z=z, mu=mu, recon=recon)
+        if self.training:
+            self.last_training = self.last
         return self.beta * recon.to(x.dtype) + x
 
     def _update_bases(self, mu: torch.Tensor, z: torch.Tensor) -> None:

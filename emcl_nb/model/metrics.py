@@ -11,6 +11,10 @@ Conventions (docs/evaluation.md, docs/reference-differences.md #8, #9):
   query index so the broken row can be found;
 - DSL ("inverted softmax") is reported beside the plain numbers, never instead of them, and
   labelled as transductive because it normalises over the whole test query bank.
+- QB-Norm (querybank normalisation with the dynamic inverted softmax, Bogolin et al., CVPR
+  2022) normalises over a bank of training queries instead: not transductive; text-to-video
+  only (its bank holds queries, i.e. texts). Reported beside the plain numbers, labelled
+  with its bank.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 RECALL_AT = (1, 5, 10, 50)
 PLAIN = "plain"
 DSL = "dsl (uses the whole test query bank, transductive)"
+QBNORM = "QB-Norm (dynamic inverted softmax over a bank of training queries)"
 DIRECTIONS = ("t2v", "v2t")
 TABLE_COLUMNS = (("R1", "R@1"), ("R5", "R@5"), ("R10", "R@10"), ("MdR", "MdR"), ("MnR", "MnR"))
 
@@ -209,6 +214,38 @@ def _dsl(sim: torch.Tensor, temp: float, dim: int) -> torch.Tensor:
         raise ValueError(f"DSL temperature must be > 0, got {temp}")
     sim = sim.double()
     return sim * torch.softmax(sim / temp, dim=dim) * sim.shape[0]
+
+
+def qb_norm(sim, bank_sim, beta: float = 20.0) -> torch.Tensor:
+    """Querybank normalisation with the dynamic inverted softmax (QB-Norm), float64 [Q, V].
+
+    sim:      [Q, V] test queries x gallery videos.
+    bank_sim: [B, V] a bank of training queries x the same videos, scored the same way.
+    A video is "activated" when it is the top-1 of at least one bank query (a hub that
+    many queries retrieve). A test query whose own top-1 is activated has its whole row
+    replaced by the inverted softmax over the bank, exp(beta s_qv) / sum_b exp(beta s_bv),
+    which lowers the videos the bank retrieves everywhere; the other rows keep their scores.
+    Normalised rows are returned as the logarithm of that ratio, beta s_qv -
+    logsumexp_b(beta s_bv): the same order within the row, and no overflow or underflow
+    (rows are ranked on their own, so plain and normalised rows never meet).
+    """
+    sim, bank_sim = _as_matrix(sim).double(), _as_matrix(bank_sim, "bank_sim").double()
+    if bank_sim.shape[1] != sim.shape[1]:
+        raise ValueError(f"bank_sim must score the same {sim.shape[1]} videos as sim, got shape "
+                         f"{tuple(bank_sim.shape)}")
+    if bank_sim.shape[0] == 0:
+        raise ValueError("QB-Norm needs a non-empty query bank (bank_sim has no rows)")
+    activated = torch.zeros(sim.shape[1], dtype=torch.bool, device=sim.device)
+    activated[bank_sim.argmax(dim=1)] = True                              # [V]
+    normalised = beta * sim - torch.logsumexp(beta * bank_sim, dim=0)     # [Q, V]
+    dynamic = activated[sim.argmax(dim=1)]                                # [Q] rows whose top-1 is a hub
+    return torch.where(dynamic[:, None], normalised, sim)
+
+
+def evaluate_qbnorm(sim, bank_sim, text_video=None, beta: float = 20.0) -> dict:
+    """Text-to-video metrics of `qb_norm(sim, bank_sim, beta)` ({"t2v": {...}}); the true
+    pairs as in `evaluate_similarity` (text_video None: the diagonal)."""
+    return {"t2v": _t2v_metrics(_as_matrix(qb_norm(sim, bank_sim, beta)), text_video)}
 
 
 def evaluate_similarity(sim, text_video=None, dsl_temps=(0.01, 0.01)) -> dict:

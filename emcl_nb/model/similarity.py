@@ -14,6 +14,9 @@ on its block: the block size is part of the protocol (docs/reference-differences
 Pooling "text" stacks A*V text-pooled video vectors and A texts per block; "mean" stacks
 V mean-pooled video vectors and A texts (the EMCL block of the reference inference module).
 - `similarity_matrix`: picks one of the above from `emcl_module` and `block_size`.
+- `query_similarity`: search over a video collection: each query scored on its own, in
+  blocks of 1 text x block_size videos (batched), so its ranking never depends on the
+  other queries asked with it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from emcl_nb.model.emclnet import block_logits, pool
 MAX_PAIRS_PER_BATCH = 65_536
 # On a CPU, calls that stay in cache win (README, "Benchmark notes").
 MAX_PAIRS_PER_BATCH_CPU = 4_096
+# A search query's 1 x block_size blocks, batched this many per call on a CPU: the EM's
+# responsibilities [G, D, K] then stay in cache (bench/search.py).
+QUERY_BLOCKS_PER_BATCH_CPU = 32
 
 
 def _check_inputs(t: torch.Tensor, f: torch.Tensor, frame_mask: torch.Tensor, block_size: int | None):
@@ -149,3 +155,21 @@ def similarity_matrix(t, f, frame_mask, *, temp: float, emcl_module, block_size:
     return block_similarity(t, f, frame_mask, temp=temp, emcl_module=emcl_module, block_size=block_size,
                             normalize=normalize, pooling=pooling,
                             max_blocks_per_batch=max_blocks_per_batch)
+
+
+def query_similarity(t, f, frame_mask, *, temp: float, emcl_module, block_size: int,
+                     normalize: str = "after", pooling: str = "text",
+                     max_blocks_per_batch: int | None = None) -> torch.Tensor:
+    """Search scores [Q, V]: every query alone against all videos, in blocks of 1 text x
+    `block_size` videos (the last smaller), all of a query's blocks batched (one
+    `similarity_matrix` of a single text). A query's scores do not depend on the other
+    queries; a video's score depends on the `block_size` - 1 videos that share its block,
+    as at evaluation. Without EMCL: pooling + cosine. `max_blocks_per_batch` None:
+    QUERY_BLOCKS_PER_BATCH_CPU on a CPU, `block_similarity`'s budget on a GPU."""
+    _check_inputs(t, f, frame_mask, block_size)
+    if max_blocks_per_batch is None and t.device.type == "cpu":
+        max_blocks_per_batch = QUERY_BLOCKS_PER_BATCH_CPU
+    return torch.cat([similarity_matrix(query[None], f, frame_mask, temp=temp, emcl_module=emcl_module,
+                                        block_size=block_size, normalize=normalize, pooling=pooling,
+                                        max_blocks_per_batch=max_blocks_per_batch)
+                      for query in t]) if len(t) else t.new_empty(0, f.shape[0])      # [Q, V]

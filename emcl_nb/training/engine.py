@@ -31,7 +31,7 @@ from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
 from emcl_nb.training.checks import check_resumable, check_setup, collapse_signs
 from emcl_nb.training.optim import build_optimizer
-from emcl_nb.training.run_log import StepLog, truncate_log
+from emcl_nb.training.run_log import StepLog, model_scalars, truncate_log
 from emcl_nb.training.runtime import (
     autocast,
     autocast_dtype,
@@ -243,8 +243,7 @@ def resume_from_last(training: Training) -> None:
     atomic_write_json(training.out_dir / "history.json", training.run.history)   # killed before it was written
     if training.finished:
         print(f"[emcl_nb] run {params.run} is complete: {training.run.epoch}/{params.epochs} epochs, "
-              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain "
-              f"(the earlier checkpoints are kept aside)")
+              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain")
     else:
         print(f"[emcl_nb] resuming {repo_relative(last)} after epoch {training.run.epoch} "
               f"(step {training.run.step} of {training.total_steps})")
@@ -322,7 +321,7 @@ class StepHooks:
 
 def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHooks) -> dict:
     """The updates of epoch `epoch` (0-based); returns its record (epoch, step, last loss,
-    samples skipped)."""
+    samples skipped, logit_scale, the EM correction's rank: run_log.model_scalars)."""
     params = training.params
     training.run.step, skipped = train_one_epoch(
         model, training.loader, training.optimizer, training.scheduler, training.scaler, training.step_log,
@@ -331,7 +330,7 @@ def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHoo
         stop_at=training.total_steps, progress=params.progress and training.env.is_main,
         desc=f"epoch {epoch + 1}/{params.epochs}")
     return {"epoch": epoch + 1, "step": training.run.step, "loss": training.step_log.last_record["loss"],
-            "skipped_samples": skipped}
+            "skipped_samples": skipped, **model_scalars(unwrap(model))}
 
 
 def validate_epoch(training: Training, model: nn.Module, record: dict,

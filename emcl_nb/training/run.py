@@ -18,13 +18,17 @@ from emcl_nb.params import REUSE_FIELDS, Params
 from emcl_nb.training import distributed
 from emcl_nb.training.checkpoint import read_checkpoint
 from emcl_nb.training.engine import FitResult, check_resumable, fit
+from emcl_nb.training.tensorboard_log import FOLDER as TENSORBOARD
+from emcl_nb.training.tensorboard_log import TensorBoardLog
 
 
 def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     """Prepare the data (generating the synthetic set when asked), then train.
     Each epoch is validated on a split that is not the test set where the layout has one;
-    with params.reference_selection the reference's step-wise selection runs too."""
+    with params.reference_selection the reference's step-wise selection runs too; with
+    params.tensorboard the main process writes TensorBoard event files too."""
     env = distributed.env_from_torchrun()
+    board = TensorBoardLog(params.out_dir / TENSORBOARD) if params.tensorboard and env.is_main else None
     distributed.init_distributed(distributed.resolve_device(params.device, env), env)
     if env.is_main:
         ensure_data(params)
@@ -33,10 +37,20 @@ def train(params: Params, *, resume: bool = True, on_log=None) -> FitResult:
     try:
         validate = make_validator(params)
         return fit(params, train_set, validate=validate,
-                   reference=make_reference_validator(params, validate), resume=resume, on_log=on_log)
+                   reference=make_reference_validator(params, validate), resume=resume,
+                   on_log=_both(on_log, board and board.on_log), on_epoch_end=board and board.on_epoch_end)
     finally:
         shutdown_workers()          # no loader worker outlives train(), even on an error
         distributed.cleanup()
+        if board is not None:
+            board.close()
+
+
+def _both(first, second):
+    """One callback calling `first` then `second` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda records: (first(records), second(records))
 
 
 def ensure_trained(params: Params) -> Path:

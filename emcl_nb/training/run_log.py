@@ -1,6 +1,6 @@
 """The run's per-step log, `log.jsonl`: one JSON line per update (step, epoch, loss, learning
 rates, clips/s), written in one host sync every `log_every` steps, which is also when a
-non-finite loss stops the run."""
+non-finite loss stops the run; `model_scalars`, what an epoch record keeps of the model."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from emcl_nb.io import atomic_write_text, naming_full_disk
+from emcl_nb.model.emcl import effective_rank
 from emcl_nb.progress import note
 from emcl_nb.training.checks import TrainingSetupError
 
@@ -57,6 +58,17 @@ class StepLog:
                 handle.writelines(json.dumps(record) + "\n" for record in records)
         if self.on_log is not None:
             self.on_log(records)
+
+
+def model_scalars(model) -> dict:
+    """What an epoch record keeps of the model's state: logit_scale (the parameter, ln of the
+    InfoNCE inverse temperature) and, when training uses EMCL, the effective rank of the EM
+    correction R of its latest training call (the epoch's last update)."""
+    scalars = {"logit_scale": float(model.clip.logit_scale.detach())}
+    state = model.emcl.last_training if model.training_emcl is not None else None
+    if state is not None:
+        scalars["emcl_rank"] = int(effective_rank(state.recon))
+    return scalars
 
 
 def truncate_log(path: Path, steps_done: int) -> None:

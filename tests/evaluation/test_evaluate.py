@@ -12,6 +12,7 @@ from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.synthetic import generate_synthetic
 from emcl_nb.evaluation import encode, scoring, validation
 from emcl_nb.evaluation import run as evaluation_run
+from emcl_nb.model import metrics
 from emcl_nb.model.config import ModelConfig
 from emcl_nb.model.emcl import seeded_emcl
 from emcl_nb.model.similarity import similarity_matrix
@@ -398,6 +399,29 @@ def test_evaluate_run_writes_best_last_and_reference_rows(params):
                 "| code release (published) | 48.2 |",
                 "- 'reference protocol': the checkpoint the reference code keeps"):
         assert row in markdown, row
+
+
+def test_the_report_carries_a_qbnorm_row_labelled_with_its_bank(params):
+    """The bank: training captions (the tiny set has 1 training video with 3 captions),
+    encoded by the checkpoint's model and scored against the test videos as the test queries."""
+    write_run(params)
+    summary = evaluation_run.evaluate_run(params, ("last",))
+    last = summary["results"]["last"]
+    assert last["qbnorm"] == {"bank": 3, "split": "train", "available": 3, "beta": 20.0}
+    model, run_params, _ = evaluation_run.load_for_evaluation(params.out_dir / "checkpoints" / "last.pt", params,
+                                                              torch.device("cpu"))
+    features = encode.load_or_encode(model, run_params, "test")
+    scoring_used = scoring.scoring_setup(model, run_params)
+    bank_text = encode.encode_captions(model, [s.caption for s in load_annotations(params, "train").samples], params)
+    expected = metrics.evaluate_qbnorm(scoring.score_with(features, model, scoring_used),
+                                       scoring.score_with(features, model, scoring_used, text=bank_text))
+    assert last["qbnorm_t2v"] == expected["t2v"]
+    markdown = (params.out_dir / "metrics.md").read_text()
+    assert "| last (epoch 2) + QB-Norm (3 train queries, β 20) |" in markdown
+    assert "- '+ QB-Norm' rows:" in markdown and "3 of the 3 train captions" in markdown
+    small = evaluation_run.evaluate_run(params.replace(qbnorm_bank=2, qbnorm_beta=5.0), ("last",))
+    assert "+ QB-Norm (2 train queries, β 5) |" in small["table"]
+    assert "QB-Norm" not in evaluation_run.evaluate_run(params.replace(qbnorm_bank=0), ("last",))["table"]
 
 
 def test_checkpoint_paths_are_taken_from_the_repository_root(params, tmp_path, monkeypatch):

@@ -9,11 +9,13 @@ from emcl_nb.model.metrics import (
     DSL,
     PLAIN,
     dsl,
+    evaluate_qbnorm,
     evaluate_similarity,
     format_table,
     group_best_scores,
     metrics_from_counts,
     multi_sentence_metrics,
+    qb_norm,
     query_ranks,
     query_recall,
     retrieval_metrics,
@@ -192,6 +194,57 @@ def test_dsl_demotes_a_hub_video_for_t2v_and_a_hub_text_for_v2t():
     assert out[PLAIN]["v2t"]["R1"] == pytest.approx(200 / 3)
     assert out[DSL]["v2t"]["R1"] == 100.0
     assert "transductive" in DSL
+
+
+# ---- QB-Norm ----
+
+def hub_case():
+    """Video 0 is a hub: it steals test queries 1-3 from their own videos (its column is high
+    everywhere) and is the top-1 of every training query in the bank."""
+    sim = torch.tensor([[0.90, 0.10, 0.10, 0.10],
+                        [0.80, 0.70, 0.10, 0.10],
+                        [0.80, 0.10, 0.70, 0.10],
+                        [0.80, 0.10, 0.10, 0.70]])
+    bank = torch.tensor([[0.85, 0.20, 0.10, 0.10],
+                         [0.80, 0.10, 0.30, 0.10],
+                         [0.90, 0.10, 0.10, 0.40]])
+    return sim, bank
+
+
+def test_qb_norm_gives_the_queries_a_hub_stole_back_to_their_videos():
+    sim, bank = hub_case()
+    assert evaluate_similarity(sim, dsl_temps=None)[PLAIN]["t2v"]["R1"] == 25.0      # the hub wins 3 of 4
+    assert evaluate_qbnorm(sim, bank, beta=20.0)["t2v"]["R1"] == 100.0
+    assert qb_norm(sim, bank).argmax(dim=1).tolist() == [0, 1, 2, 3]
+
+
+def test_qb_norm_is_the_dynamic_inverted_softmax():
+    """Rows whose top-1 is the top-1 of some bank query ("activated") become exp(beta s) /
+    sum over the bank of exp(beta s_bank) (as logs); the others keep their scores."""
+    g = torch.Generator().manual_seed(0)
+    sim, bank, beta = torch.rand(9, 6, generator=g, dtype=torch.float64), torch.rand(5, 6, generator=g,
+                                                                                        dtype=torch.float64), 7.0
+    activated = set(bank.argmax(dim=1).tolist())
+    out = qb_norm(sim, bank, beta)
+    ratio = torch.exp(beta * sim) / torch.exp(beta * bank).sum(dim=0)                  # [Q, V]
+    dynamic = [q for q in range(9) if int(sim[q].argmax()) in activated]
+    assert 0 < len(dynamic) < 9                                                         # both kinds of rows
+    for q in range(9):
+        expected = torch.log(ratio[q]) if q in dynamic else sim[q]
+        torch.testing.assert_close(out[q], expected)
+        if q in dynamic:                                                                # same order as the ratio
+            assert out[q].argsort().tolist() == ratio[q].argsort().tolist()
+
+
+def test_qb_norm_keeps_a_row_whose_top_video_no_bank_query_retrieves():
+    sim, bank = hub_case()
+    bank = bank[:, [1, 0, 2, 3]]                      # now the bank's top-1 is video 1 for every query
+    out = qb_norm(sim, bank)
+    torch.testing.assert_close(out[[0, 2, 3]], sim[[0, 2, 3]].double())   # their top-1 (video 0) is not activated
+    with pytest.raises(ValueError, match="same 4 videos"):
+        qb_norm(sim, bank[:, :3])
+    with pytest.raises(ValueError, match="non-empty"):
+        qb_norm(sim, bank[:0])
 
 
 def test_evaluate_similarity_multi_sentence_and_no_dsl():
