@@ -80,7 +80,7 @@ def measure(device: torch.device, batches, threads, rounds: int, seconds: float)
 def render(result: dict) -> str:
     best = result["best"]
     lines = ["| videos per batch (x 12 frames) | threads | precision | frames/s |", "|---|---|---|---|"]
-    lines += [f"| {row['videos_per_batch']} | {row['threads']} | {row['precision']} | {row['frames_per_s']:.1f} |"
+    lines += [f"| {row['videos_per_batch']} | {row['threads']} | {row['precision']} | {row['frames_per_s']:.0f} |"
               for row in result["rows"]]
     return "\n".join([
         f"ViT-B/32 video encoding at evaluation ({result['machine']}): fastest at "

@@ -130,3 +130,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: Path, kept=(LOCK_NAME, "params.yaml")):
+    """A folder that this block creates is removed again when the block fails having written
+    nothing in it but `kept` (a lock, the parameters) and empty files: a run that fails at its
+    start leaves no empty run folder. A folder that existed before is never touched."""
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir() and not any(
+                path.is_file() and path.name not in kept and path.stat().st_size
+                for path in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

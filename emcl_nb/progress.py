@@ -9,8 +9,11 @@ would flood the log; the commands print a line per epoch and a timing summary in
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import sys
+import time
 
 from IPython import get_ipython
 from IPython.display import display
@@ -54,3 +57,47 @@ def note(text: str, notes: list | None = None) -> None:
     print(f"[emcl_nb] note: {text}")
     if notes is not None:
         notes.append(text)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+_ACTIVE_STOPWATCH = contextvars.ContextVar("stopwatch", default=None)
+
+
+class Stopwatch:
+    """Wall time by part of a long job, for the one-line summary a headless log ends with.
+    `with stopwatch.running():` makes it the one that `timed(part)` blocks add to, however
+    deep in the calls they are (encoding inside scoring inside evaluation)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        """Add the wall time of the `with` block to `seconds[name]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def running(self):
+        token = _ACTIVE_STOPWATCH.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE_STOPWATCH.reset(token)
+
+    def summary(self, job: str) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{name} {duration(value)}" for name, value in self.seconds.items())
+        return f"[emcl_nb] {job} took {duration(total)}: {parts}"
+
+
+def timed(part: str):
+    """Time the `with` block as `part` of the running Stopwatch (nothing when none runs)."""
+    stopwatch = _ACTIVE_STOPWATCH.get()
+    return stopwatch.part(part) if stopwatch is not None else contextlib.nullcontext()

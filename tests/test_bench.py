@@ -95,6 +95,15 @@ def test_readme_regime_table_is_what_its_measurement_file_gives():
     assert [row["gradient_std"] for row in result["update"]] == list(regime.GRADIENT_STDS)
 
 
+def test_readme_encoding_rate_is_what_its_measurement_file_gives():
+    encode = import_bench("encode_speed")
+    readme = (ROOT / "README.md").read_text()
+    result = json.loads((ROOT / "docs" / "results" / "encode-vit-b32-cpu.json").read_text())
+    assert replace_section(readme, "encode-results", encode.render(result)) == readme, \
+        "README's encoding rate is stale: run `python bench/encode_speed.py --json <its results file>`"
+    assert result["best"] == max(result["rows"], key=lambda row: row["frames_per_s"])
+
+
 def test_regime_measurements_of_the_layer_norm_and_the_frame_choice_run():
     """The small measurements end to end (the update table takes longer and runs in the script)."""
     regime = import_bench("reference_regime")

@@ -9,6 +9,7 @@ import pytest
 
 from emcl_nb.analysis import demo
 from emcl_nb.analysis.readme import markers, update_readme
+from emcl_nb.params import Params
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
@@ -27,6 +28,7 @@ def test_parameters_are_typed_and_dataset_comes_first(path):
     names = list(parameters)
     assert names[:3] == ["dataset", "run", "overrides"]
     assert parameters["dataset"]["default"] == '"synthetic"'
+    assert parameters["run"]["default"] == f'"{Params().run}"'    # the command line's default run
     assert all(p["inferred_type_name"] not in ("None", "") for p in parameters.values()), parameters
 
 
@@ -72,6 +74,17 @@ def test_a_parameter_the_notebook_does_not_declare_fails_the_run(tmp_path):
         _run(tmp_path, ROOT, epochs=1)
     assert "unknown notebook parameter(s): epochs" in str(error.value)
     assert 'overrides "epochs=1"' in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["03_evaluate", "05_em_attention", "06_search"])
+def test_a_notebook_that_evaluates_stops_on_an_untrained_run_and_trains_nothing(tmp_path, name, monkeypatch):
+    monkeypatch.delenv("EMCL_NB_OVERRIDES", raising=False)
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"run": "never-trained", "overrides": f"output_root={tmp_path}"},
+                                   cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+    assert "has no checkpoint" in str(error.value) and "evaluation does not train" in str(error.value)
+    assert not (tmp_path / "synthetic" / "never-trained" / "checkpoints").exists()
 
 
 def test_unknown_parameters_are_found_in_the_kernel_history():

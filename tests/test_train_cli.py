@@ -113,6 +113,30 @@ def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
     assert ensure_trained(params.replace(max_frames=4, precision="fp32", seed=5, emcl_bases=8)) == last
 
 
+def test_evaluation_evaluates_a_run_trained_otherwise_and_never_trains(tmp_path, capsys):
+    """Evaluation (CLI, notebooks 03-06) takes any trained run: other recipe settings given
+    now are noted, not refused; a run without a checkpoint is an error saying how to train it,
+    and nothing is trained or written for it."""
+    from emcl_nb.evaluation.run import evaluate_run
+    from emcl_nb.training.checkpoint import CheckpointError
+    from emcl_nb.training.run import train
+
+    params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
+    train(params)
+    capsys.readouterr()
+    summary = evaluate_run(params.replace(lr=1e-3, batch_size=4), ("last",))
+    assert summary["results"]["last"]["n_texts"] == 6
+    out = capsys.readouterr().out
+    assert "other settings than the parameters given now (batch_size: 8 -> 4, lr: 0.0005 -> 0.001)" in out
+    summary_line = next(line for line in out.splitlines() if line.startswith("[emcl_nb] evaluation took"))
+    for part in ("load checkpoints", "encode texts", "encode videos", "score", "write"):
+        assert part in summary_line, summary_line
+    untrained = params.replace(run="never-trained")
+    with pytest.raises(CheckpointError, match="evaluation does not train: train it first"):
+        evaluate_run(untrained)
+    assert not untrained.out_dir.exists()
+
+
 @pytest.fixture
 def loaders_kept_alive(monkeypatch):
     """Something in the kernel keeps the loaders referenced after training or evaluation

@@ -13,7 +13,7 @@ from emcl_nb.io import atomic_write_text
 from emcl_nb.params import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
-SECTIONS = ("demo-results", "ablations", "perf-results", "regime-results")
+SECTIONS = ("demo-results", "ablations", "perf-results", "regime-results", "encode-results")
 
 
 def markers(name: str) -> tuple[str, str]:

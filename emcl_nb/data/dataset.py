@@ -32,6 +32,7 @@ from emcl_nb.data.annotations import Annotations
 from emcl_nb.data.frame_cache import FrameCache
 from emcl_nb.data.transforms import build_transform
 from emcl_nb.data.video import VideoReadError, load_clip
+from emcl_nb.data.workers import loader_workers
 from emcl_nb.params import Params
 
 log = logging.getLogger(__name__)
@@ -249,11 +250,12 @@ def build_loader(dataset: Dataset, params: Params, *, train: bool, rank: int = 0
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
                            seed=params.seed, drop_last=train)
     generator = torch.Generator().manual_seed(params.seed + rank)
+    workers = loader_workers(params)
     loader = DataLoader(dataset, batch_size=total // world_size, sampler=sampler,
-                        num_workers=params.num_workers, collate_fn=collate,
+                        num_workers=workers, collate_fn=collate,
                         pin_memory=torch.cuda.is_available(), drop_last=train,
                         worker_init_fn=_seed_worker, generator=generator,
-                        persistent_workers=persistent and params.num_workers > 0)
+                        persistent_workers=persistent and workers > 0)
     _LOADERS.add(loader)
     return loader
 

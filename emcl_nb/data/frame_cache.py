@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from emcl_nb.data.annotations import SPLITS, Annotations, has_split, load_annotations
 from emcl_nb.data.synthetic import generate_from_params
 from emcl_nb.data.video import AUTO_BACKENDS, VideoReadError, load_clip
+from emcl_nb.data.workers import loader_workers
 from emcl_nb.io import TEMP_SUFFIX, atomic_write_json, folder_lock, sweep_temp_files
 from emcl_nb.params import Params, load_params
 from emcl_nb.progress import progress_bar
@@ -235,7 +236,7 @@ def build_frame_cache(params: Params, split: str, *, progress: bool | None = Non
 def _decode_into_chunks(params: Params, annotations: Annotations, clips: list[Clip],
                         todo: list[int], folder: Path, next_number: int, progress: bool) -> None:
     loader = DataLoader(_ClipDecoder(params, annotations, clips, todo), batch_size=None,
-                        num_workers=params.num_workers, collate_fn=_as_is)
+                        num_workers=loader_workers(params), collate_fn=_as_is)
     writer = _ChunkWriter(folder, next_number)
     try:
         for number, frames, reason in progress_bar(loader, total=len(todo), unit="clip",

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TextDataset, VideoDataset, build_loader, tokenize
 from emcl_nb.params import FEATURE_FIELDS, Params
-from emcl_nb.progress import note, progress_bar
+from emcl_nb.progress import note, progress_bar, timed
 from emcl_nb.training.checkpoint import atomic_torch_save
 from emcl_nb.training.runtime import autocast, autocast_dtype
 
@@ -87,15 +87,17 @@ def encode_split(model, params: Params, split: str, device: torch.device | None 
     bar = dict(disable=not params.progress, leave=False, unit="batch")
 
     with torch.no_grad(), autocast(device, autocast_dtype(device, params.precision, model.clip.dtype)):
-        for batch in progress_bar(text_loader, desc=f"encode {split} texts", **bar):
-            features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
-            text[batch["index"]] = features.float().cpu()                                 # [B, D]
-        for batch in progress_bar(video_loader, desc=f"encode {split} videos", **bar):
-            features = model.encode_video(batch["video"].to(device), batch["frame_mask"].to(device))
-            index = batch["video_index"]
-            video[index] = features.float().cpu()                                         # [B, T, D]
-            frame_mask[index] = batch["frame_mask"]
-            present[index] = True
+        with timed("encode texts"):
+            for batch in progress_bar(text_loader, desc=f"encode {split} texts", **bar):
+                features = model.encode_text(batch["text_ids"].to(device), batch["text_mask"].to(device))
+                text[batch["index"]] = features.float().cpu()                             # [B, D]
+        with timed("encode videos"):
+            for batch in progress_bar(video_loader, desc=f"encode {split} videos", **bar):
+                features = model.encode_video(batch["video"].to(device), batch["frame_mask"].to(device))
+                index = batch["video_index"]
+                video[index] = features.float().cpu()                                     # [B, T, D]
+                frame_mask[index] = batch["frame_mask"]
+                present[index] = True
 
     text_video = torch.from_numpy(annotations.video_index).long()
     result = Features(split, text, video, frame_mask, text_video, list(annotations.video_ids),
@@ -196,7 +198,8 @@ def load_or_encode(model, params: Params, split: str, device: torch.device | Non
     path = cache_path(params, key)
     if path.is_file():
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
+            with timed("read cached features"):
+                stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored["key"] == key:
                 return Features(**stored["features"])
         except Exception as error:  # noqa: BLE001 - a broken cache file is re-made

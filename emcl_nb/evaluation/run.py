@@ -19,8 +19,8 @@ from emcl_nb.evaluation.encode import Features, load_or_encode
 from emcl_nb.evaluation.scoring import evaluate_model
 from emcl_nb.io import atomic_write_json, atomic_write_text
 from emcl_nb.model.metrics import DSL, QBNORM, TIE_RULE, format_table
-from emcl_nb.params import MODEL_FIELDS, REPO_ROOT, Params
-from emcl_nb.progress import note
+from emcl_nb.params import MODEL_FIELDS, REPO_ROOT, REUSE_FIELDS, SYNTHETIC_FIELDS, Params, repo_relative
+from emcl_nb.progress import Stopwatch, note, timed
 from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import (
     FORMAT,
@@ -34,6 +34,30 @@ from emcl_nb.training.distributed import DistEnv, resolve_device
 from emcl_nb.training.runtime import configure_torch
 
 REFERENCE_PROTOCOL = "reference protocol"
+# The recipe a run was trained with (REUSE_FIELDS), apart from the synthetic set's parameters,
+# which are data: the run's data record checks those.
+RECIPE_FIELDS = tuple(name for name in REUSE_FIELDS if name not in SYNTHETIC_FIELDS)
+
+
+def trained_checkpoint(params: Params) -> Path:
+    """The run's last checkpoint, for what evaluates a run (the evaluation CLI, notebooks 03,
+    05, 06): evaluation never trains, so a run without one is an error saying how to train it."""
+    last = params.out_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(
+            f"run {params.run!r} has no checkpoint ({repo_relative(last)}) and evaluation does not "
+            f"train: train it first (notebook 02 with run={params.run!r}, or python -m emcl_nb.train "
+            f"--params {params.dataset} --set run={params.run}), or name a trained run (run=...) "
+            f"or a checkpoint file")
+    return last
+
+
+def recipe_differences(params: Params, trained: dict) -> str:
+    """'name: trained -> now, ...' for the recipe settings `params` states otherwise than the
+    run was trained with ('' when none): evaluation notes them and evaluates the weights as
+    trained."""
+    return ", ".join(f"{name}: {trained[name]!r} -> {getattr(params, name)!r}" for name in RECIPE_FIELDS
+                     if name in trained and trained[name] != getattr(params, name))
 
 
 def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
@@ -63,6 +87,10 @@ def load_for_evaluation(path: str | Path, params: Params, device: torch.device):
         note(f"clip_dtype=fp16: on the {device.type} CLIP computes in fp32 from the same (fp16) weights; "
              f"on CUDA in fp16, as the reference")
         changes["clip_dtype"] = "fp32"
+    differences = recipe_differences(params, state.get("params") or {}) if layout == FORMAT else ""
+    if differences:
+        note(f"{path.name} was trained with other settings than the parameters given now ({differences}); "
+             f"it is evaluated as trained")
     params = params.replace(**changes)
     model = build_model(params, clip_model)
     report = load_model_weights(model, state, source=str(path))
@@ -181,12 +209,33 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
     "reference_protocol", but only when every checkpoint asked for is this run's own
     (out_dir/checkpoints): the row describes this run. `overrides`: SCORING_FIELDS, see `score`.
     """
+    if "last" in checkpoints:
+        trained_checkpoint(params)
+    stopwatch = Stopwatch()
+    with stopwatch.running():
+        results, rows = _score_checkpoints(params, checkpoints, split, emcl_mode=emcl_mode, cache=cache,
+                                           **overrides)
+        published = params.published if split == "test" else {}
+        table = format_table(_table_rows(rows), published)
+        summary = {"dataset": params.dataset, "run": params.run, "split": split,
+                   "emcl_mode": emcl_mode or "trained setting", "overrides": overrides,
+                   "results": results, "published": published, "table": table}
+        with timed("write"):
+            atomic_write_json(params.out_dir / f"{name}.json", summary)
+            atomic_write_text(params.out_dir / f"{name}.md", _report_markdown(params, split, rows, table))
+    print(stopwatch.summary("evaluation"))
+    return summary
+
+
+def _score_checkpoints(params: Params, checkpoints, split: str, **scoring) -> tuple[dict, dict]:
+    """(results by key, results by table label) of evaluate_run's checkpoints, the run's
+    reference-protocol checkpoint added when every one asked for is the run's own."""
     configure_torch(params)
     device = resolve_device(params.device, DistEnv())
     results, rows = {}, {}
     own_folder = (params.out_dir / "checkpoints").resolve()
-    paths = [_checkpoint_path(entry, params) for entry in checkpoints]
-    foreign = [str(path) for path in paths if path.resolve().parent != own_folder]
+    foreign = [str(path) for path in (_checkpoint_path(entry, params) for entry in checkpoints)
+               if path.resolve().parent != own_folder]
     reference_label = reference_protocol_label(params.out_dir)
     if reference_label is not None and foreign:
         note(f"no '{REFERENCE_PROTOCOL}' row: it belongs to run {params.run!r}, and "
@@ -198,9 +247,9 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
         if entry == "best" and not path.is_file():
             note(f"no {path} (no validation split selected a best epoch); evaluating last only")
             continue
-        model, run_params, report = load_for_evaluation(path, params, device)
-        result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,
-                                device=device, qbnorm=True, **overrides)
+        with timed("load checkpoints"):
+            model, run_params, report = load_for_evaluation(path, params, device)
+        result = evaluate_model(model, run_params, split, device=device, qbnorm=True, **scoring)
         result.update(checkpoint=str(path), epoch=report.epoch, layout=report.layout,
                       recreated_emcl_bases=report.recreated)
         if entry == "reference":
@@ -212,13 +261,4 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
         rows[label + (f" (epoch {report.epoch})" if report.epoch is not None else "")] = result
     if not results:
         raise CheckpointError(f"no checkpoint to evaluate among {list(checkpoints)}")
-
-    published = params.published if split == "test" else {}
-    table = format_table(_table_rows(rows), published)
-    summary = {"dataset": params.dataset, "run": params.run, "split": split,
-               "emcl_mode": emcl_mode or "trained setting", "overrides": overrides,
-               "results": results, "published": published, "table": table}
-    atomic_write_json(params.out_dir / f"{name}.json", summary)
-    atomic_write_text(params.out_dir / f"{name}.md",
-                      _report_markdown(params, split, rows, table))
-    return summary
+    return results, rows

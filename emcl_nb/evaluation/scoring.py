@@ -19,7 +19,7 @@ from emcl_nb.model.emcl import seeded_emcl
 from emcl_nb.model.metrics import DSL, PLAIN, evaluate_qbnorm, evaluate_similarity
 from emcl_nb.model.similarity import similarity_matrix
 from emcl_nb.params import CHOICES, EMCL_SETTINGS, SCORING_FIELDS, Params, ParamsError
-from emcl_nb.progress import note
+from emcl_nb.progress import note, timed
 
 # A text whose scores over all videos span less than this scores them alike (float32 cosines).
 CONSTANT_SPREAD = 1e-5
@@ -153,5 +153,7 @@ def evaluate_model(model, params: Params, split: str = "test", *, emcl_mode: str
     """Encode `split` (through the feature cache when `cache`), score it, return the metrics
     of `evaluate_features`; with `qbnorm`, the QB-Norm row's too (the run's query bank)."""
     features = load_or_encode(model, params, split, device, cache=cache)
-    bank = query_bank(model, params, device, cache=cache) if qbnorm else None
-    return evaluate_features(features, params, model, emcl_mode=emcl_mode, bank=bank, **overrides)
+    with timed("query bank"):
+        bank = query_bank(model, params, device, cache=cache) if qbnorm else None
+    with timed("score"):
+        return evaluate_features(features, params, model, emcl_mode=emcl_mode, bank=bank, **overrides)

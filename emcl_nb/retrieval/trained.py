@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from emcl_nb.data.annotations import Annotations, Sample
 from emcl_nb.data.dataset import VideoDataset
 from emcl_nb.data.video import VideoReadError
+from emcl_nb.data.workers import loader_workers
 from emcl_nb.evaluation.encode import encode_captions
 from emcl_nb.evaluation.run import load_for_evaluation
 from emcl_nb.evaluation.scoring import Scoring, scoring_setup
@@ -232,7 +233,7 @@ class TrainedModel:
         params.num_workers loader workers; unreadable files are reported, never zeros."""
         loader = DataLoader(PathVideos(paths, self.params), batch_size=self.params.batch_size_val,
                             sampler=list(range(len(paths)) if rows is None else rows),
-                            num_workers=self.params.num_workers, collate_fn=_collate)
+                            num_workers=loader_workers(self.params), collate_fn=_collate)
         show = self.params.progress if progress is None else progress
         for batch in progress_bar(loader, desc=desc, disable=not show, unit="batch", leave=False):
             video = None

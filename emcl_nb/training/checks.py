@@ -41,8 +41,8 @@ def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELD
         listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
         raise TrainingSetupError(
             f"{path} was trained with other parameters ({listed}); it can neither be continued "
-            f"nor used for these. Use another run name (run=...), or delete its run folder "
-            f"(or train with --no-resume) to start over.")
+            f"nor used for these. Use another run name (run=...), or train with --no-resume "
+            f"to start over in this folder.")
 
 
 def collapse_signs(val: dict) -> str | None:

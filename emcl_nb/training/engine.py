@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb.data.dataset import build_loader
-from emcl_nb.io import atomic_write_json, folder_lock, sweep_temp_files
+from emcl_nb.io import atomic_write_json, folder_lock, removed_on_failure, sweep_temp_files
 from emcl_nb.model.loss import EMCLLoss
 from emcl_nb.params import Params, repo_relative, save_params
-from emcl_nb.progress import progress_bar
+from emcl_nb.progress import Stopwatch, note, progress_bar
 from emcl_nb.training import distributed
 from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
@@ -163,7 +163,7 @@ class Training:
     step_log: StepLog
     run: RunState
     collapse_warned: bool = False
-    seconds: dict = field(default_factory=dict)     # wall time by part of the run (timing summary)
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)   # wall time by part of the run
 
     @property
     def out_dir(self) -> Path:
@@ -173,15 +173,6 @@ class Training:
     def finished(self) -> bool:
         """All epochs trained, or the max_steps updates."""
         return self.run.epoch >= self.params.epochs or self.run.step >= self.total_steps
-
-    @contextlib.contextmanager
-    def timed(self, part: str):
-        """Add the wall time of the `with` block to `seconds[part]`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
     def save_state(self) -> dict:
         """The arguments of a checkpoint write: the run's parameters and metrics."""
@@ -193,6 +184,9 @@ def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Train
     the optimiser, the schedule and the loss scaler."""
     device = distributed.resolve_device(params.device, env)
     distributed.init_distributed(device, env)
+    if device.type == "cpu" and params.clip_dtype == "fp16" and env.is_main:
+        note("clip_dtype=fp16 on a CPU: CLIP computes in fp16, which CPUs run many times slower than "
+             "fp32 (the reference's regime is a GPU regime); clip_dtype=fp32 for a trial on a CPU")
     configure_torch(params)
     seed_everything(params.seed)
     model = build_model(params).to(device)
@@ -304,7 +298,7 @@ class StepHooks:
         step, as the reference's `best_score <= R1`) is saved as the pending candidate. The
         first one says what the selection will cost on this device."""
         self.model.eval()
-        with self.training.timed("reference selection"):
+        with self.training.stopwatch.part("reference selection"):
             started = time.perf_counter()
             r1 = self.reference(unwrap(self.model))["t2v"]["R1"]
             seconds = time.perf_counter() - started
@@ -370,18 +364,12 @@ def save_epoch(training: Training, model: nn.Module, record: dict, improved: boo
 def timing_summary(training: Training) -> str:
     """One line: where this call of `fit` spent its time (updates without the reference
     selection run between them)."""
-    seconds = dict(training.seconds)
+    seconds = training.stopwatch.seconds
     selection = seconds.pop("reference selection", 0.0)
     seconds["updates"] = seconds.get("updates", 0.0) - selection
     if selection:
         seconds["reference selection"] = selection
-    total = sum(seconds.values())
-    parts = ", ".join(f"{part} {_duration(value)}" for part, value in seconds.items())
-    return f"[emcl_nb] training took {_duration(total)}: {parts}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return training.stopwatch.summary("training")
 
 
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
@@ -396,11 +384,13 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
     the reference's selection, run on rank 0 after update 1 and every
     params.reference_interval updates; the best (ties: the later) is kept as `reference.pt`
     and the scores in `reference.json`. With `resume`, an existing `last.pt` is continued.
-    Rank 0 holds the run folder's lock throughout: a second run into it fails at once.
+    Rank 0 holds the run folder's lock throughout: a second run into it fails at once. A new
+    run that fails before it has logged a step leaves no run folder behind.
     """
     env = distributed.env_from_torchrun()
     check_setup(params, len(train_set), env.world_size)
-    with folder_lock(params.out_dir) if env.is_main else contextlib.nullcontext():
+    with (removed_on_failure(params.out_dir) if env.is_main else contextlib.nullcontext(),
+          folder_lock(params.out_dir) if env.is_main else contextlib.nullcontext()):
         training = set_up(params, train_set, env, on_log)
         if env.is_main:
             sweep_killed_writes(training)
@@ -413,18 +403,18 @@ def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | No
         for epoch in range(training.run.epoch, params.epochs):
             if training.finished:                      # max_steps reached
                 break
-            with training.timed("updates"):
+            with training.stopwatch.part("updates"):
                 record = train_epoch(training, model, epoch, hooks)
-            with training.timed("validation"):
+            with training.stopwatch.part("validation"):
                 improved = validate_epoch(training, model, record, validate)
             training.run.history.append(record)
             if env.is_main:
-                with training.timed("checkpoints"):
+                with training.stopwatch.part("checkpoints"):
                     save_epoch(training, model, record, improved)
             distributed.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(record)
-        if env.is_main and training.seconds:
+        if env.is_main and training.stopwatch.seconds:
             print(timing_summary(training))
     checkpoints = training.checkpoints
     return FitResult(out_dir=params.out_dir, last_checkpoint=checkpoints.last,

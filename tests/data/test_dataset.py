@@ -258,3 +258,15 @@ def test_unreadable_video_is_skipped_and_reported_or_raised(tmp_path, caplog):
     loader = build_loader(VideoDataset(annotations, alone), alone, train=False)
     with pytest.raises(RuntimeError, match="every video of this batch failed"):
         list(loader)
+
+
+def test_loader_workers_are_capped_at_the_usable_cores(capsys, monkeypatch):
+    from emcl_nb.data import workers
+
+    monkeypatch.setattr(workers, "usable_cores", lambda: 2)
+    workers._note_cap.cache_clear()
+    assert workers.loader_workers(Params(num_workers=8)) == 2
+    assert workers.loader_workers(Params(num_workers=8)) == 2
+    assert capsys.readouterr().out.count("num_workers=8 is more than the 2 core(s)") == 1   # said once
+    assert workers.loader_workers(Params(num_workers=1)) == 1
+    assert workers.loader_workers(Params(num_workers=0)) == 0

@@ -167,6 +167,24 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["epoch"] == 1
 
 
+class BrokenClips(RandomClips):
+    """A dataset whose clips cannot be read (as a video folder of broken files)."""
+
+    def __getitem__(self, key):
+        raise OSError("cannot read clip")
+
+
+def test_a_run_that_fails_at_its_start_leaves_no_run_folder(tmp_path):
+    params = tiny_params(tmp_path)
+    with pytest.raises(OSError, match="cannot read clip"):
+        fit(params, BrokenClips(16, params))
+    assert not params.out_dir.exists()
+    fit(params.replace(epochs=1), RandomClips(16, params))        # a trained run's folder is kept
+    with pytest.raises(OSError, match="cannot read clip"):
+        fit(params.replace(epochs=1), BrokenClips(16, params), resume=False)
+    assert list(params.out_dir.rglob("last.pt"))                  # (kept, or kept aside)
+
+
 def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tmp_path):
     params = tiny_params(tmp_path)
     model = build_model(params)
