@@ -4,7 +4,7 @@ The public face, as `clip` has one (emcl_nb/retrieval/trained.py):
 
     import emcl_nb
     emcl_nb.available_models()                  # runs with checkpoints under outputs/
-    model = emcl_nb.load("synthetic/demo")      # or a run folder, or a checkpoint file
+    model = emcl_nb.load("synthetic/default")      # or a run folder, or a checkpoint file
     model.score(model.encode_text(["a red circle moves left"]), model.encode_videos(paths))
 
 What lives where:

@@ -1,6 +1,6 @@
 """`make demo`: notebooks 01 -> 06 run headlessly with papermill on one dataset.
 
-    python -m emcl_nb.demo [--dataset synthetic] [--run demo] [--set key=value ...]
+    python -m emcl_nb.demo [--dataset synthetic] [--run default] [--set key=value ...]
     python -m emcl_nb.demo --refresh      # `make notebooks`: also store the executed
                                           # notebooks in notebooks/, train the seed study
                                           # and rewrite the README's results section
@@ -20,7 +20,7 @@ from emcl_nb.params import repo_relative
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--run", default="demo")
+    parser.add_argument("--run", default="default")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--refresh", action="store_true",
                         help="store the executed notebooks in notebooks/, run the seed study and "

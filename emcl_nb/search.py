@@ -1,6 +1,6 @@
 """Text search over your own videos with a trained model: `python -m emcl_nb.search`
 
-    python -m emcl_nb.search index --checkpoint synthetic/demo --videos DIR --index OUT
+    python -m emcl_nb.search index --checkpoint synthetic/default --videos DIR --index OUT
     python -m emcl_nb.search query --index OUT "a man is cooking" -k 10 [--json]
 
 `index` encodes every video file under DIR once (the test split's sampling and transform),

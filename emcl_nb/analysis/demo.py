@@ -35,7 +35,7 @@ def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("0*.ipynb"))
 
 
-def run_notebooks(dataset: str = "synthetic", run: str = "demo", overrides: str = "",
+def run_notebooks(dataset: str = "synthetic", run: str = "default", overrides: str = "",
                   names: list[str] | None = None) -> Path:
     """Execute the numbered notebooks in order (those in `names`, or all) with papermill;
     returns the output folder, whose timings.json keeps the seconds of each notebook's
