@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from train_step import vit_b32_clip  # bench/, the script's folder
 
-from emcl_nb.analysis.readme import replace_section, update_readme
+from emcl_nb.analysis.readme import write_or_check
 from emcl_nb.io import atomic_write_json
 from emcl_nb.params import load_params
 from emcl_nb.training.build import build_model
@@ -112,11 +112,7 @@ def main(argv=None) -> None:
         atomic_write_json(args.json, result)
         args.results = args.json
     body = render(json.loads(args.results.read_text()))
-    if args.check:
-        readme = args.readme.read_text()
-        sys.exit(0 if replace_section(readme, SECTION, body) == readme else 1)
-    if update_readme(SECTION, body, args.readme):
-        print(f"rewrote the {SECTION} section of {args.readme}")
+    write_or_check(SECTION, body, args.readme, check=args.check)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emcl_nb.analysis.readme import replace_section, update_readme
+from emcl_nb.analysis.readme import write_or_check
 from emcl_nb.data.compress import compress_one
 from emcl_nb.data.ffmpeg import write_video
 from emcl_nb.data.video import read_frames, video_info
@@ -195,11 +194,7 @@ def main(argv=None) -> None:
         print(json.dumps(result, indent=1))
         args.results = args.json
     body = render(json.loads(args.results.read_text()))
-    if args.check:
-        readme = args.readme.read_text()
-        sys.exit(0 if replace_section(readme, SECTION, body) == readme else 1)
-    if update_readme(SECTION, body, args.readme):
-        print(f"rewrote the {SECTION} section of {args.readme}")
+    write_or_check(SECTION, body, args.readme, check=args.check)
 
 
 if __name__ == "__main__":

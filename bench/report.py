@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-from emcl_nb.analysis.readme import replace_section, update_readme
+from emcl_nb.analysis.readme import write_or_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,11 +157,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
     args = parser.parse_args()
     body = render(args.results)
-    if args.check:
-        readme = args.readme.read_text()
-        sys.exit(0 if replace_section(readme, "perf-results", body) == readme else 1)
-    if update_readme("perf-results", body, args.readme):
-        print(f"rewrote the performance table in {args.readme}")
+    write_or_check("perf-results", body, args.readme, check=args.check)
 
 
 if __name__ == "__main__":

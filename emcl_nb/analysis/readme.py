@@ -2,11 +2,13 @@
 
 Each section lies between `<!-- NAME:begin -->` and `<!-- NAME:end -->` and is rewritten
 from files the code wrote: `demo-results` (`make notebooks`, from the demo run),
-`ablations` (`make ablations`, from docs/results/ablations.json) and `perf-results`
-(`python bench/report.py`, from the benchmark results in docs/results).
+`ablations` (`make ablations`, from docs/results/ablations.json), `perf-results`
+(`python bench/report.py`, from the benchmark results in docs/results), `regime-results`
+(`python bench/reference_regime.py`) and `encode-results` (`python bench/encode_speed.py`).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from emcl_nb.io import atomic_write_text
@@ -43,3 +45,13 @@ def update_readme(name: str, body: str, readme: Path = README) -> bool:
         return False
     atomic_write_text(readme, updated)
     return True
+
+
+def write_or_check(name: str, body: str, readme: Path = README, *, check: bool = False) -> None:
+    """A results script's last step: with `check`, exit 1 when section `name` of `readme` is
+    not `body` (0 when it is); otherwise rewrite it, saying so when it changed."""
+    if check:
+        text = readme.read_text()
+        sys.exit(0 if replace_section(text, name, body) == text else 1)
+    if update_readme(name, body, readme):
+        print(f"rewrote the {name} section of {readme}")
