@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--run", default="demo")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--refresh", action="store_true",
                         help="store the executed notebooks in notebooks/, run the seed study and "
                              "rewrite the README's results section")

@@ -15,7 +15,14 @@ from emcl_nb.params import load_params
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_overrides(tmp_path) -> list[str]:
+def tiny_overrides(tmp_path, *changes: str) -> list[str]:
+    """The tiny synthetic run's overrides, with `changes` ("key=value") replacing its values
+    (a key given twice is an error)."""
+    changed = dict(change.split("=", 1) for change in changes)
+    return [item for item in _tiny_overrides(tmp_path) if item.split("=", 1)[0] not in changed] + list(changes)
+
+
+def _tiny_overrides(tmp_path) -> list[str]:
     return [f"anno_path={tmp_path}/data", f"video_path={tmp_path}/data/videos",
             f"output_root={tmp_path}/outputs", "synthetic_train=16", "synthetic_val=4",
             "synthetic_test=6", "synthetic_frames=6", "synthetic_size=32", "image_size=32",
@@ -101,7 +108,7 @@ def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
     from emcl_nb.training.checks import TrainingSetupError
     from emcl_nb.training.run import ensure_trained
 
-    params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
+    params = load_params("synthetic", tiny_overrides(tmp_path, "epochs=1"), use_env=False)
     last = ensure_trained(params)                       # trains
     stamp = last.stat().st_mtime_ns
     assert ensure_trained(params) == last and last.stat().st_mtime_ns == stamp   # reused as is
@@ -132,7 +139,7 @@ def loaders_kept_alive(monkeypatch):
 
 
 def _in_process_params(tmp_path, *extra):
-    return load_params("synthetic", tiny_overrides(tmp_path) + ["num_workers=2", "epochs=1", *extra],
+    return load_params("synthetic", tiny_overrides(tmp_path, "num_workers=2", "epochs=1", *extra),
                        use_env=False)
 
 

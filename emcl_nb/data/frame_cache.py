@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="synthetic",
                         help="a dataset name (params/<name>.yaml) or a path to a YAML file")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override parameters, e.g. --set max_frames=12 num_workers=8")
     parser.add_argument("--splits", nargs="*", choices=SPLITS, help="default: every split the layout has")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
