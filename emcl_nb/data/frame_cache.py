@@ -204,6 +204,11 @@ def describe(report: dict) -> str:
             f"{len(report['unreadable'])} unreadable videos ({report['folder']})")
 
 
+# What to do when another process is building the same cache (runs share a cache).
+CACHE_ADVICE = ("another process is building this frame cache (every run with these data "
+                "settings shares it); wait for it to finish, it is then reused")
+
+
 def build_frame_cache(params: Params, split: str, *, progress: bool | None = None) -> dict:
     """Build (or finish, or reuse) the cache of `split` for `params`; returns its report
     (also in cache.json beside it; a cache found complete is reported with "reused": True)."""
@@ -213,7 +218,7 @@ def build_frame_cache(params: Params, split: str, *, progress: bool | None = Non
     if (folder / REPORT).is_file():
         return {**_read_json(folder / REPORT), "reused": True}
     settings = sampling_settings(params)
-    with folder_lock(folder):
+    with folder_lock(folder, CACHE_ADVICE):
         sweep_temp_files(folder)
         if not (folder / MANIFEST).is_file():
             atomic_write_json(folder / MANIFEST, {"split": split, "dataset": params.dataset,
