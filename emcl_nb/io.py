@@ -5,6 +5,8 @@
   temporaries a killed process left).
 - Files get the permissions the umask allows (as `open` would), not mkstemp's 0600.
 - A full disk is a `DiskFullError` naming the file and the space left.
+- Ctrl-C during a write waits for the write to end, then surfaces as KeyboardInterrupt (inside
+  torch.save's writer it became a RuntimeError "enforce fail ... unexpected pos").
 - `folder_lock`: an advisory lock (fcntl.flock) that keeps a second run out of a run folder
   (or a second build out of a cache). It dies with its holder: forked children (loader
   workers) do not keep it, and a lock whose named holder is gone is taken over with a note.
@@ -19,7 +21,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
+import threading
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -66,14 +70,33 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was
+    in place (a KeyboardInterrupt by default). Only the main thread receives signals: in
+    another thread the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write `path` atomically: `write(handle)` fills a temporary file in the same folder
-    (a binary handle), which is flushed, synced and renamed over `path`."""
+    (a binary handle), which is flushed, synced and renamed over `path`. A Ctrl-C meanwhile
+    is delivered once the write has ended."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_path(path)
     try:
-        with naming_full_disk(path):
+        with interrupts_deferred(), naming_full_disk(path):
             # os.open applies the umask to 0o666, as open() would
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as handle:

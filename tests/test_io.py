@@ -13,6 +13,7 @@ import torch
 from emcl_nb.io import (
     DiskFullError,
     FolderBusyError,
+    atomic_write,
     atomic_write_text,
     folder_lock,
     sweep_temp_files,
@@ -125,3 +126,28 @@ def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_note(tmp_path, capsys)
             with pytest.raises(FolderBusyError):           # the new holder is alive
                 with folder_lock(folder):
                     pass
+
+
+class _InterruptedOnThirdWrite:
+    """A file handle that receives Ctrl-C (SIGINT) while torch.save's writer is writing."""
+
+    def __init__(self, handle):
+        self.handle, self.calls = handle, 0
+
+    def write(self, data):
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.handle.write(data)
+
+    def flush(self):
+        self.handle.flush()
+
+
+def test_ctrl_c_inside_torch_save_surfaces_as_the_interruption(tmp_path):
+    """torch's writer turned it into RuntimeError "enforce fail ... unexpected pos" (issue 24);
+    the write now ends first, then the interruption is raised."""
+    target, state = tmp_path / "x.pt", {"w": torch.arange(1000.0)}
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, lambda handle: torch.save(state, _InterruptedOnThirdWrite(handle)))
+    assert torch.equal(torch.load(target)["w"], state["w"])

@@ -3,7 +3,9 @@
 A checkpoint is a dict with the model and optimiser states, the schedule, the loss scaler,
 the epoch and step it was taken after, the parameters of the run, the model's
 `ModelConfig` and the RNG states.
-It is written atomically, so a killed run never leaves a truncated file.
+It is written atomically, so a killed run never leaves a truncated file, and carries a CRC32
+of its tensors (`tensor_checksum`), checked when it is read: a damaged file is an error, never
+weights scored as they are.
 
 Every checkpoint, ours and the reference code's, is read with `weights_only=True`: tensors,
 plain containers and numbers, and the few globals in `CHECKPOINT_GLOBALS` (numpy's RNG
@@ -15,6 +17,7 @@ import os
 import pickle
 import random
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from emcl_nb.model.clip_backbone import InvalidWeightsError, clip_from_state_dic
 from emcl_nb.model.emcl import seeded_emcl
 
 FORMAT = "emcl-nb/1"
+CHECKSUM = "checksum"        # the CRC32 of a checkpoint's tensors (tensor_checksum)
 
 
 # The globals beyond torch's defaults that checkpoints may hold (the allow-list): what
@@ -66,6 +70,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tensor_checksum(obj) -> int:
+    """CRC32 of the bytes of every tensor in `obj` (nested dicts, lists, tuples), in order;
+    the "checksum" entry of a checkpoint is left out."""
+    crc = 0
+    if torch.is_tensor(obj):
+        data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8)   # [bytes]
+        return zlib.crc32(data.numpy(), crc)
+    if isinstance(obj, dict):
+        values = (value for key, value in obj.items() if key != CHECKSUM)
+    elif isinstance(obj, (list, tuple)):
+        values = iter(obj)
+    else:
+        return crc
+    for value in values:
+        crc = zlib.crc32(tensor_checksum(value).to_bytes(4, "little"), crc)
+    return crc
+
+
+def verify_checksum(state, path: Path) -> None:
+    """A CheckpointError when the tensors of `state` (read from `path`) are not those written
+    (a checkpoint without a checksum, from an earlier version, passes)."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT or CHECKSUM not in state:
+        return
+    if tensor_checksum(state) != state[CHECKSUM]:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its tensors do not match the checksum written with "
+            f"them (the file was changed or corrupted on disk). Use another checkpoint (last.pt, "
+            f"best.pt, a copy) or train again (--no-resume).")
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save `obj` to `path` atomically (emcl_nb.io.atomic_write)."""
     atomic_write(Path(path), lambda handle: torch.save(obj, handle))
@@ -87,12 +121,14 @@ def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler
         "metrics": metrics or {},
         "rng": rng_state(),
     }
+    state[CHECKSUM] = tensor_checksum(state)
     atomic_torch_save(state, Path(path))
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
-    """Load a checkpoint file on the CPU, with a clear error when it is missing or broken.
-    `mmap` maps the tensors instead of reading them: cheap when only the metadata is needed."""
+    """Load a checkpoint file on the CPU, with a clear error when it is missing, broken or
+    damaged (its checksum). `mmap` maps the tensors instead of reading them: cheap when only
+    the metadata is needed (the checksum is then not checked)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
@@ -100,7 +136,7 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
             f"--params params/<dataset>.yaml) or pass the path of an existing .pt file.")
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         reason = (f"it holds Python objects besides tensors ({_listed(unsafe)})" if unsafe
@@ -113,6 +149,9 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"checkpoint {path} cannot be read ({error}); "
                               f"the file is corrupt or not a torch checkpoint") from error
+    if not mmap:
+        verify_checksum(state, path)
+    return state
 
 
 def _unpickler_reason(error: Exception) -> str:
