@@ -158,6 +158,20 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
     return "\n".join(lines) + "\n"
 
 
+def _why_no_best(params: Params) -> str:
+    """Why the run has no best.pt, from its last.pt's history: the run validated (the file was
+    deleted or moved), or no epoch was validated."""
+    last = params.out_dir / "checkpoints" / "last.pt"
+    history = read_checkpoint(last, mmap=True)["metrics"].get("history", []) if last.is_file() else []
+    validated = [record["epoch"] for record in history if "val" in record]
+    if validated:
+        return (f"the run validated epochs {', '.join(map(str, validated))}, so the file was deleted or "
+                f"moved; restore it, or train again")
+    if history:
+        return "the run validated no epoch (no validation split, or eval_every_epoch=false)"
+    return "no validation split selected a best epoch"
+
+
 def _checkpoint_path(entry: str | Path, params: Params) -> Path:
     """out_dir/checkpoints/<entry>.pt for "best" / "last" / "reference"; otherwise the path
     given, a relative one taken from the repository root (as params paths are)."""
@@ -196,7 +210,7 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
     for entry in checkpoints:
         path = _checkpoint_path(entry, params)
         if entry == "best" and not path.is_file():
-            note(f"no {path} (no validation split selected a best epoch); evaluating last only")
+            note(f"no {path} ({_why_no_best(params)}); evaluating last only")
             continue
         model, run_params, report = load_for_evaluation(path, params, device)
         result = evaluate_model(model, run_params, split, emcl_mode=emcl_mode, cache=cache,

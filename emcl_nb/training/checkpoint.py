@@ -338,10 +338,20 @@ class RunCheckpoints:
     def pending_reference(self) -> Path:
         return self.folder / "reference.pending.pt"
 
-    def forget_reference(self) -> None:
-        """A new run: the reference selection of an earlier run in this folder is dropped."""
-        for path in (self.reference, self.pending_reference):
-            path.unlink(missing_ok=True)
+    def set_aside(self, *also: Path) -> Path | None:
+        """A new run in this folder: the earlier run's checkpoints (and the files `also`) are
+        moved, never deleted, to a new `earlier-<n>/` beside them, so that no stale best.pt
+        or reference.pt is taken for the new run's. Returns that folder (None: nothing to move)."""
+        earlier = [path for path in (*self.folder.glob("*.pt"), *also) if path.is_file()]
+        if not earlier:
+            return None
+        n = 1 + max((int(path.name.removeprefix("earlier-")) for path in self.folder.glob("earlier-*")
+                     if path.name.removeprefix("earlier-").isdigit()), default=0)
+        aside = self.folder / f"earlier-{n}"
+        aside.mkdir()
+        for path in earlier:
+            os.replace(path, aside / path.name)
+        return aside
 
     def save_reference_candidate(self, model, *, epoch: int, step: int, params: dict, record: dict) -> None:
         """The reference selection's best so far, pending until its epoch is saved."""

@@ -243,19 +243,23 @@ def resume_from_last(training: Training) -> None:
     atomic_write_json(training.out_dir / "history.json", training.run.history)   # killed before it was written
     if training.finished:
         print(f"[emcl_nb] run {params.run} is complete: {training.run.epoch}/{params.epochs} epochs, "
-              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain")
+              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain "
+              f"(the earlier checkpoints are kept aside)")
     else:
         print(f"[emcl_nb] resuming {repo_relative(last)} after epoch {training.run.epoch} "
               f"(step {training.run.step} of {training.total_steps})")
 
 
 def start_new_run(training: Training) -> None:
-    """A fresh run folder (rank 0): the files of an earlier run in it that a new run would
-    not overwrite are removed, and the parameters written."""
+    """A fresh run folder (rank 0): the checkpoints and logs of an earlier run in it are moved
+    aside (`RunCheckpoints.set_aside`: never deleted, never taken for this run's), and the
+    parameters written."""
     training.out_dir.mkdir(parents=True, exist_ok=True)
-    training.step_log.path.unlink(missing_ok=True)
-    (training.out_dir / "reference.json").unlink(missing_ok=True)
-    training.checkpoints.forget_reference()
+    aside = training.checkpoints.set_aside(*(training.out_dir / name for name in TRAINING_FILES
+                                             if name != "params.yaml"))
+    if aside is not None:
+        print(f"[emcl_nb] a new run in {repo_relative(training.out_dir)}: the earlier run's checkpoints "
+              f"and logs are kept in {repo_relative(aside)}")
     save_params(training.params, training.out_dir / "params.yaml")
 
 

@@ -558,3 +558,17 @@ def test_no_reference_row_without_the_reference_checkpoint(params):
     (params.out_dir / "checkpoints" / "reference.pt").unlink()
     assert evaluation_run.reference_protocol_label(params.out_dir) is None
     assert "reference_protocol" not in evaluation_run.evaluate_run(params, ("last",))["results"]
+
+
+def test_a_deleted_best_checkpoint_is_reported_as_deleted(params, capsys):
+    """It was reported as "no validation split selected a best epoch" (issue 24)."""
+    write_run(params)
+    history = [{"epoch": 1, "val": {"t2v": {"R1": 50.0}}}, {"epoch": 2, "val": {"t2v": {"R1": 40.0}}}]
+    save_checkpoint(params.out_dir / "checkpoints" / "last.pt", model=make_model(params, seed=2), epoch=2,
+                    step=20, params=params.to_dict(), metrics={"history": history})
+    (params.out_dir / "checkpoints" / "best.pt").unlink()
+    summary = evaluation_run.evaluate_run(params, ("best", "last"))
+    assert "best" not in summary["results"]
+    printed = capsys.readouterr().out
+    assert "validated epochs 1, 2, so the file was deleted or moved" in printed
+    assert "no validation split" not in printed

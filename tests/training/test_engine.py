@@ -556,3 +556,23 @@ def test_train_step_is_one_whole_update(tmp_path):
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert len(seen_norms) == 2 and all(abs(norm - grad_clip) < 1e-5 for norm in seen_norms), seen_norms
+
+
+def test_no_resume_sets_the_earlier_checkpoints_aside(tmp_path, capsys):
+    """Retraining with --no-resume and validation off kept the earlier run's best.pt, which
+    evaluation then reported as this run's (issue 24); it is moved aside, never deleted."""
+    params = tiny_params(tmp_path)
+    data = RandomClips(16, params)
+    validated = {"val": {"t2v": {"R1": 10.0}, "v2t": {"R1": 10.0}}}
+    first = fit(params, data, validate=lambda model: validated)
+    assert first.best_checkpoint is not None
+    old_best = read_checkpoint(first.best_checkpoint)["model"]
+    again = fit(params.replace(seed=1, epochs=1), data, resume=False)
+    assert again.best_checkpoint is None
+    aside = params.out_dir / "checkpoints" / "earlier-1"
+    assert sorted(path.name for path in aside.iterdir()) == ["best.pt", "history.json", "last.pt", "log.jsonl"]
+    assert torch.equal(read_checkpoint(aside / "best.pt")["model"]["clip.logit_scale"],
+                       old_best["clip.logit_scale"])
+    assert "kept in" in capsys.readouterr().out
+    fit(params.replace(seed=2, epochs=1), data, resume=False)
+    assert (params.out_dir / "checkpoints" / "earlier-2" / "last.pt").is_file()
