@@ -154,7 +154,8 @@ def test_train_leaves_no_worker_processes_behind(tmp_path, capsys, loaders_kept_
     train(params)
     assert multiprocessing.active_children() == []
     train(params)                               # a finished run: nothing to do, and says so
-    assert "run cli is complete: 1/1 epochs, 6/6 steps; train with --no-resume to retrain (the earlier checkpoints are kept aside)" in capsys.readouterr().out
+    assert ("run cli is complete: 1/1 epochs, 6/6 steps; train with --no-resume to retrain "
+            "(the earlier checkpoints are kept aside)") in capsys.readouterr().out
 
 
 def test_train_leaves_no_worker_processes_behind_after_an_error(tmp_path, monkeypatch,
