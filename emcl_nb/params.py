@@ -217,6 +217,9 @@ class Params:
     inference_emcl_lamd: float = in_eval(0.1, SCORING)
     inference_emcl_beta: float = in_eval(4.0, SCORING)
     inference_block_size: int = in_eval(64, SCORING)
+    # evaluate a run's checkpoints although the data differ from those it was trained on
+    # (they are refused otherwise), with a warning
+    allow_other_data: bool = in_eval(False)
     published: dict = in_eval({})                   # published numbers to compare against (release README)
 
     # ---- derived ----

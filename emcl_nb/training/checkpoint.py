@@ -2,7 +2,7 @@
 
 A checkpoint is a dict with the model and optimiser states, the schedule, the loss scaler,
 the epoch and step it was taken after, the parameters of the run, the model's
-`ModelConfig` and the RNG states.
+`ModelConfig`, the identity of the run's data (emcl_nb.data.identity) and the RNG states.
 It is written atomically, so a killed run never leaves a truncated file, and carries a CRC32
 of its tensors (`tensor_checksum`), checked when it is read: a damaged file is an error, never
 weights scored as they are.
@@ -70,21 +70,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def tensor_checksum(obj) -> int:
-    """CRC32 of the bytes of every tensor in `obj` (nested dicts, lists, tuples), in order;
-    the "checksum" entry of a checkpoint is left out."""
-    crc = 0
+def _tensors(obj):
+    """The tensors in `obj` (nested dicts, lists, tuples) in order; a checkpoint's "checksum"
+    entry left out."""
     if torch.is_tensor(obj):
-        data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8)   # [bytes]
-        return zlib.crc32(data.numpy(), crc)
-    if isinstance(obj, dict):
-        values = (value for key, value in obj.items() if key != CHECKSUM)
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key != CHECKSUM:
+                yield from _tensors(value)
     elif isinstance(obj, (list, tuple)):
-        values = iter(obj)
-    else:
-        return crc
-    for value in values:
-        crc = zlib.crc32(tensor_checksum(value).to_bytes(4, "little"), crc)
+        for value in obj:
+            yield from _tensors(value)
+
+
+def tensor_checksum(obj) -> int:
+    """CRC32 of the bytes of every tensor in `obj`, in order (what else the file holds is
+    plain data that unpickling checks)."""
+    crc = 0
+    for tensor in _tensors(obj):
+        crc = zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)  # [bytes]
     return crc
 
 
@@ -106,8 +111,10 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
-                    epoch: int, step: int, params: dict, metrics: dict | None = None) -> None:
-    """Write a resumable checkpoint atomically. `epoch` counts completed epochs."""
+                    epoch: int, step: int, params: dict, metrics: dict | None = None,
+                    data: dict | None = None) -> None:
+    """Write a resumable checkpoint atomically. `epoch` counts completed epochs; `data` is
+    the identity of the data the run trains on (data_identity)."""
     state = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -119,6 +126,7 @@ def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler
         "params": params,
         "model_config": model.config.to_dict(),
         "metrics": metrics or {},
+        "data": data,
         "rng": rng_state(),
     }
     state[CHECKSUM] = tensor_checksum(state)
@@ -207,6 +215,7 @@ class LoadReport:
     seed: int
     epoch: int | None = None           # epochs completed (our checkpoints only)
     params: dict | None = None         # the run's parameters (our checkpoints only)
+    data: dict | None = None           # the identity of the run's data (our newer checkpoints)
 
 
 def model_weights(state, source: str) -> tuple[dict, str]:
@@ -301,7 +310,8 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
     return LoadReport(source=source, layout=layout, loaded=len(weights) - len(recreated),
                       recreated=recreated, seed=seed,
                       epoch=state.get("epoch") if layout == FORMAT else None,
-                      params=state.get("params") if layout == FORMAT else None)
+                      params=state.get("params") if layout == FORMAT else None,
+                      data=state.get("data") if layout == FORMAT else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,10 +363,11 @@ class RunCheckpoints:
             os.replace(path, aside / path.name)
         return aside
 
-    def save_reference_candidate(self, model, *, epoch: int, step: int, params: dict, record: dict) -> None:
+    def save_reference_candidate(self, model, *, epoch: int, step: int, params: dict, record: dict,
+                                 data: dict | None = None) -> None:
         """The reference selection's best so far, pending until its epoch is saved."""
         save_checkpoint(self.pending_reference, model=model, epoch=epoch, step=step, params=params,
-                        metrics={"reference": record})
+                        metrics={"reference": record}, data=data)
 
     def promote_reference(self, saved_step: int) -> None:
         """Make the pending candidate `reference.pt` once `last.pt` (at `saved_step`) has saved
@@ -369,11 +380,12 @@ class RunCheckpoints:
             self.pending_reference.unlink()
 
     def save_epoch(self, model, optimizer, scheduler, scaler, *, epoch: int, step: int, params: dict,
-                   metrics: dict, improved: bool) -> None:
+                   metrics: dict, improved: bool, data: dict | None = None) -> None:
         """After epoch `epoch` (completed epochs): best.pt when `improved`, then last.pt, then
         the reference candidate of this epoch promoted."""
         if improved:
-            save_checkpoint(self.best, model=model, epoch=epoch, step=step, params=params, metrics=metrics)
+            save_checkpoint(self.best, model=model, epoch=epoch, step=step, params=params, metrics=metrics,
+                            data=data)
         save_checkpoint(self.last, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        epoch=epoch, step=step, params=params, metrics=metrics)
+                        epoch=epoch, step=step, params=params, metrics=metrics, data=data)
         self.promote_reference(step)

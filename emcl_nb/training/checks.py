@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emcl_nb.data.identity import data_differences
 from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params
 
 # Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
@@ -43,6 +44,26 @@ def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELD
             f"{path} was trained with other parameters ({listed}); it can neither be continued "
             f"nor used for these. Use another run name (run=...), or delete its run folder "
             f"(or train with --no-resume) to start over.")
+
+
+class OtherDataError(TrainingSetupError):
+    """A run resumed (or evaluated) on other data than it was trained on."""
+
+
+def check_same_data(recorded: dict | None, current: dict, path: Path) -> None:
+    """An OtherDataError naming what changed when the data identity `recorded` in the
+    checkpoint at `path` differs from the `current` one; a checkpoint of an earlier version
+    (nothing recorded) passes with a note."""
+    if recorded is None:
+        print(f"[emcl_nb] note: {path} does not record the identity of its data (an earlier "
+              f"version wrote it); it is not checked")
+        return
+    differences = data_differences(recorded, current)
+    if differences:
+        raise OtherDataError(
+            f"{path} was trained on other data: {'; '.join(differences)} changed since. It cannot "
+            f"continue on these data. Point anno_path / video_path (or the synthetic_* settings) back "
+            f"at its data, or use another run name (run=...), or train with --no-resume.")
 
 
 def collapse_signs(val: dict) -> str | None:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb.data.dataset import build_loader
+from emcl_nb.data.identity import data_identity
 from emcl_nb.io import atomic_write_json, folder_lock, sweep_temp_files
 from emcl_nb.model.loss import EMCLLoss
 from emcl_nb.params import Params, repo_relative, save_params
@@ -29,7 +30,7 @@ from emcl_nb.progress import progress_bar
 from emcl_nb.training import distributed
 from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
-from emcl_nb.training.checks import check_resumable, check_setup, collapse_signs
+from emcl_nb.training.checks import check_resumable, check_same_data, check_setup, collapse_signs
 from emcl_nb.training.optim import build_optimizer
 from emcl_nb.training.run_log import StepLog, model_scalars, truncate_log
 from emcl_nb.training.runtime import (
@@ -162,6 +163,7 @@ class Training:
     checkpoints: RunCheckpoints
     step_log: StepLog
     run: RunState
+    data: dict = field(default_factory=dict)        # the identity of the data (data_identity)
     collapse_warned: bool = False
     seconds: dict = field(default_factory=dict)     # wall time by part of the run (timing summary)
 
@@ -184,8 +186,8 @@ class Training:
             self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
     def save_state(self) -> dict:
-        """The arguments of a checkpoint write: the run's parameters and metrics."""
-        return {"params": self.params.to_dict(), "metrics": self.run.metrics()}
+        """The arguments of a checkpoint write: the run's parameters, metrics and data identity."""
+        return {"params": self.params.to_dict(), "metrics": self.run.metrics(), "data": self.data}
 
 
 def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Training:
@@ -211,7 +213,8 @@ def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Train
         step_log=StepLog(params.out_dir / "log.jsonl" if env.is_main else None, params.log_every,
                          params.batch_size, on_log if env.is_main else None),
         run=RunState(selection={"split": params.reference_split, "every": every, "evaluations": [],
-                                "best": None}))
+                                "best": None}),
+        data=data_identity(params))
 
 
 def sweep_killed_writes(training: Training) -> None:
@@ -227,6 +230,7 @@ def resume_from_last(training: Training) -> None:
     last, params = training.checkpoints.last, training.params
     state = read_checkpoint(last)
     check_resumable(params, state["params"], last)
+    check_same_data(state.get("data"), training.data, last)
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.scheduler.load_state_dict(state["scheduler"])
@@ -320,7 +324,8 @@ class StepHooks:
         if selection["best"] is None or r1 >= selection["best"]["t2v_R1"]:
             selection["best"] = record
             self.training.checkpoints.save_reference_candidate(
-                unwrap(self.model), epoch=epoch, step=step, params=self.training.params.to_dict(), record=record)
+                unwrap(self.model), epoch=epoch, step=step, params=self.training.params.to_dict(), record=record,
+                data=self.training.data)
 
 
 def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHooks) -> dict:

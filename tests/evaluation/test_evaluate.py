@@ -572,3 +572,27 @@ def test_a_deleted_best_checkpoint_is_reported_as_deleted(params, capsys):
     printed = capsys.readouterr().out
     assert "validated epochs 1, 2, so the file was deleted or moved" in printed
     assert "no validation split" not in printed
+
+
+def test_a_run_is_not_scored_on_other_data_unless_asked(params, tmp_path, capsys):
+    """A second run regenerating a shared synthetic folder with synthetic_seed=1 made
+    evaluating the first score it on the new videos without a word (issue 24)."""
+    from emcl_nb.data.identity import data_identity
+    from emcl_nb.training.checks import OtherDataError
+    folder = tmp_path / "shared"
+    sizes = dict(train=1, val=N_VAL, test=N_TEST, frames=6, fps=3, size=32, workers=1, progress=False)
+    generate_synthetic(folder, seed=0, **sizes)
+    params = params.replace(anno_path=str(folder), video_path=str(folder / "videos"), synthetic=True)
+    last = params.out_dir / "checkpoints" / "last.pt"
+    save_checkpoint(last, model=make_model(params), epoch=1, step=1, params=params.to_dict(),
+                    data=data_identity(params))
+    assert set(evaluation_run.evaluate_run(params, ("last",))["results"]) == {"last"}    # its own data
+    generate_synthetic(folder, seed=1, **sizes)                 # another run's set, same folder
+    with pytest.raises(OtherDataError, match=r"other data .*the synthetic set .*seed: 0 -> 1.*allow_other_data"):
+        evaluation_run.evaluate_run(params, ("last",))
+    with pytest.warns(UserWarning, match="allow_other_data=true: .* scored on other data"):
+        evaluation_run.evaluate_run(params.replace(allow_other_data=True), ("last",))
+    save_checkpoint(last, model=make_model(params), epoch=1, step=1, params=params.to_dict())   # older: no record
+    capsys.readouterr()
+    evaluation_run.evaluate_run(params, ("last",))
+    assert "does not record the identity of its data" in capsys.readouterr().out

@@ -576,3 +576,27 @@ def test_no_resume_sets_the_earlier_checkpoints_aside(tmp_path, capsys):
     assert "kept in" in capsys.readouterr().out
     fit(params.replace(seed=2, epochs=1), data, resume=False)
     assert (params.out_dir / "checkpoints" / "earlier-2" / "last.pt").is_file()
+
+
+def test_a_run_does_not_resume_on_other_data(tmp_path):
+    """Resuming with anno_path / video_path at other captions went on without a word (issue 24)."""
+    from emcl_nb.training.checks import OtherDataError
+    data = {name: tmp_path / name for name in ("a", "b")}
+    for name, folder in data.items():
+        (folder / "videos").mkdir(parents=True)
+        (folder / "MSRVTT_data.json").write_text(f'{{"sentences": ["{name}"]}}')
+        (folder / "videos" / "video0.mp4").write_bytes(b"0" * 10)
+    params = tiny_params(tmp_path, anno_path=str(data["a"]), video_path=str(data["a"] / "videos"))
+
+    def stop(record):
+        raise KeyboardInterrupt                               # killed after epoch 1 of 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, RandomClips(16, params), on_epoch_end=stop)
+    assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["data"]["annotations"]
+    with pytest.raises(OtherDataError, match="trained on other data: the annotation files changed"):
+        fit(params.replace(anno_path=str(data["b"])), RandomClips(16, params))
+    (data["a"] / "videos" / "video1.mp4").write_bytes(b"1" * 10)
+    with pytest.raises(OtherDataError, match="the video files .* changed"):
+        fit(params, RandomClips(16, params))
+    (data["a"] / "videos" / "video1.mp4").unlink()
+    assert fit(params, RandomClips(16, params)).history[-1]["epoch"] == 2     # its own data: resumes
