@@ -20,7 +20,7 @@ from emcl_nb.data.identity import data_differences, data_identity
 from emcl_nb.evaluation.encode import Features, load_or_encode
 from emcl_nb.evaluation.scoring import evaluate_model
 from emcl_nb.io import atomic_write_json, atomic_write_text
-from emcl_nb.model.metrics import DSL, QBNORM, TIE_RULE, format_table
+from emcl_nb.model.metrics import QBNORM, TIE_RULE, format_table
 from emcl_nb.params import MODEL_FIELDS, REPO_ROOT, Params
 from emcl_nb.progress import note
 from emcl_nb.training.build import build_model
@@ -106,14 +106,14 @@ def qbnorm_label(bank: dict) -> str:
     return f"QB-Norm ({bank['bank']} {bank['split']} queries, β {bank['beta']:g})"
 
 
-def _table_rows(results: dict) -> dict:
-    """{row label: {"t2v", "v2t"}} with a DSL row after each plain row that has one, then its
-    QB-Norm row (text-to-video only)."""
+def _table_rows(results: dict, split: str) -> dict:
+    """{row label: {"t2v", "v2t"}} with a DSL row (naming the `split` whose query bank it
+    uses) after each plain row that has one, then its QB-Norm row (text-to-video only)."""
     rows = {}
     for label, result in results.items():
         rows[label] = {"t2v": result["t2v"], "v2t": result["v2t"]}
         if "dsl_t2v" in result:
-            rows[f"{label} + DSL (whole test query bank)"] = {"t2v": result["dsl_t2v"],
+            rows[f"{label} + DSL (whole {split} query bank)"] = {"t2v": result["dsl_t2v"],
                                                              "v2t": result["dsl_v2t"]}
         if "qbnorm_t2v" in result:
             rows[f"{label} + {qbnorm_label(result['qbnorm'])}"] = {"t2v": result["qbnorm_t2v"]}
@@ -144,7 +144,8 @@ def _report_markdown(params: Params, split: str, results: dict, table: str) -> s
              f"chance R@1 = {first['chance_R1']:.2f} %.",
              f"- {dropped_statement(first, split)}",
              f"- {TIE_RULE}.",
-             f"- '+ DSL' rows: {DSL}; reported beside the plain numbers, never instead of them."]
+             f"- '+ DSL' rows: dsl (uses the whole {split} query bank, transductive); reported beside "
+             f"the plain numbers, never instead of them."]
     bank = first.get("qbnorm")
     if bank:
         lines.append(f"- '+ QB-Norm' rows: {QBNORM}, text-to-video only; the bank: {bank['bank']} "
@@ -256,7 +257,7 @@ def evaluate_run(params: Params, checkpoints=("best", "last"), *, split: str = "
         raise CheckpointError(f"no checkpoint to evaluate among {list(checkpoints)}")
 
     published = params.published if split == "test" else {}
-    table = format_table(_table_rows(rows), published)
+    table = format_table(_table_rows(rows, split), published)
     summary = {"dataset": params.dataset, "run": params.run, "split": split,
                "emcl_mode": emcl_mode or "trained setting", "overrides": overrides,
                "results": results, "published": published, "table": table}

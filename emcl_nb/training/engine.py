@@ -30,7 +30,13 @@ from emcl_nb.progress import progress_bar
 from emcl_nb.training import distributed
 from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
-from emcl_nb.training.checks import check_resumable, check_same_data, check_setup, collapse_signs
+from emcl_nb.training.checks import (
+    chance_signs,
+    check_resumable,
+    check_same_data,
+    check_setup,
+    collapse_signs,
+)
 from emcl_nb.training.optim import build_optimizer
 from emcl_nb.training.run_log import StepLog, model_scalars, truncate_log
 from emcl_nb.training.runtime import (
@@ -165,6 +171,7 @@ class Training:
     run: RunState
     data: dict = field(default_factory=dict)        # the identity of the data (data_identity)
     collapse_warned: bool = False
+    chance_warned: bool = False
     seconds: dict = field(default_factory=dict)     # wall time by part of the run (timing summary)
 
     @property
@@ -344,7 +351,8 @@ def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHoo
 
 def validate_epoch(training: Training, model: nn.Module, record: dict,
                    validate: Callable[[nn.Module], dict] | None) -> bool:
-    """Rank 0 validates (adding "val" to `record`, warning once about signs of collapse);
+    """Rank 0 validates (adding "val" to `record`, warning once about signs of collapse and
+    once about a run still at chance);
     returns whether this epoch is the best so far (ties go to the later epoch, as in the
     reference's `best_score <= R1`)."""
     if validate is None or not training.env.is_main:
@@ -356,6 +364,11 @@ def validate_epoch(training: Training, model: nn.Module, record: dict,
         warnings.warn(f"epoch {record['epoch']}: {signs}. Check lr (a negative or too large "
                       f"one), the data and the loss curve.", stacklevel=3)
         training.collapse_warned = True
+    at_chance = chance_signs(record, training.params.batch_size) if not training.chance_warned else None
+    if at_chance:
+        warnings.warn(f"epoch {record['epoch']}: {at_chance}. Check lr (too small, or 0), coef_lr, the "
+                      f"captions and videos (do they match?) and the loss curve.", stacklevel=3)
+        training.chance_warned = True
     improved = "val" in record and record["val"]["t2v"]["R1"] >= training.run.best_score
     if improved:
         training.run.best_score = record["val"]["t2v"]["R1"]

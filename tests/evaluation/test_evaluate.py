@@ -596,3 +596,11 @@ def test_a_run_is_not_scored_on_other_data_unless_asked(params, tmp_path, capsys
     capsys.readouterr()
     evaluation_run.evaluate_run(params, ("last",))
     assert "does not record the identity of its data" in capsys.readouterr().out
+
+
+def test_the_dsl_row_names_the_split_it_was_scored_on(params):
+    """`--split val` labelled its DSL row "whole test query bank" (issue 24)."""
+    write_run(params)
+    table = evaluation_run.evaluate_run(params, ("last",), split="val", name="val")["table"]
+    assert "| last (epoch 2) + DSL (whole val query bank) |" in table and "test query bank" not in table
+    assert "the whole val query bank" in (params.out_dir / "val.md").read_text()

@@ -600,3 +600,28 @@ def test_a_run_does_not_resume_on_other_data(tmp_path):
         fit(params, RandomClips(16, params))
     (data["a"] / "videos" / "video1.mp4").unlink()
     assert fit(params, RandomClips(16, params)).history[-1]["epoch"] == 2     # its own data: resumes
+
+
+def test_a_run_still_at_chance_is_warned_once(tmp_path):
+    """A run at chance (loss ln B, R@1 at chance) gave no warning (issue 24)."""
+    from types import SimpleNamespace
+
+    from emcl_nb.training.engine import validate_epoch
+    params = tiny_params(tmp_path)
+    training = SimpleNamespace(params=params, env=SimpleNamespace(is_main=True), collapse_warned=False,
+                               chance_warned=False, run=SimpleNamespace(best_score=-math.inf))
+    model = build_model(params)
+
+    def at(r1):
+        return lambda model: {"val": {"t2v": {"R1": r1}, "v2t": {"R1": r1}, "chance_R1": 2.0, "n_texts": 50}}
+    uniform = math.log(params.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_epoch(training, model, {"epoch": 1, "loss": uniform}, at(2.0))        # too early to say
+        validate_epoch(training, model, {"epoch": 2, "loss": uniform / 2}, at(2.0))    # the loss falls
+        validate_epoch(training, model, {"epoch": 2, "loss": uniform}, at(30.0))       # it retrieves
+    with pytest.warns(UserWarning, match="epoch 2: after 2 epochs .* still at chance"):
+        validate_epoch(training, model, {"epoch": 2, "loss": uniform * 1.01}, at(4.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_epoch(training, model, {"epoch": 3, "loss": uniform}, at(2.0))        # once
