@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="with compile=true, keep torch's own inductor cache (the first step may then "
                              "reuse earlier compilations) instead of compiling from scratch")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     overrides = {**PRESETS[args.preset], "device": args.device, **parse_overrides(args.set)}

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=GRID_DATASET, help="a dataset name (params/<name>.yaml)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="training seeds")
     parser.add_argument("--run", default=GRID_RUN, help="run-name prefix of the grid's runs")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results file to write")
     parser.add_argument("--no-readme", action="store_true", help="leave the README's section alone")
     args = parser.parse_args(argv)

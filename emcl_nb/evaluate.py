@@ -15,7 +15,10 @@ from emcl_nb.data.inputs import check_inputs
 from emcl_nb.params import CHOICES, SCORING_FIELDS, load_params, parse_overrides
 
 
-def evaluate_command(args, sets: dict, emcl_mode: str | None, overrides: dict) -> None:
+def evaluate_command(args) -> None:
+    sets = parse_overrides(args.set, "--set")
+    emcl_mode = args.emcl or sets.pop("emcl", None)
+    overrides = {key: sets.pop(key) for key in list(sets) if key in SCORING_FIELDS}
     params = load_params(args.params, sets)
     check_inputs(params, weights=False, splits=(args.split,))   # the weights come from the checkpoint
     # Imported here, after the check: torch and the evaluation machinery take seconds to load.
@@ -40,15 +43,12 @@ def main(argv=None) -> None:
                         help="scoring mode; default: the mode the model was trained with")
     parser.add_argument("--name", default="metrics", help="output file name in the run folder")
     parser.add_argument("--no-cache", action="store_true", help="encode without the feature cache")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help=f"override parameters; scoring settings ({', '.join(SCORING_FIELDS)}) "
                              f"re-score cached features without encoding again")
     add_traceback_flag(parser)
     args = parser.parse_args(argv)
-    sets = parse_overrides(args.set)
-    emcl_mode = args.emcl or sets.pop("emcl", None)
-    overrides = {key: sets.pop(key) for key in list(sets) if key in SCORING_FIELDS}
-    run_command(lambda: evaluate_command(args, sets, emcl_mode, overrides), traceback=args.traceback)
+    run_command(lambda: evaluate_command(args), traceback=args.traceback)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@
   temporaries a killed process left).
 - Files get the permissions the umask allows (as `open` would), not mkstemp's 0600.
 - A full disk is a `DiskFullError` naming the file and the space left.
-- `folder_lock`: an advisory lock (fcntl.flock) that keeps a second run out of a run folder.
+- Ctrl-C during a write waits for the write to end, then surfaces as KeyboardInterrupt (inside
+  torch.save's writer it became a RuntimeError "enforce fail ... unexpected pos").
+- `folder_lock`: an advisory lock (fcntl.flock) that keeps a second run out of a run folder
+  (or a second build out of a cache). It dies with its holder: forked children (loader
+  workers) do not keep it, and a lock whose named holder is gone is taken over with a note.
 """
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import socket
+import threading
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -63,14 +70,33 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was
+    in place (a KeyboardInterrupt by default). Only the main thread receives signals: in
+    another thread the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write `path` atomically: `write(handle)` fills a temporary file in the same folder
-    (a binary handle), which is flushed, synced and renamed over `path`."""
+    (a binary handle), which is flushed, synced and renamed over `path`. A Ctrl-C meanwhile
+    is delivered once the write has ended."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_path(path)
     try:
-        with naming_full_disk(path):
+        with interrupts_deferred(), naming_full_disk(path):
             # os.open applies the umask to 0o666, as open() would
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as handle:
@@ -95,21 +121,79 @@ def sweep_temp_files(folder: Path, names: tuple[str, ...] = ()) -> list[Path]:
     return stale
 
 
-@contextlib.contextmanager
-def folder_lock(folder: Path):
-    """Hold an exclusive advisory lock on `folder` (its `.lock` file names the holder).
-    A second holder, in this process or another, gets a FolderBusyError at once."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a+") as handle:
+# The descriptors of the locks this process holds, closed in every forked child.
+_HELD_LOCKS: set[int] = set()
+RUN_ADVICE = "wait for it to finish, or use another run name (run=...)"
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a loader worker): point the descriptors of the parent's locks at
+    /dev/null, so that a child outliving its parent does not keep the parent's folder
+    locked (a flock lasts while any descriptor of its open file does)."""
+    if not _HELD_LOCKS:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD_LOCKS:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _gone_holder(holder: str) -> int | None:
+    """The process id a lock file names when that process no longer runs on this machine."""
+    found = re.fullmatch(r"process (\d+) on (.+)", holder)
+    if found is None or found.group(2) != socket.gethostname():
+        return None
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return int(found.group(1))
+    except PermissionError:           # alive, another user's
+        return None
+    return None
+
+
+def _take_lock(path: Path, advice: str):
+    """The open lock file `path`, flock-ed; a lock whose named holder is gone (a process
+    it forked still holds the file) is replaced by a fresh lock file, with a note."""
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "a process that has not named itself yet"
-            raise FolderBusyError(
-                f"{folder} is in use by another run ({holder}); wait for it to finish, or "
-                f"use another run name (run=...)") from None
+            holder = handle.read().strip()
+            handle.close()
+            gone = _gone_holder(holder)
+            if gone is None:
+                raise FolderBusyError(f"{path.parent} is in use by "
+                                      f"{holder or 'a process that has not named itself yet'}; "
+                                      f"{advice}") from None
+            print(f"[emcl_nb] note: {path.parent} was locked by process {gone}, which is gone "
+                  f"(a process it started still held the lock); taking the lock over")
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:       # replaced by another process taking over a stale lock
+            same = False
+        if same:
+            return handle
+        handle.close()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, advice: str = RUN_ADVICE):
+    """Hold an exclusive advisory lock on `folder` (its `.lock` file names the holder).
+    A second holder, in this process or another, gets a FolderBusyError at once, ending with
+    `advice` (what the user can do: the default fits a run folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _take_lock(folder / LOCK_NAME, advice) as handle:
+        _HELD_LOCKS.add(handle.fileno())
         try:
             handle.seek(0)
             handle.truncate()
@@ -117,6 +201,7 @@ def folder_lock(folder: Path):
             handle.flush()
             yield
         finally:
+            _HELD_LOCKS.discard(handle.fileno())
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

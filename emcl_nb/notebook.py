@@ -11,7 +11,7 @@ import ast
 
 from IPython import get_ipython
 
-from emcl_nb.params import Params, load_params, repo_relative
+from emcl_nb.params import Params, load_params, parse_overrides, repo_relative
 
 # papermill's injected cell starts with this comment line (its Python translator).
 INJECTED_HEADER = "# Parameters"
@@ -66,6 +66,6 @@ def setup(dataset: str, run: str, overrides: str = "") -> Params:
     shell = get_ipython()
     if shell is not None:
         shell.run_line_magic("matplotlib", "inline")
-    params = load_params(dataset, f"run={run} {overrides}")
+    params = load_params(dataset, {"run": run, **parse_overrides(overrides)})   # overrides may set run
     print(f"dataset {params.dataset} ({params.layout}), run {params.run} -> {repo_relative(params.out_dir)}")
     return params

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from emcl_nb.io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = Path(os.environ.get("EMCL_NB_PARAMS_DIR", REPO_ROOT / "params"))
-# Extra `key=value` overrides applied last (space-separated). CI uses it to shrink the
+# Extra `key=value` overrides applied last (split as a shell would: quote a value with
+# spaces, video_path="/my videos"). CI uses it to shrink the
 # notebook runs that nbval checks; it is printed whenever it is used.
 ENV_OVERRIDES = "EMCL_NB_OVERRIDES"
 
@@ -215,6 +217,9 @@ class Params:
     inference_emcl_lamd: float = in_eval(0.1, SCORING)
     inference_emcl_beta: float = in_eval(4.0, SCORING)
     inference_block_size: int = in_eval(64, SCORING)
+    # evaluate a run's checkpoints although the data differ from those it was trained on
+    # (they are refused otherwise), with a warning
+    allow_other_data: bool = in_eval(False)
     published: dict = in_eval({})                   # published numbers to compare against (release README)
 
     # ---- derived ----
@@ -276,6 +281,12 @@ LIMITS = {
     "max_steps": (lambda v: v >= 0, "at least 0 (0: every step of the epochs)"),
     "qbnorm_bank": (lambda v: v >= 0, "at least 0 (training queries in the QB-Norm bank; 0: no QB-Norm row)"),
     "video_framerate": (lambda v: v >= 1, "at least 1 (frames sampled per second)"),
+    "batch_size": (lambda v: v >= 1, "at least 1 (the global batch)"),
+    "batch_size_val": (lambda v: v >= 1, "at least 1 (the evaluation batch)"),
+    "num_workers": (lambda v: v >= 0, "at least 0 (0: load in the main process)"),
+    "num_threads": (lambda v: v >= 0, "at least 0 (0: torch's default)"),
+    "log_every": (lambda v: v >= 1, "at least 1 (steps between log writes)"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
     "run": (_single_folder_name, "a single folder name (no '/', not '.' or '..'): "
                                  "outputs go to <output_root>/<dataset>/<run>/"),
     "dataset": (_single_folder_name, "a single folder name (no '/', not '.' or '..')"),
@@ -366,6 +377,10 @@ def _apply(params: Params, changes: dict, source: str) -> Params:
     return dataclasses.replace(params, **checked)
 
 
+# Folders the runs write to: a path that is an existing file is refused at load.
+WRITTEN_FOLDERS = ("output_root", "frame_cache_dir")
+
+
 def check_combinations(params: Params) -> Params:
     """Settings that are each valid but cannot go together (a ParamsError naming them)."""
     if params.clip_dtype == "fp16" and params.optimizer != "bertadam":
@@ -376,28 +391,74 @@ def check_combinations(params: Params) -> Params:
         raise ParamsError(f"clip_dtype=fp16 computes CLIP in fp16 (its weights are fp16); "
                           f"precision={params.precision!r} cannot apply. Set precision=auto, or "
                           f"clip_dtype=fp32 to compute in {params.precision}")
+    for key in WRITTEN_FOLDERS:
+        value = getattr(params, key)
+        if value and Path(value).expanduser().is_file():
+            raise ParamsError(f"{key}={value!r} is a file; it must be a folder (where outputs are "
+                              f"written). Set {key} to a folder path")
     return params
 
 
-def parse_overrides(items) -> dict:
-    """`["epochs=2", "lr=1e-3"]` or `"epochs=2 lr=1e-3"` -> dict of raw values."""
+def parse_overrides(items, source: str = "overrides") -> dict:
+    """`["epochs=2", "lr=1e-3"]` or `'epochs=2 video_path="/my videos"'` (split as a shell
+    would) -> dict of raw values. A key given twice is a ParamsError: which one was meant?"""
     if isinstance(items, dict):
         return dict(items)
     if isinstance(items, str):
-        items = items.split()
+        try:
+            items = shlex.split(items)
+        except ValueError as error:
+            raise ParamsError(f"{source}: cannot split {items!r} into key=value items ({error}); "
+                              f"close the quotes around a value with spaces") from None
     out = {}
     for item in items or ():
         if "=" not in item:
-            raise ParamsError(f"override {item!r} is not of the form key=value")
+            raise ParamsError(f"override {item!r} (from {source}) is not of the form key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = value
+        key = key.strip()
+        if key in out:
+            raise ParamsError(f"{key!r} is set twice in {source} ({key}={out[key]} and {key}={value}); "
+                              f"give it once")
+        out[key] = value
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader (no tags that build Python objects) that refuses a key given twice
+    in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_file(path: Path) -> dict:
+    """The mapping in a parameter file; a YAML error (syntax, a tag such as !!python/object,
+    a duplicate key) is a ParamsError naming the file and the line. Nothing in it is run."""
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ParamsError(f"{where}: {problem}. Fix the file (plain YAML key: value pairs, "
+                          f"each key once)") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of parameter: value")
+    return raw
 
 
 def load_params(dataset: str = "synthetic", overrides=None, *, use_env: bool = True) -> Params:
     """Read `params/<dataset>.yaml` (or a path to a YAML file), then apply `overrides`.
 
-    Overrides may be a dict, a list of `key=value` strings or one space-separated string.
+    Overrides may be a dict, a list of `key=value` strings or one string split as a shell
+    would (quotes keep a value with spaces whole); a key given twice is an error.
     When `use_env`, the variable EMCL_NB_OVERRIDES is applied last.
     """
     path = Path(dataset)
@@ -406,16 +467,14 @@ def load_params(dataset: str = "synthetic", overrides=None, *, use_env: bool = T
     if not path.is_file():
         raise ParamsError(f"unknown dataset {dataset!r}: no parameter file {path}. "
                           f"Available: {', '.join(available_datasets()) or '(none)'}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must hold a mapping of parameter: value")
+    raw = read_params_file(path)
     raw.setdefault("dataset", path.stem)
     params = _apply(Params(), raw, source=str(path))
     params = _apply(params, parse_overrides(overrides), source="overrides")
     env = os.environ.get(ENV_OVERRIDES, "").strip() if use_env else ""
     if env:
         print(f"[emcl_nb] applying {ENV_OVERRIDES}: {env}")
-        params = _apply(params, parse_overrides(env), source=ENV_OVERRIDES)
+        params = _apply(params, parse_overrides(env, ENV_OVERRIDES), source=ENV_OVERRIDES)
     return check_combinations(_absolute_paths(params))
 
 

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     index.add_argument("--params", default=None,
                        help="parameters of a reference-code checkpoint: a params/<name>.yaml name or a "
                             "YAML path (default: emcl_nb/params.py's defaults; ours carry their own)")
-    index.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    index.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                        help="override parameters, e.g. num_workers=8 batch_size_val=64")
     index.add_argument("--rebuild", action="store_true", help="encode everything again, whatever is there")
     index.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")

@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="synthetic",
                         help="a dataset name (params/<name>.yaml) or a path to a YAML file")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override parameters, e.g. --set epochs=2 batch_size=64")
     parser.add_argument("--no-resume", action="store_true",
                         help="start from scratch even if the run folder has a checkpoint")

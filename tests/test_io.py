@@ -1,6 +1,9 @@
 """File writes: the umask decides the mode, a full disk names the file, one lock holder."""
 import errno
+import fcntl
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ import torch
 from emcl_nb.io import (
     DiskFullError,
     FolderBusyError,
+    atomic_write,
     atomic_write_text,
     folder_lock,
     sweep_temp_files,
@@ -78,3 +82,72 @@ def test_the_lock_keeps_out_another_process_and_names_the_holder(tmp_path):
     assert f"process {os.getpid()}" in busy.stdout and str(tmp_path / "run") in busy.stdout
     free = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], env=env)
     assert free.returncode == 0
+
+
+def _ended(process: subprocess.Popen) -> int:
+    process.wait()
+    return process.pid
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
+    """A loader worker (a forked child) outliving its killed parent left the run or cache
+    folder locked (issue 24: a rebuild refused for over 10 minutes)."""
+    holder = ("import os, sys, time; from emcl_nb.io import folder_lock\n"
+              "with folder_lock(sys.argv[1]):\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+              "    print(child, flush=True); os._exit(0)\n")     # killed: the lock is never released
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    child = int(parent.stdout.readline())
+    parent.wait(timeout=60)
+    parent.stdout.close()
+    try:
+        with folder_lock(tmp_path / "run"):                # the child is alive, the lock is free
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_note(tmp_path, capsys):
+    """A lock still held by a process an ended holder left behind (as earlier versions' loader
+    workers did) is taken over; a living holder keeps it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with open(folder / ".lock", "a+") as orphan:
+        fcntl.flock(orphan, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        orphan.write(f"process {_ended(subprocess.Popen([sys.executable, '-c', 'pass']))} "
+                     f"on {socket.gethostname()}\n")
+        orphan.flush()
+        with folder_lock(folder):
+            assert "taking the lock over" in capsys.readouterr().out
+            assert f"process {os.getpid()}" in (folder / ".lock").read_text()
+            with pytest.raises(FolderBusyError):           # the new holder is alive
+                with folder_lock(folder):
+                    pass
+
+
+class _InterruptedOnThirdWrite:
+    """A file handle that receives Ctrl-C (SIGINT) while torch.save's writer is writing."""
+
+    def __init__(self, handle):
+        self.handle, self.calls = handle, 0
+
+    def write(self, data):
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.handle.write(data)
+
+    def flush(self):
+        self.handle.flush()
+
+
+def test_ctrl_c_inside_torch_save_surfaces_as_the_interruption(tmp_path):
+    """torch's writer turned it into RuntimeError "enforce fail ... unexpected pos" (issue 24);
+    the write now ends first, then the interruption is raised."""
+    target, state = tmp_path / "x.pt", {"w": torch.arange(1000.0)}
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, lambda handle: torch.save(state, _InterruptedOnThirdWrite(handle)))
+    assert torch.equal(torch.load(target)["w"], state["w"])

@@ -9,7 +9,8 @@ import pytest
 
 from emcl_nb.analysis import demo
 from emcl_nb.analysis.readme import markers, update_readme
-from emcl_nb.params import Params
+from emcl_nb.demo import demo_overrides
+from emcl_nb.params import Params, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
@@ -184,3 +185,10 @@ def test_results_section_is_written_from_the_run_files(tmp_path):
     readme.write_text(f"# x\n{begin}\nold\n{end}\nrest\n")
     update_readme("demo-results", section, readme)
     assert readme.read_text() == f"# x\n{begin}\n{section}\n{end}\nrest\n"
+
+
+def test_demo_overrides_turn_progress_off_unless_set_and_keep_values_with_spaces():
+    assert parse_overrides(demo_overrides(["epochs=1"])) == {"progress": "false", "epochs": "1"}
+    assert parse_overrides(demo_overrides(["progress=true"])) == {"progress": "true"}
+    assert parse_overrides(demo_overrides(["video_path=/my videos"])) == {
+        "progress": "false", "video_path": "/my videos"}

@@ -167,3 +167,63 @@ def test_synthetic_defaults_are_stated_once():
         name.removeprefix("synthetic_"): value for name, value in Params().to_dict().items()
         if name.startswith("synthetic_")}
     assert params_module.synthetic_settings(Params(synthetic_train=7))["train"] == 7
+
+
+# Issue 24: a parameter given twice, a broken or unsafe YAML file, values with spaces and
+# values that cannot work are named at load.
+
+def test_a_key_given_twice_in_a_yaml_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("epochs: 2\nlr: 1.0e-4\nepochs: 3\n")
+    with pytest.raises(ParamsError, match=r"twice.yaml, line 3.*'epochs' appears twice"):
+        load_params(str(path), use_env=False)
+
+
+@pytest.mark.parametrize("text, line", [("epochs: 2\nlr: [1e-4\n", 3),
+                                        ("epochs: !!python/object/apply:os.system ['touch pwned']\n", 1)])
+def test_a_broken_or_unsafe_yaml_file_names_the_file_and_line_and_runs_nothing(tmp_path, text, line):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=rf"bad.yaml, line {line}"):
+        load_params(str(path), use_env=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_key_set_twice_is_an_error_in_every_kind_of_override(monkeypatch):
+    with pytest.raises(ParamsError, match="'epochs' is set twice"):
+        load_params("synthetic", ["epochs=1", "lr=0.1", "epochs=2"], use_env=False)
+    with pytest.raises(ParamsError, match="'epochs' is set twice"):
+        load_params("synthetic", "epochs=1 epochs=2", use_env=False)       # a notebook's overrides
+    monkeypatch.setenv("EMCL_NB_OVERRIDES", "run=a run=b")
+    with pytest.raises(ParamsError, match="'run' is set twice in EMCL_NB_OVERRIDES"):
+        load_params("synthetic")
+
+
+def test_quoted_override_values_keep_their_spaces(monkeypatch):
+    params = load_params("synthetic", 'video_path="/my videos" epochs=1', use_env=False)
+    assert (params.video_path, params.epochs) == ("/my videos", 1)
+    monkeypatch.setenv("EMCL_NB_OVERRIDES", "anno_path='/my annotations'")
+    assert load_params("synthetic").anno_path == "/my annotations"
+
+
+def test_set_groups_on_the_command_line_join_and_a_repeat_is_refused(tmp_path, capsys):
+    from emcl_nb import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--set", "epochs=1", "--set", f"output_root={tmp_path}", "epochs=2"])
+    assert "'epochs' is set twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, rule", [
+    ("batch_size=0", "batch_size.*at least 1"), ("batch_size_val=0", "batch_size_val.*at least 1"),
+    ("num_workers=-1", "num_workers.*at least 0"), ("log_every=0", "log_every.*at least 1"),
+    ("epochs=0", "epochs.*at least 1"),
+])
+def test_counts_that_cannot_work_are_refused_at_load(setting, rule):
+    with pytest.raises(ParamsError, match=rule):
+        load_params("synthetic", [setting], use_env=False)
+
+
+def test_an_output_root_that_is_a_file_is_refused_at_load(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ParamsError, match="output_root=.*is a file"):
+        load_params("synthetic", [f"output_root={tmp_path / 'file'}"], use_env=False)

@@ -15,7 +15,14 @@ from emcl_nb.params import load_params
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_overrides(tmp_path) -> list[str]:
+def tiny_overrides(tmp_path, *changes: str) -> list[str]:
+    """The tiny synthetic run's overrides, with `changes` ("key=value") replacing its values
+    (a key given twice is an error)."""
+    changed = dict(change.split("=", 1) for change in changes)
+    return [item for item in _tiny_overrides(tmp_path) if item.split("=", 1)[0] not in changed] + list(changes)
+
+
+def _tiny_overrides(tmp_path) -> list[str]:
     return [f"anno_path={tmp_path}/data", f"video_path={tmp_path}/data/videos",
             f"output_root={tmp_path}/outputs", "synthetic_train=16", "synthetic_val=4",
             "synthetic_test=6", "synthetic_frames=6", "synthetic_size=32", "image_size=32",
@@ -101,7 +108,7 @@ def test_a_finished_run_is_reused_only_with_its_own_parameters(tmp_path):
     from emcl_nb.training.checks import TrainingSetupError
     from emcl_nb.training.run import ensure_trained
 
-    params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
+    params = load_params("synthetic", tiny_overrides(tmp_path, "epochs=1"), use_env=False)
     last = ensure_trained(params)                       # trains
     stamp = last.stat().st_mtime_ns
     assert ensure_trained(params) == last and last.stat().st_mtime_ns == stamp   # reused as is
@@ -121,7 +128,7 @@ def test_evaluation_evaluates_a_run_trained_otherwise_and_never_trains(tmp_path,
     from emcl_nb.training.checkpoint import CheckpointError
     from emcl_nb.training.run import train
 
-    params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
+    params = load_params("synthetic", tiny_overrides(tmp_path, "epochs=1"), use_env=False)
     train(params)
     capsys.readouterr()
     summary = evaluate_run(params.replace(lr=1e-3, batch_size=4), ("last",))
@@ -156,7 +163,7 @@ def loaders_kept_alive(monkeypatch):
 
 
 def _in_process_params(tmp_path, *extra):
-    return load_params("synthetic", tiny_overrides(tmp_path) + ["num_workers=2", "epochs=1", *extra],
+    return load_params("synthetic", tiny_overrides(tmp_path, "num_workers=2", "epochs=1", *extra),
                        use_env=False)
 
 
@@ -171,7 +178,8 @@ def test_train_leaves_no_worker_processes_behind(tmp_path, capsys, loaders_kept_
     train(params)
     assert multiprocessing.active_children() == []
     train(params)                               # a finished run: nothing to do, and says so
-    assert "run cli is complete: 1/1 epochs, 6/6 steps; train with --no-resume to retrain" in capsys.readouterr().out
+    assert ("run cli is complete: 1/1 epochs, 6/6 steps; train with --no-resume to retrain "
+            "(the earlier checkpoints are kept aside)") in capsys.readouterr().out
 
 
 def test_train_leaves_no_worker_processes_behind_after_an_error(tmp_path, monkeypatch,

@@ -205,6 +205,11 @@ def describe(report: dict) -> str:
             f"{len(report['unreadable'])} unreadable videos ({report['folder']})")
 
 
+# What to do when another process is building the same cache (runs share a cache).
+CACHE_ADVICE = ("another process is building this frame cache (every run with these data "
+                "settings shares it); wait for it to finish, it is then reused")
+
+
 def build_frame_cache(params: Params, split: str, *, progress: bool | None = None) -> dict:
     """Build (or finish, or reuse) the cache of `split` for `params`; returns its report
     (also in cache.json beside it; a cache found complete is reported with "reused": True)."""
@@ -214,7 +219,7 @@ def build_frame_cache(params: Params, split: str, *, progress: bool | None = Non
     if (folder / REPORT).is_file():
         return {**_read_json(folder / REPORT), "reused": True}
     settings = sampling_settings(params)
-    with folder_lock(folder):
+    with folder_lock(folder, CACHE_ADVICE):
         sweep_temp_files(folder)
         if not (folder / MANIFEST).is_file():
             atomic_write_json(folder / MANIFEST, {"split": split, "dataset": params.dataset,
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="synthetic",
                         help="a dataset name (params/<name>.yaml) or a path to a YAML file")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override parameters, e.g. --set max_frames=12 num_workers=8")
     parser.add_argument("--splits", nargs="*", choices=SPLITS, help="default: every split the layout has")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")

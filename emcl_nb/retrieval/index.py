@@ -203,7 +203,8 @@ def build_index(model: TrainedModel, videos: str | Path, index: str | Path, *, r
     header = {"format": FORMAT, "checkpoint": checkpoint_record(model), "settings": settings(model),
               "params": model.params.to_dict(), "videos_root": str(root)}
     report = IndexReport(folder)
-    with folder_lock(folder):
+    with folder_lock(folder, "another process is indexing into it; wait for it to finish, or "
+                             "give another index folder"):
         sweep_temp_files(folder)
         state = None if rebuild else _read_state(folder)
         if state is not None:

@@ -2,8 +2,10 @@
 
 A checkpoint is a dict with the model and optimiser states, the schedule, the loss scaler,
 the epoch and step it was taken after, the parameters of the run, the model's
-`ModelConfig` and the RNG states.
-It is written atomically, so a killed run never leaves a truncated file.
+`ModelConfig`, the identity of the run's data (emcl_nb.data.identity) and the RNG states.
+It is written atomically, so a killed run never leaves a truncated file, and carries a CRC32
+of its tensors (`tensor_checksum`), checked when it is read: a damaged file is an error, never
+weights scored as they are.
 
 Every checkpoint, ours and the reference code's, is read with `weights_only=True`: tensors,
 plain containers and numbers, and the few globals in `CHECKPOINT_GLOBALS` (numpy's RNG
@@ -15,6 +17,7 @@ import os
 import pickle
 import random
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from emcl_nb.model.clip_backbone import InvalidWeightsError, clip_from_state_dic
 from emcl_nb.model.emcl import seeded_emcl
 
 FORMAT = "emcl-nb/1"
+CHECKSUM = "checksum"        # the CRC32 of a checkpoint's tensors (tensor_checksum)
 
 
 # The globals beyond torch's defaults that checkpoints may hold (the allow-list): what
@@ -66,14 +70,51 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensors(obj):
+    """The tensors in `obj` (nested dicts, lists, tuples) in order; a checkpoint's "checksum"
+    entry left out."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key != CHECKSUM:
+                yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def tensor_checksum(obj) -> int:
+    """CRC32 of the bytes of every tensor in `obj`, in order (what else the file holds is
+    plain data that unpickling checks)."""
+    crc = 0
+    for tensor in _tensors(obj):
+        crc = zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)  # [bytes]
+    return crc
+
+
+def verify_checksum(state, path: Path) -> None:
+    """A CheckpointError when the tensors of `state` (read from `path`) are not those written
+    (a checkpoint without a checksum, from an earlier version, passes)."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT or CHECKSUM not in state:
+        return
+    if tensor_checksum(state) != state[CHECKSUM]:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its tensors do not match the checksum written with "
+            f"them (the file was changed or corrupted on disk). Use another checkpoint (last.pt, "
+            f"best.pt, a copy) or train again (--no-resume).")
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save `obj` to `path` atomically (emcl_nb.io.atomic_write)."""
     atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler=None,
-                    epoch: int, step: int, params: dict, metrics: dict | None = None) -> None:
-    """Write a resumable checkpoint atomically. `epoch` counts completed epochs."""
+                    epoch: int, step: int, params: dict, metrics: dict | None = None,
+                    data: dict | None = None) -> None:
+    """Write a resumable checkpoint atomically. `epoch` counts completed epochs; `data` is
+    the identity of the data the run trains on (data_identity)."""
     state = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -85,14 +126,17 @@ def save_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, scaler
         "params": params,
         "model_config": model.config.to_dict(),
         "metrics": metrics or {},
+        "data": data,
         "rng": rng_state(),
     }
+    state[CHECKSUM] = tensor_checksum(state)
     atomic_torch_save(state, Path(path))
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
-    """Load a checkpoint file on the CPU, with a clear error when it is missing or broken.
-    `mmap` maps the tensors instead of reading them: cheap when only the metadata is needed."""
+    """Load a checkpoint file on the CPU, with a clear error when it is missing, broken or
+    damaged (its checksum). `mmap` maps the tensors instead of reading them: cheap when only
+    the metadata is needed (the checksum is then not checked)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
@@ -100,7 +144,7 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
             f"--params params/<dataset>.yaml) or pass the path of an existing .pt file.")
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         reason = (f"it holds Python objects besides tensors ({_listed(unsafe)})" if unsafe
@@ -113,6 +157,9 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"checkpoint {path} cannot be read ({error}); "
                               f"the file is corrupt or not a torch checkpoint") from error
+    if not mmap:
+        verify_checksum(state, path)
+    return state
 
 
 def _unpickler_reason(error: Exception) -> str:
@@ -168,6 +215,7 @@ class LoadReport:
     seed: int
     epoch: int | None = None           # epochs completed (our checkpoints only)
     params: dict | None = None         # the run's parameters (our checkpoints only)
+    data: dict | None = None           # the identity of the run's data (our newer checkpoints)
 
 
 def model_weights(state, source: str) -> tuple[dict, str]:
@@ -262,7 +310,8 @@ def load_model_weights(model, path_or_state, *, seed: int | None = None,
     return LoadReport(source=source, layout=layout, loaded=len(weights) - len(recreated),
                       recreated=recreated, seed=seed,
                       epoch=state.get("epoch") if layout == FORMAT else None,
-                      params=state.get("params") if layout == FORMAT else None)
+                      params=state.get("params") if layout == FORMAT else None,
+                      data=state.get("data") if layout == FORMAT else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,15 +348,26 @@ class RunCheckpoints:
     def pending_reference(self) -> Path:
         return self.folder / "reference.pending.pt"
 
-    def forget_reference(self) -> None:
-        """A new run: the reference selection of an earlier run in this folder is dropped."""
-        for path in (self.reference, self.pending_reference):
-            path.unlink(missing_ok=True)
+    def set_aside(self, *also: Path) -> Path | None:
+        """A new run in this folder: the earlier run's checkpoints (and the files `also`) are
+        moved, never deleted, to a new `earlier-<n>/` beside them, so that no stale best.pt
+        or reference.pt is taken for the new run's. Returns that folder (None: nothing to move)."""
+        earlier = [path for path in (*self.folder.glob("*.pt"), *also) if path.is_file()]
+        if not earlier:
+            return None
+        n = 1 + max((int(path.name.removeprefix("earlier-")) for path in self.folder.glob("earlier-*")
+                     if path.name.removeprefix("earlier-").isdigit()), default=0)
+        aside = self.folder / f"earlier-{n}"
+        aside.mkdir()
+        for path in earlier:
+            os.replace(path, aside / path.name)
+        return aside
 
-    def save_reference_candidate(self, model, *, epoch: int, step: int, params: dict, record: dict) -> None:
+    def save_reference_candidate(self, model, *, epoch: int, step: int, params: dict, record: dict,
+                                 data: dict | None = None) -> None:
         """The reference selection's best so far, pending until its epoch is saved."""
         save_checkpoint(self.pending_reference, model=model, epoch=epoch, step=step, params=params,
-                        metrics={"reference": record})
+                        metrics={"reference": record}, data=data)
 
     def promote_reference(self, saved_step: int) -> None:
         """Make the pending candidate `reference.pt` once `last.pt` (at `saved_step`) has saved
@@ -320,11 +380,12 @@ class RunCheckpoints:
             self.pending_reference.unlink()
 
     def save_epoch(self, model, optimizer, scheduler, scaler, *, epoch: int, step: int, params: dict,
-                   metrics: dict, improved: bool) -> None:
+                   metrics: dict, improved: bool, data: dict | None = None) -> None:
         """After epoch `epoch` (completed epochs): best.pt when `improved`, then last.pt, then
         the reference candidate of this epoch promoted."""
         if improved:
-            save_checkpoint(self.best, model=model, epoch=epoch, step=step, params=params, metrics=metrics)
+            save_checkpoint(self.best, model=model, epoch=epoch, step=step, params=params, metrics=metrics,
+                            data=data)
         save_checkpoint(self.last, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        epoch=epoch, step=step, params=params, metrics=metrics)
+                        epoch=epoch, step=step, params=params, metrics=metrics, data=data)
         self.promote_reference(step)

@@ -1,14 +1,18 @@
 """Checks of a training run: the set-ups refused before any work starts (a batch that does not
-fit, a run folder trained with other parameters) and the signs of a collapsed model that
-training warns about."""
+fit, a run folder trained with other parameters or on other data) and the signs of a
+collapsed model, or of one still at chance, that training warns about."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from emcl_nb.data.identity import data_differences
 from emcl_nb.params import RESUME_FIELDS, SYNTHETIC_FIELDS, Params
 
 # Validation T2V and V2T R@1 further apart than this (points) suggest a collapsed model.
 COLLAPSE_GAP = 25.0
+# A run still at chance after this many epochs is warned about.
+CHANCE_EPOCHS = 2
 
 
 class TrainingSetupError(ValueError):
@@ -45,6 +49,26 @@ def check_resumable(params: Params, saved: dict, path: Path, fields=RESUME_FIELD
             f"to start over in this folder.")
 
 
+class OtherDataError(TrainingSetupError):
+    """A run resumed (or evaluated) on other data than it was trained on."""
+
+
+def check_same_data(recorded: dict | None, current: dict, path: Path) -> None:
+    """An OtherDataError naming what changed when the data identity `recorded` in the
+    checkpoint at `path` differs from the `current` one; a checkpoint of an earlier version
+    (nothing recorded) passes with a note."""
+    if recorded is None:
+        print(f"[emcl_nb] note: {path} does not record the identity of its data (an earlier "
+              f"version wrote it); it is not checked")
+        return
+    differences = data_differences(recorded, current)
+    if differences:
+        raise OtherDataError(
+            f"{path} was trained on other data: {'; '.join(differences)} changed since. It cannot "
+            f"continue on these data. Point anno_path / video_path (or the synthetic_* settings) back "
+            f"at its data, or use another run name (run=...), or train with --no-resume.")
+
+
 def collapse_signs(val: dict) -> str | None:
     """Why validation metrics (`evaluate_features` output) look like a collapsed model, or
     None: every text scores all videos alike, or T2V and V2T R@1 disagree wildly."""
@@ -55,3 +79,21 @@ def collapse_signs(val: dict) -> str | None:
         return (f"validation T2V R@1 {t2v:.1f} and V2T R@1 {v2t:.1f} differ by more than "
                 f"{COLLAPSE_GAP:g} points (one side of the model may have collapsed)")
     return None
+
+
+def chance_signs(record: dict, batch_size: int) -> str | None:
+    """Why an epoch's record (with "val") looks like a model that learned nothing, or None:
+    after CHANCE_EPOCHS epochs, validation T2V R@1 within 3 standard errors of chance and
+    the loss within 5 % of ln(batch_size), what InfoNCE gives when every pair scores alike."""
+    val = record.get("val") or {}
+    if record["epoch"] < CHANCE_EPOCHS or "chance_R1" not in val or not val.get("n_texts"):
+        return None
+    chance, r1, loss = val["chance_R1"], val["t2v"]["R1"], record["loss"]
+    p = chance / 100
+    bound = 100 * (p + 3 * math.sqrt(p * (1 - p) / val["n_texts"]))
+    uniform = math.log(batch_size)
+    if r1 > bound or abs(loss - uniform) > 0.05 * uniform:
+        return None
+    return (f"after {record['epoch']} epochs validation T2V R@1 is {r1:.1f} (chance {chance:.1f}, "
+            f"within 3 standard errors: {bound:.1f}) and the loss {loss:.3f} is ln(batch_size) = "
+            f"{uniform:.3f}: the model is still at chance")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb.data.dataset import build_loader
+from emcl_nb.data.identity import data_identity
 from emcl_nb.io import atomic_write_json, folder_lock, removed_on_failure, sweep_temp_files
 from emcl_nb.model.loss import EMCLLoss
 from emcl_nb.params import Params, repo_relative, save_params
@@ -29,7 +30,13 @@ from emcl_nb.progress import Stopwatch, note, progress_bar
 from emcl_nb.training import distributed
 from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
-from emcl_nb.training.checks import check_resumable, check_setup, collapse_signs
+from emcl_nb.training.checks import (
+    chance_signs,
+    check_resumable,
+    check_same_data,
+    check_setup,
+    collapse_signs,
+)
 from emcl_nb.training.optim import build_optimizer
 from emcl_nb.training.run_log import StepLog, model_scalars, truncate_log
 from emcl_nb.training.runtime import (
@@ -162,7 +169,9 @@ class Training:
     checkpoints: RunCheckpoints
     step_log: StepLog
     run: RunState
+    data: dict = field(default_factory=dict)        # the identity of the data (data_identity)
     collapse_warned: bool = False
+    chance_warned: bool = False
     stopwatch: Stopwatch = field(default_factory=Stopwatch)   # wall time by part of the run
 
     @property
@@ -175,8 +184,8 @@ class Training:
         return self.run.epoch >= self.params.epochs or self.run.step >= self.total_steps
 
     def save_state(self) -> dict:
-        """The arguments of a checkpoint write: the run's parameters and metrics."""
-        return {"params": self.params.to_dict(), "metrics": self.run.metrics()}
+        """The arguments of a checkpoint write: the run's parameters, metrics and data identity."""
+        return {"params": self.params.to_dict(), "metrics": self.run.metrics(), "data": self.data}
 
 
 def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Training:
@@ -205,7 +214,8 @@ def set_up(params: Params, train_set, env: distributed.DistEnv, on_log) -> Train
         step_log=StepLog(params.out_dir / "log.jsonl" if env.is_main else None, params.log_every,
                          params.batch_size, on_log if env.is_main else None),
         run=RunState(selection={"split": params.reference_split, "every": every, "evaluations": [],
-                                "best": None}))
+                                "best": None}),
+        data=data_identity(params))
 
 
 def sweep_killed_writes(training: Training) -> None:
@@ -221,6 +231,7 @@ def resume_from_last(training: Training) -> None:
     last, params = training.checkpoints.last, training.params
     state = read_checkpoint(last)
     check_resumable(params, state["params"], last)
+    check_same_data(state.get("data"), training.data, last)
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.scheduler.load_state_dict(state["scheduler"])
@@ -237,19 +248,23 @@ def resume_from_last(training: Training) -> None:
     atomic_write_json(training.out_dir / "history.json", training.run.history)   # killed before it was written
     if training.finished:
         print(f"[emcl_nb] run {params.run} is complete: {training.run.epoch}/{params.epochs} epochs, "
-              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain")
+              f"{training.run.step}/{training.total_steps} steps; train with --no-resume to retrain "
+              f"(the earlier checkpoints are kept aside)")
     else:
         print(f"[emcl_nb] resuming {repo_relative(last)} after epoch {training.run.epoch} "
               f"(step {training.run.step} of {training.total_steps})")
 
 
 def start_new_run(training: Training) -> None:
-    """A fresh run folder (rank 0): the files of an earlier run in it that a new run would
-    not overwrite are removed, and the parameters written."""
+    """A fresh run folder (rank 0): the checkpoints and logs of an earlier run in it are moved
+    aside (`RunCheckpoints.set_aside`: never deleted, never taken for this run's), and the
+    parameters written."""
     training.out_dir.mkdir(parents=True, exist_ok=True)
-    training.step_log.path.unlink(missing_ok=True)
-    (training.out_dir / "reference.json").unlink(missing_ok=True)
-    training.checkpoints.forget_reference()
+    aside = training.checkpoints.set_aside(*(training.out_dir / name for name in TRAINING_FILES
+                                             if name != "params.yaml"))
+    if aside is not None:
+        print(f"[emcl_nb] a new run in {repo_relative(training.out_dir)}: the earlier run's checkpoints "
+              f"and logs are kept in {repo_relative(aside)}")
     save_params(training.params, training.out_dir / "params.yaml")
 
 
@@ -310,7 +325,8 @@ class StepHooks:
         if selection["best"] is None or r1 >= selection["best"]["t2v_R1"]:
             selection["best"] = record
             self.training.checkpoints.save_reference_candidate(
-                unwrap(self.model), epoch=epoch, step=step, params=self.training.params.to_dict(), record=record)
+                unwrap(self.model), epoch=epoch, step=step, params=self.training.params.to_dict(), record=record,
+                data=self.training.data)
 
 
 def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHooks) -> dict:
@@ -329,7 +345,8 @@ def train_epoch(training: Training, model: nn.Module, epoch: int, hooks: StepHoo
 
 def validate_epoch(training: Training, model: nn.Module, record: dict,
                    validate: Callable[[nn.Module], dict] | None) -> bool:
-    """Rank 0 validates (adding "val" to `record`, warning once about signs of collapse);
+    """Rank 0 validates (adding "val" to `record`, warning once about signs of collapse and
+    once about a run still at chance);
     returns whether this epoch is the best so far (ties go to the later epoch, as in the
     reference's `best_score <= R1`)."""
     if validate is None or not training.env.is_main:
@@ -341,6 +358,11 @@ def validate_epoch(training: Training, model: nn.Module, record: dict,
         warnings.warn(f"epoch {record['epoch']}: {signs}. Check lr (a negative or too large "
                       f"one), the data and the loss curve.", stacklevel=3)
         training.collapse_warned = True
+    at_chance = chance_signs(record, training.params.batch_size) if not training.chance_warned else None
+    if at_chance:
+        warnings.warn(f"epoch {record['epoch']}: {at_chance}. Check lr (too small, or 0), coef_lr, the "
+                      f"captions and videos (do they match?) and the loss curve.", stacklevel=3)
+        training.chance_warned = True
     improved = "val" in record and record["val"]["t2v"]["R1"] >= training.run.best_score
     if improved:
         training.run.best_score = record["val"]["t2v"]["R1"]

@@ -6,6 +6,7 @@ has none; `launch_torchrun` starts `python -m emcl_nb.train` under torchrun from
 """
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,6 @@ def launch_torchrun(dataset: str, overrides: str = "", *, nproc_per_node: int, n
         command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
     else:
         command.append("--standalone")
-    command += ["-m", "emcl_nb.train", "--params", dataset, "--set", *overrides.split()]
+    command += ["-m", "emcl_nb.train", "--params", dataset, "--set", *shlex.split(overrides)]
     print("$", " ".join(command))
     subprocess.run(command, check=True)

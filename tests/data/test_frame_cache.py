@@ -175,3 +175,15 @@ def test_command_builds_with_worker_processes(params, tmp_path, capsys):
     assert "frame cache train: 4 clips, 13 frames" in capsys.readouterr().out
     cached = TrainDataset(load_annotations(params, "train"), params, train=False)
     assert frame_levels(cached[0]["video"], cached[0]["frame_mask"]) == SAMPLED[0]
+
+
+def test_a_cache_being_built_elsewhere_is_named_as_a_cache(params):
+    """The message of a busy cache spoke of runs ("use another run name"), which does not
+    apply to a cache every run shares."""
+    from emcl_nb.io import FolderBusyError, folder_lock
+    annotations = load_annotations(params, "train")
+    folder = frame_cache.cache_folder(params, annotations, frame_cache.split_clips(annotations))
+    with folder_lock(folder, frame_cache.CACHE_ADVICE):
+        with pytest.raises(FolderBusyError, match="building this frame cache") as error:
+            build_frame_cache(params, "train")
+    assert "run name" not in str(error.value)

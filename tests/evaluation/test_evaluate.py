@@ -558,3 +558,49 @@ def test_no_reference_row_without_the_reference_checkpoint(params):
     (params.out_dir / "checkpoints" / "reference.pt").unlink()
     assert evaluation_run.reference_protocol_label(params.out_dir) is None
     assert "reference_protocol" not in evaluation_run.evaluate_run(params, ("last",))["results"]
+
+
+def test_a_deleted_best_checkpoint_is_reported_as_deleted(params, capsys):
+    """It was reported as "no validation split selected a best epoch" (issue 24)."""
+    write_run(params)
+    history = [{"epoch": 1, "val": {"t2v": {"R1": 50.0}}}, {"epoch": 2, "val": {"t2v": {"R1": 40.0}}}]
+    save_checkpoint(params.out_dir / "checkpoints" / "last.pt", model=make_model(params, seed=2), epoch=2,
+                    step=20, params=params.to_dict(), metrics={"history": history})
+    (params.out_dir / "checkpoints" / "best.pt").unlink()
+    summary = evaluation_run.evaluate_run(params, ("best", "last"))
+    assert "best" not in summary["results"]
+    printed = capsys.readouterr().out
+    assert "validated epochs 1, 2, so the file was deleted or moved" in printed
+    assert "no validation split" not in printed
+
+
+def test_a_run_is_not_scored_on_other_data_unless_asked(params, tmp_path, capsys):
+    """A second run regenerating a shared synthetic folder with synthetic_seed=1 made
+    evaluating the first score it on the new videos without a word (issue 24)."""
+    from emcl_nb.data.identity import data_identity
+    from emcl_nb.training.checks import OtherDataError
+    folder = tmp_path / "shared"
+    sizes = dict(train=1, val=N_VAL, test=N_TEST, frames=6, fps=3, size=32, workers=1, progress=False)
+    generate_synthetic(folder, seed=0, **sizes)
+    params = params.replace(anno_path=str(folder), video_path=str(folder / "videos"), synthetic=True)
+    last = params.out_dir / "checkpoints" / "last.pt"
+    save_checkpoint(last, model=make_model(params), epoch=1, step=1, params=params.to_dict(),
+                    data=data_identity(params))
+    assert set(evaluation_run.evaluate_run(params, ("last",))["results"]) == {"last"}    # its own data
+    generate_synthetic(folder, seed=1, **sizes)                 # another run's set, same folder
+    with pytest.raises(OtherDataError, match=r"other data .*the synthetic set .*seed: 0 -> 1.*allow_other_data"):
+        evaluation_run.evaluate_run(params, ("last",))
+    with pytest.warns(UserWarning, match="allow_other_data=true: .* scored on other data"):
+        evaluation_run.evaluate_run(params.replace(allow_other_data=True), ("last",))
+    save_checkpoint(last, model=make_model(params), epoch=1, step=1, params=params.to_dict())   # older: no record
+    capsys.readouterr()
+    evaluation_run.evaluate_run(params, ("last",))
+    assert "does not record the identity of its data" in capsys.readouterr().out
+
+
+def test_the_dsl_row_names_the_split_it_was_scored_on(params):
+    """`--split val` labelled its DSL row "whole test query bank" (issue 24)."""
+    write_run(params)
+    table = evaluation_run.evaluate_run(params, ("last",), split="val", name="val")["table"]
+    assert "| last (epoch 2) + DSL (whole val query bank) |" in table and "test query bank" not in table
+    assert "the whole val query bank" in (params.out_dir / "val.md").read_text()

@@ -574,3 +574,72 @@ def test_train_step_is_one_whole_update(tmp_path):
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert len(seen_norms) == 2 and all(abs(norm - grad_clip) < 1e-5 for norm in seen_norms), seen_norms
+
+
+def test_no_resume_sets_the_earlier_checkpoints_aside(tmp_path, capsys):
+    """Retraining with --no-resume and validation off kept the earlier run's best.pt, which
+    evaluation then reported as this run's (issue 24); it is moved aside, never deleted."""
+    params = tiny_params(tmp_path)
+    data = RandomClips(16, params)
+    validated = {"val": {"t2v": {"R1": 10.0}, "v2t": {"R1": 10.0}}}
+    first = fit(params, data, validate=lambda model: validated)
+    assert first.best_checkpoint is not None
+    old_best = read_checkpoint(first.best_checkpoint)["model"]
+    again = fit(params.replace(seed=1, epochs=1), data, resume=False)
+    assert again.best_checkpoint is None
+    aside = params.out_dir / "checkpoints" / "earlier-1"
+    assert sorted(path.name for path in aside.iterdir()) == ["best.pt", "history.json", "last.pt", "log.jsonl"]
+    assert torch.equal(read_checkpoint(aside / "best.pt")["model"]["clip.logit_scale"],
+                       old_best["clip.logit_scale"])
+    assert "kept in" in capsys.readouterr().out
+    fit(params.replace(seed=2, epochs=1), data, resume=False)
+    assert (params.out_dir / "checkpoints" / "earlier-2" / "last.pt").is_file()
+
+
+def test_a_run_does_not_resume_on_other_data(tmp_path):
+    """Resuming with anno_path / video_path at other captions went on without a word (issue 24)."""
+    from emcl_nb.training.checks import OtherDataError
+    data = {name: tmp_path / name for name in ("a", "b")}
+    for name, folder in data.items():
+        (folder / "videos").mkdir(parents=True)
+        (folder / "MSRVTT_data.json").write_text(f'{{"sentences": ["{name}"]}}')
+        (folder / "videos" / "video0.mp4").write_bytes(b"0" * 10)
+    params = tiny_params(tmp_path, anno_path=str(data["a"]), video_path=str(data["a"] / "videos"))
+
+    def stop(record):
+        raise KeyboardInterrupt                               # killed after epoch 1 of 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, RandomClips(16, params), on_epoch_end=stop)
+    assert read_checkpoint(params.out_dir / "checkpoints" / "last.pt")["data"]["annotations"]
+    with pytest.raises(OtherDataError, match="trained on other data: the annotation files changed"):
+        fit(params.replace(anno_path=str(data["b"])), RandomClips(16, params))
+    (data["a"] / "videos" / "video1.mp4").write_bytes(b"1" * 10)
+    with pytest.raises(OtherDataError, match="the video files .* changed"):
+        fit(params, RandomClips(16, params))
+    (data["a"] / "videos" / "video1.mp4").unlink()
+    assert fit(params, RandomClips(16, params)).history[-1]["epoch"] == 2     # its own data: resumes
+
+
+def test_a_run_still_at_chance_is_warned_once(tmp_path):
+    """A run at chance (loss ln B, R@1 at chance) gave no warning (issue 24)."""
+    from types import SimpleNamespace
+
+    from emcl_nb.training.engine import validate_epoch
+    params = tiny_params(tmp_path)
+    training = SimpleNamespace(params=params, env=SimpleNamespace(is_main=True), collapse_warned=False,
+                               chance_warned=False, run=SimpleNamespace(best_score=-math.inf))
+    model = build_model(params)
+
+    def at(r1):
+        return lambda model: {"val": {"t2v": {"R1": r1}, "v2t": {"R1": r1}, "chance_R1": 2.0, "n_texts": 50}}
+    uniform = math.log(params.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_epoch(training, model, {"epoch": 1, "loss": uniform}, at(2.0))        # too early to say
+        validate_epoch(training, model, {"epoch": 2, "loss": uniform / 2}, at(2.0))    # the loss falls
+        validate_epoch(training, model, {"epoch": 2, "loss": uniform}, at(30.0))       # it retrieves
+    with pytest.warns(UserWarning, match="epoch 2: after 2 epochs .* still at chance"):
+        validate_epoch(training, model, {"epoch": 2, "loss": uniform * 1.01}, at(4.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_epoch(training, model, {"epoch": 3, "loss": uniform}, at(2.0))        # once

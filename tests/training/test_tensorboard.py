@@ -19,7 +19,7 @@ def scalars(folder) -> dict[str, list]:
 
 
 def test_training_writes_event_files_with_the_loss_rates_recall_logit_scale_and_rank(tmp_path):
-    params = load_params("synthetic", tiny_overrides(tmp_path) + ["tensorboard=true"], use_env=False)
+    params = load_params("synthetic", tiny_overrides(tmp_path, "tensorboard=true"), use_env=False)
     result = train(params)
     logged = scalars(result.out_dir / "tensorboard")
     log = [json.loads(line) for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
@@ -41,7 +41,7 @@ def test_training_writes_event_files_with_the_loss_rates_recall_logit_scale_and_
 
 
 def test_no_event_files_unless_asked(tmp_path):
-    params = load_params("synthetic", tiny_overrides(tmp_path) + ["epochs=1"], use_env=False)
+    params = load_params("synthetic", tiny_overrides(tmp_path, "epochs=1"), use_env=False)
     result = train(params)
     assert not (result.out_dir / "tensorboard").exists()
     assert "logit_scale" in json.loads((result.out_dir / "history.json").read_text())[0]
@@ -49,7 +49,7 @@ def test_no_event_files_unless_asked(tmp_path):
 
 def test_tensorboard_without_the_package_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # as if it were not installed
-    params = load_params("synthetic", tiny_overrides(tmp_path) + ["tensorboard=true"], use_env=False)
+    params = load_params("synthetic", tiny_overrides(tmp_path, "tensorboard=true"), use_env=False)
     with pytest.raises(TrainingSetupError, match=r'pip install "emcl-nb\[tensorboard\]"'):
         train(params)
     assert not params.out_dir.exists()
