@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb.data.dataset import build_loader
+from emcl_nb.data.device_augment import augment_batch
 from emcl_nb.io import atomic_write_json, folder_lock, removed_on_failure, sweep_temp_files
 from emcl_nb.model.loss import EMCLLoss
 from emcl_nb.params import Params, repo_relative, save_params
@@ -92,6 +93,14 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *, d
     return loss
 
 
+def device_augmented(batch: dict, host_batch: dict) -> dict:
+    """The batch with its clips augmented on their device where the loader shipped the draws
+    (params.augment_on == "device"); the draws are read from the host copy (no device sync)."""
+    if "augment" not in host_batch:
+        return batch
+    return {**batch, "video": augment_batch(batch["video"], host_batch["augment"])}
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step_log: StepLog, *,
                     epoch: int, step: int, dtype: torch.dtype | None, grad_clip: float,
                     loss_fn: EMCLLoss | None = None, world_size: int = 1,
@@ -114,8 +123,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step
                 "a clip failed to decode during multi-process training (the warning above "
                 "names the file): ranks need equal batches. Fix or remove the file.")
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's
-        loss = train_step(model, to_device(batch, device), optimizer, scheduler, scaler,
-                          dtype=dtype, grad_clip=grad_clip, loss_fn=loss_fn)
+        on_device = device_augmented(to_device(batch, device), batch)
+        loss = train_step(model, on_device, optimizer, scheduler, scaler, dtype=dtype,
+                          grad_clip=grad_clip, loss_fn=loss_fn)
         step_log.add(step, epoch, loss, lrs)
         step += 1
         if after_step is not None:
