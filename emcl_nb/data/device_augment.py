@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from emcl_nb.data.transforms import GREY_FILL, reference_rand_augment, seeded_python_and_numpy
@@ -91,17 +90,17 @@ def _per_clip(values: torch.Tensor, video: torch.Tensor, dtype=torch.float32) ->
 def _blend(degenerate: torch.Tensor, video: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL's Image.blend(degenerate, video, factor): in float32, truncated, clipped to uint8."""
     degenerate = degenerate.float()
-    mixed = degenerate + _per_clip(factor, video) * (video.float() - degenerate)
+    mixed = video.float().sub_(degenerate).mul_(_per_clip(factor, video)).add_(degenerate)
     return mixed.clamp_(0, 255).floor_().to(torch.uint8)
 
 
 def auto_contrast(video, _):
     """ImageOps.autocontrast: each frame's channels stretched from [min, max] to [0, 255]."""
-    low = video.amin(dim=(-2, -1), keepdim=True).double()                 # [b,T,3,1,1]
-    high = video.amax(dim=(-2, -1), keepdim=True).double()
+    low = video.amin(dim=(-2, -1), keepdim=True).float()                  # [b,T,3,1,1]
+    high = video.amax(dim=(-2, -1), keepdim=True).float()
     scale = torch.where(high > low, 255.0 / (high - low).clamp(min=1), 1.0)
     offset = torch.where(high > low, -low * scale, 0.0)
-    return (video.double() * scale + offset).trunc().clamp(0, 255).to(torch.uint8)
+    return video.float().mul_(scale).add_(offset).clamp_(0, 255).floor_().to(torch.uint8)
 
 
 def equalize(video, _):
@@ -146,18 +145,17 @@ def brightness(video, factor):
     return _blend(torch.zeros_like(video), video, factor)
 
 
-_SMOOTH = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13   # ImageFilter.SMOOTH
-
-
 def sharpness(video, factor):
-    """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter of the frame (border pixels
-    unfiltered, filtered values rounded)."""
-    frames = video.flatten(0, 2).unsqueeze(1).float()                    # [b*T*3, 1, H, W]
-    kernel = _SMOOTH.to(frames.device).view(1, 1, 3, 3)
-    smooth = F.conv2d(frames, kernel).add_(0.5).floor_().clamp_(0, 255)  # [b*T*3, 1, H-2, W-2]
-    degenerate = frames.clone()
-    degenerate[..., 1:-1, 1:-1] = smooth
-    return _blend(degenerate.view(video.shape), video, factor)
+    """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter of the frame (kernel 1 1 1 /
+    1 5 1 / 1 1 1 over 13, rounded; border pixels unfiltered), summed in int16."""
+    pixels = video.short()
+    inner = pixels[..., 1:-1, 1:-1] * 4                                 # centre 5 = 4 + itself below
+    for dy in range(3):
+        for dx in range(3):
+            inner += pixels[..., dy:dy + video.shape[-2] - 2, dx:dx + video.shape[-1] - 2]
+    degenerate = pixels.clone()
+    degenerate[..., 1:-1, 1:-1] = (inner * 2 + 13).div_(26, rounding_mode="floor")   # round(sum / 13)
+    return _blend(degenerate, video, factor)
 
 
 # ---------------------------------------------------------------- geometric ops (PIL's affine transform)
@@ -179,7 +177,8 @@ def _affine(video: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     matrices [b, 2, 3] map an output pixel centre (x + 0.5, y + 0.5) to its input position;
     an output pixel whose input position lies outside the frame gets the grey fill, the
     filter's taps are clamped to the frame. An axis that every matrix leaves alone (an x or
-    a y shear or translation) is not interpolated."""
+    a y shear or translation) is not interpolated. The frames and channels of a clip share
+    their positions: each tap reads one row of T*3 values per pixel."""
     b, frames, channels, height, width = video.shape
     device = video.device
     matrices = matrices.to(device=device, dtype=torch.float32)
@@ -187,18 +186,21 @@ def _affine(video: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
                             torch.arange(width, device=device, dtype=torch.float32) + 0.5, indexing="ij")
     centres = torch.stack([xs.flatten(), ys.flatten(), torch.ones_like(xs.flatten())])   # [3, P]
     x_in, y_in = (matrices @ centres).unbind(1)                                          # [b, P] each
-    flat = video.reshape(b, frames * channels, height * width).float()                   # [b, T*3, P]
+    pixels = video.permute(0, 3, 4, 1, 2).reshape(b * height * width, frames * channels)  # [b*P, T*3]
+    pixels = pixels.to(torch.float32, memory_format=torch.contiguous_format)  # rows contiguous (a view above)
+    first_pixel = (torch.arange(b, device=device) * height * width).view(b, 1)          # [b, 1]
     identity = torch.tensor([[1., 0., 0.], [0., 1., 0.]], device=device)
     columns = _axis_taps(x_in, width, (matrices[:, 0] == identity[0]).all())
     rows = _axis_taps(y_in, height, (matrices[:, 1] == identity[1]).all())
-    out = 0
+    out = torch.zeros_like(pixels)                                                       # [b*P, T*3]
     for row, row_weight in zip(*rows):
         for column, column_weight in zip(*columns):
-            index = (row * width + column).unsqueeze(1).expand(-1, frames * channels, -1)
-            out = out + (row_weight * column_weight).unsqueeze(1) * flat.gather(2, index)
+            index = (first_pixel + row * width + column).flatten()                       # [b*P]
+            out.addcmul_(pixels.index_select(0, index), (row_weight * column_weight).reshape(-1, 1))
     inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)               # [b, P]
-    out = torch.where(inside.unsqueeze(1), out.clamp(0, 255).floor(), float(GREY_FILL[0]))
-    return out.to(torch.uint8).view(video.shape)
+    out = torch.where(inside.reshape(-1, 1), out.clamp_(0, 255).floor_(), float(GREY_FILL[0]))
+    out = out.to(torch.uint8).view(b, height, width, frames, channels)
+    return out.permute(0, 3, 4, 1, 2).contiguous()                                       # [b, T, 3, H, W]
 
 
 def _axis_taps(position: torch.Tensor, size: int, untouched: torch.Tensor):
