@@ -21,7 +21,7 @@ the cache's size and build time are printed with them. With --cache --augment bo
 the cache and augment with the reference RandAugment: in the loader workers through PIL
 (`loader augmentation`, augment_on=loader) or batched in the main process after the
 loader (`device augmentation`, augment_on=device, emcl_nb.data.device_augment, on the
-CPU here; its time counts in the rate); the last line is their ratio.
+GPU where there is one, else on the CPU; its time counts in the rate); the last line is their ratio.
 
 Both read the same frame indices with the same DataLoader settings (workers kept between
 epochs, no in-memory clip cache), and the script prints clips/s, bytes per batch and the
@@ -95,10 +95,16 @@ def batch_bytes(batch) -> int:
     return sum(item.numel() * item.element_size() for item in items if torch.is_tensor(item))
 
 
+# where `device augmentation` runs: the GPU where there is one (the loader pins its batches)
+AUGMENT_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_augmented(batch):
-    """The batch's clips augmented by augment_batch where the loader shipped draws."""
+    """The batch's clips augmented by augment_batch on AUGMENT_DEVICE where the loader
+    shipped draws (augment_on=device), as training does before the model."""
     if isinstance(batch, dict) and "augment" in batch:
-        batch["video"] = augment_batch(batch["video"], batch["augment"])
+        video = batch["video"].to(AUGMENT_DEVICE, non_blocking=True)
+        batch["video"] = augment_batch(video, batch["augment"])
     return batch
 
 
@@ -118,6 +124,8 @@ def measure(loader, clips: int, min_seconds: float) -> tuple[float, int]:
                 break
         else:                                  # only a finished epoch starts the next one: a new
             batches = iter(loader)             # iterator waits for the workers' prefetched batches
+    if AUGMENT_DEVICE.type == "cuda":
+        torch.cuda.synchronize()               # the device augmentation's queued work counts
     return seen / (time.perf_counter() - start), size
 
 
@@ -200,7 +208,8 @@ def main() -> None:
             "machine": machine(), "settings": {
                 "videos": args.videos, "training_pairs": len(annotations), "batch": args.batch,
                 "workers": args.workers, "frames": params.max_frames, "image_size": params.image_size,
-                "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False},
+                "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False,
+                "device_augmentation_on": AUGMENT_DEVICE.type if args.augment and args.cache else None},
             **results})
         print(f"wrote {args.json}")
 
