@@ -14,8 +14,8 @@ frame in the loader workers: about 15 clips/s per core. Here the work is split i
   filter and pixel-centre conventions, grey fill), the same draw for every frame of a clip.
 
 The device path augments the resized, centre-cropped frames (the frame cache stores them),
-the loader path the full frames before the crop: docs/reference-differences.md #13 states
-what differs and by how much; tests/data/test_device_augment.py holds each op to PIL's.
+the loader path the full frames before the crop: docs/reference-recipe.md (Augmentation)
+states what differs and by how much; tests/data/test_device_augment.py holds each op to PIL's.
 """
 from __future__ import annotations
 
