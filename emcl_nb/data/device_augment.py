@@ -198,7 +198,7 @@ def _affine(video: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
             index = (first_pixel + row * width + column).flatten()                       # [b*P]
             out.addcmul_(pixels.index_select(0, index), (row_weight * column_weight).reshape(-1, 1))
     inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)               # [b, P]
-    out = torch.where(inside.reshape(-1, 1), out.clamp_(0, 255).floor_(), float(GREY_FILL[0]))
+    out = out.clamp_(0, 255).floor_().masked_fill_(~inside.reshape(-1, 1), GREY_FILL[0])
     out = out.to(torch.uint8).view(b, height, width, frames, channels)
     return out.permute(0, 3, 4, 1, 2).contiguous()                                       # [b, T, 3, H, W]
 
