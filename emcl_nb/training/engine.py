@@ -93,12 +93,15 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *, d
     return loss
 
 
-def device_augmented(batch: dict, host_batch: dict) -> dict:
-    """The batch with its clips augmented on their device where the loader shipped the draws
-    (params.augment_on == "device"); the draws are read from the host copy (no device sync)."""
-    if "augment" not in host_batch:
-        return batch
-    return {**batch, "video": augment_batch(batch["video"], host_batch["augment"])}
+def device_augmented(batch: dict, device: torch.device) -> dict:
+    """The batch on `device`, its clips augmented there where the loader shipped their
+    RandAugment draws (params.augment_on == "device"). The draws stay on the host: the
+    grouping by op reads them without a device sync."""
+    draws = batch.get("augment")
+    on_device = to_device({key: value for key, value in batch.items() if key != "augment"}, device)
+    if draws is not None:
+        on_device["video"] = augment_batch(on_device["video"], draws)
+    return on_device
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step_log: StepLog, *,
@@ -123,8 +126,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step
                 "a clip failed to decode during multi-process training (the warning above "
                 "names the file): ranks need equal batches. Fix or remove the file.")
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's
-        on_device = device_augmented(to_device(batch, device), batch)
-        loss = train_step(model, on_device, optimizer, scheduler, scaler, dtype=dtype,
+        loss = train_step(model, device_augmented(batch, device), optimizer, scheduler, scaler, dtype=dtype,
                           grad_clip=grad_clip, loss_fn=loss_fn)
         step_log.add(step, epoch, loss, lrs)
         step += 1

@@ -141,6 +141,8 @@ def test_clips_without_a_draw_are_unchanged_and_bad_input_is_named():
 
 
 def test_training_with_augment_on_device_augments_every_batch(tmp_path, monkeypatch):
+    from emcl_nb.data.annotations import load_annotations
+    from emcl_nb.data.dataset import TrainDataset, sample_seed
     from emcl_nb.params import load_params
     from emcl_nb.training import engine
     from emcl_nb.training.run import train
@@ -157,3 +159,10 @@ def test_training_with_augment_on_device_augments_every_batch(tmp_path, monkeypa
         "epochs=1", "train_augment=true", "augment_on=device"], use_env=False)
     train(params)
     assert len(calls) == 48 // 8 and all(shape == (8, SLOTS, 2) for shape in calls)
+    # the loader ships plain frames and the draw of the clip's seed; the loader path ships no draw
+    annotations = load_annotations(params, "train")
+    item = TrainDataset(annotations, params)[(1, 5)]
+    plain = TrainDataset(annotations, params.replace(train_augment=False))[(1, 5)]
+    assert torch.equal(item["video"], plain["video"]) and "augment" not in plain
+    assert torch.equal(item["augment"], draw_augmentation(sample_seed(params.seed, 1, 5)))
+    assert "augment" not in TrainDataset(annotations, params.replace(augment_on="loader"))[(1, 5)]
