@@ -181,6 +181,8 @@ def _affine(video: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     their positions: each tap reads one row of T*3 values per pixel."""
     b, frames, channels, height, width = video.shape
     device = video.device
+    identity = torch.tensor([[1., 0., 0.], [0., 1., 0.]], dtype=matrices.dtype)
+    x_untouched, y_untouched = (matrices.cpu() == identity).all(-1).all(0).tolist()   # on the host: no sync
     matrices = matrices.to(device=device, dtype=torch.float32)
     ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32) + 0.5,
                             torch.arange(width, device=device, dtype=torch.float32) + 0.5, indexing="ij")
@@ -189,9 +191,8 @@ def _affine(video: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     pixels = video.permute(0, 3, 4, 1, 2).reshape(b * height * width, frames * channels)  # [b*P, T*3]
     pixels = pixels.to(torch.float32, memory_format=torch.contiguous_format)  # rows contiguous (a view above)
     first_pixel = (torch.arange(b, device=device) * height * width).view(b, 1)          # [b, 1]
-    identity = torch.tensor([[1., 0., 0.], [0., 1., 0.]], device=device)
-    columns = _axis_taps(x_in, width, (matrices[:, 0] == identity[0]).all())
-    rows = _axis_taps(y_in, height, (matrices[:, 1] == identity[1]).all())
+    columns = _axis_taps(x_in, width, x_untouched)
+    rows = _axis_taps(y_in, height, y_untouched)
     out = torch.zeros_like(pixels)                                                       # [b*P, T*3]
     for row, row_weight in zip(*rows):
         for column, column_weight in zip(*columns):
@@ -203,10 +204,10 @@ def _affine(video: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 4, 1, 2).contiguous()                                       # [b, T, 3, H, W]
 
 
-def _axis_taps(position: torch.Tensor, size: int, untouched: torch.Tensor):
+def _axis_taps(position: torch.Tensor, size: int, untouched: bool):
     """The taps of one axis: (indices, weights) lists, 4 clamped bicubic taps, or the pixel
     itself when no matrix moves this axis."""
-    if bool(untouched):
+    if untouched:
         return [position.floor().long().clamp(0, size - 1)], [torch.ones_like(position)]
     first, weights = _cubic_taps(position)
     return [(first + k).clamp(0, size - 1) for k in range(4)], list(weights)
