@@ -17,7 +17,11 @@ temporary folder, then loads the same training samples through
 With --cache the two loaders are emcl_nb's TrainDataset decoding with decord (`decord`)
 and reading the decoded-frame cache built first (`cache`, emcl_nb.data.frame_cache),
 timed alternately for --rounds rounds so that other work on the machine slows both alike;
-the cache's size and build time are printed with them.
+the cache's size and build time are printed with them. With --cache --augment both read
+the cache and augment with the reference RandAugment: in the loader workers through PIL
+(`loader augmentation`, augment_on=loader) or batched in the main process after the
+loader (`device augmentation`, augment_on=device, emcl_nb.data.device_augment, on the
+GPU where there is one, else on the CPU; its time counts in the rate); the last line is their ratio.
 
 Both read the same frame indices with the same DataLoader settings (workers kept between
 epochs, no in-memory clip cache), and the script prints clips/s, bytes per batch and the
@@ -43,6 +47,7 @@ from torchvision import transforms
 
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
+from emcl_nb.data.device_augment import augment_batch
 from emcl_nb.data.frame_cache import build_frame_cache, describe
 from emcl_nb.data.synthetic import CAPTION_TEMPLATES, generate_synthetic
 from emcl_nb.data.video import load_clip
@@ -90,21 +95,37 @@ def batch_bytes(batch) -> int:
     return sum(item.numel() * item.element_size() for item in items if torch.is_tensor(item))
 
 
+# where `device augmentation` runs: the GPU where there is one (the loader pins its batches)
+AUGMENT_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_augmented(batch):
+    """The batch's clips augmented by augment_batch on AUGMENT_DEVICE where the loader
+    shipped draws (augment_on=device), as training does before the model."""
+    if isinstance(batch, dict) and "augment" in batch:
+        video = batch["video"].to(AUGMENT_DEVICE, non_blocking=True)
+        batch["video"] = augment_batch(video, batch["augment"])
+    return batch
+
+
 def measure(loader, clips: int, min_seconds: float) -> tuple[float, int]:
     """Clips per second over at least `clips` samples and `min_seconds` (as many epochs as
     that takes), after one warm-up batch per worker (their start and first decode: the
-    pipeline is full when timing starts); bytes per batch."""
+    pipeline is full when timing starts), device augmentation included; bytes per batch."""
     batches = iter(loader)
     for _, batch in zip(range(max(1, loader.num_workers)), batches):   # fewer in a short epoch
-        size = batch_bytes(batch)
+        size = batch_bytes(device_augmented(batch))
     seen, start = 0, time.perf_counter()
     while seen < clips or time.perf_counter() - start < min_seconds:
         for batch in batches:
+            batch = device_augmented(batch)
             seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
             if seen >= clips and time.perf_counter() - start >= min_seconds:
                 break
         else:                                  # only a finished epoch starts the next one: a new
             batches = iter(loader)             # iterator waits for the workers' prefetched batches
+    if AUGMENT_DEVICE.type == "cuda":
+        torch.cuda.synchronize()               # the device augmentation's queued work counts
     return seen / (time.perf_counter() - start), size
 
 
@@ -116,24 +137,32 @@ def machine() -> dict:
 
 
 def compare_with_cache(params, annotations, args) -> dict:
-    """Build the frame cache, then time the decoding and the cached loader alternately."""
+    """Build the frame cache, then time alternately the decoding and the cached loader, or
+    (--augment) the cached loader augmenting in its workers and on the device."""
     report = build_frame_cache(params.replace(frame_cache=True), "train", progress=False)
     print(describe(report))
-    loaders = {"decord": build_loader(TrainDataset(annotations, params, train=True), params, train=True),
-               "cache": build_loader(TrainDataset(annotations, params.replace(frame_cache=True), train=True),
-                                     params, train=True)}
+    cached = params.replace(frame_cache=True)
+    if args.augment:
+        variants = {"loader augmentation": cached.replace(augment_on="loader"),
+                    "device augmentation": cached.replace(augment_on="device")}
+    else:
+        variants = {"decord": params, "cache": cached}
+    loaders = {name: build_loader(TrainDataset(annotations, variant, train=True), variant, train=True)
+               for name, variant in variants.items()}
     rounds = {name: [] for name in loaders}
     for _ in range(args.rounds):
         for name, loader in loaders.items():
             rounds[name].append(round(measure(loader, args.clips, args.seconds)[0], 1))
     for name, rates in rounds.items():
         print(f"{name:>9}: {statistics.median(rates):7.1f} clips/s (median; rounds {rates})")
-    ratio = statistics.median(rounds["cache"]) / statistics.median(rounds["decord"])
-    print(f"cache / decord: {ratio:.2f}x clips/s")
+    slow, fast = loaders                               # the ratio: the second over the first
+    ratio = statistics.median(rounds[fast]) / statistics.median(rounds[slow])
+    ratio_key = "device_over_loader_augmentation" if args.augment else "cache_over_decord"
+    print(f"{fast} / {slow}: {ratio:.2f}x clips/s")
     return {"note": "loaders timed alternately, medians over rounds; other processes may share the "
                     "cores (load_average_1min, taken at the end)",
             "clips_per_s": {name: statistics.median(rates) for name, rates in rounds.items()},
-            "rounds": rounds, "cache_over_decord": round(ratio, 2),
+            "rounds": rounds, ratio_key: round(ratio, 2),
             "cache": {key: report[key] for key in ("clips", "frames", "bytes", "build_seconds")}}
 
 
@@ -145,7 +174,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both pipelines)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--augment", action="store_true",
-                        help="the reference RandAugment policy (timm) in the project loader")
+                        help="the reference RandAugment policy (timm) in the project loader; with "
+                             "--cache: augmentation in the loader vs on the device")
     parser.add_argument("--cache", action="store_true",
                         help="compare decoding with decord against the decoded-frame cache")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (--cache)")
@@ -178,7 +208,8 @@ def main() -> None:
             "machine": machine(), "settings": {
                 "videos": args.videos, "training_pairs": len(annotations), "batch": args.batch,
                 "workers": args.workers, "frames": params.max_frames, "image_size": params.image_size,
-                "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False},
+                "augment": args.augment, "reader": BACKEND or "av", "in_memory_clip_cache": False,
+                "device_augmentation_on": AUGMENT_DEVICE.type if args.augment and args.cache else None},
             **results})
         print(f"wrote {args.json}")
 

@@ -3,7 +3,9 @@
 #   1. ViT-B/32 training clips/s, FLOPs per step and MFU (batch 128 x 12 frames, bf16; then with
 #      the reference's fp16 CLIP, clip_dtype=fp16), peak memory;
 #   2. evaluation of the 1k x 1k block matrix, batched vs the reference loop;
-#   3. loader clips/s, decoding with decord and reading the decoded-frame cache.
+#   3. loader clips/s, decoding with decord and reading the decoded-frame cache;
+#   4. the augmented data path (frame cache + RandAugment in the loader vs on the device) beside
+#      the training step's clips/s: the share of each step the GPU would wait for data.
 # Without CUDA it runs small CPU presets instead, says so, and takes a minute or two.
 #
 #   bash bench/gpu_check.sh                        # uses $PYTHON, else .venv/bin/python, else python
@@ -17,6 +19,8 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHONPATH="${PYTHONPATH:-$PWD}"
 failed=0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
 # step TITLE SECONDS COMMAND...: run one measurement under a time limit; a failure is reported, not fatal.
 step() {
@@ -36,8 +40,7 @@ step() {
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())")
     echo "CUDA device: $gpu"
-    json=()
-    [[ -n "${GPU_CHECK_RESULTS:-}" ]] && json=(--json "$GPU_CHECK_RESULTS/train_step-vit-b32-gpu.json")
+    json=(--json "${GPU_CHECK_RESULTS:-$tmp}/train_step-vit-b32-gpu.json")
     step "ViT-B/32 training, batch 128 x 12 frames, bf16 (clips/s, MFU, peak memory)" 240 \
         "$PYTHON" bench/train_step.py --preset vit-b32 --device cuda --set precision=bf16 \
         --warmup 3 --steps 10 --repeats 3 --flops "${json[@]}"
@@ -53,6 +56,7 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
         "$PYTHON" bench/similarity.py --device cuda --n 1000
     loader=(--videos 48 --clips 320 --workers 8 --batch 32)
     rounds=(--rounds 3)
+    train_json="${GPU_CHECK_RESULTS:-$tmp}/train_step-vit-b32-gpu.json"
 else
     echo "No CUDA device: running the small CPU presets instead. These are CPU figures, not GPU ones."
     if [[ -n "${GPU_CHECK_SMOKE:-}" ]]; then
@@ -66,8 +70,9 @@ else
         loader=(--videos 8 --clips 32 --workers 2 --batch 8)
         rounds=(--rounds 2)
     fi
+    train_json="$tmp/train_step-tiny-cpu.json"
     step "Tiny CLIP training on CPU (clips/s, FLOPs, peak memory)" 120 \
-        "$PYTHON" bench/train_step.py --preset tiny --warmup 1 --steps 2 --flops "${train[@]}"
+        "$PYTHON" bench/train_step.py --preset tiny --warmup 1 --steps 2 --flops "${train[@]}" --json "$train_json"
     step "Evaluation, batched vs loop (CPU, small)" 120 \
         "$PYTHON" bench/similarity.py --device cpu "${similarity[@]}"
 fi
@@ -75,4 +80,10 @@ fi
 # Loader clips/s with and without the cache: `--cache` times the decord path and the cache alternately.
 step "Loader: decord vs the decoded-frame cache" 240 \
     "$PYTHON" bench/data_loading.py --cache "${loader[@]}" "${rounds[@]}"
+
+# The augmented data path (device augmentation on the GPU where there is one) against the step.
+step "Augmented data path: RandAugment in the loader vs on the device (frame cache)" 300 \
+    "$PYTHON" bench/data_loading.py --cache --augment "${loader[@]}" "${rounds[@]}" --json "$tmp/augment.json"
+step "Data path against the training step" 30 \
+    "$PYTHON" bench/data_wait.py "$train_json" "$tmp/augment.json"
 exit $failed

@@ -108,21 +108,29 @@ def loader_table(results: list[dict]) -> list[str]:
     loaders = [r for r in results if r.get("benchmark") == "data_loading_cache"]
     if not loaders:
         return []
-    title = "Training loader, decoding with decord vs reading the decoded-frame cache (median of alternating rounds):"
+    title = ("Training loader: decoding with decord vs reading the decoded-frame cache; with the reference "
+             "RandAugment, augmenting in the loader workers (PIL) vs on the device (median of alternating rounds):")
     lines = ["", title, "",
              "| loader | clips/s | rounds | settings | machine | command | source |", "|---|---|---|---|---|---|---|"]
+    ratios = []
     for result in loaders:
         machine, settings = result["machine"], result["settings"]
         where = (f"{machine['cpu']}, {machine['cores']} cores (load {machine['load_average_1min']}), "
                  f"torch {machine['torch']}")
         what = (f"{settings['frames']} frames of {settings['image_size']} px, batch {settings['batch']}, "
-                f"{settings['workers']} workers")
+                f"{settings['workers']} workers" + (", reference RandAugment" if settings.get("augment") else ""))
         for name, rate in result["clips_per_s"].items():
             rounds = ", ".join(f"{r:.0f}" for r in result["rounds"][name])
-            lines.append(f"| {name} | {rate:.0f} | {rounds} | {what} | {where} | `{result['command']}` | "
+            label = name + (f" (on {settings['device_augmentation_on']}, in the training process)"
+                            if name == "device augmentation" and "device_augmentation_on" in settings else "")
+            lines.append(f"| {label} | {rate:.0f} | {rounds} | {what} | {where} | `{result['command']}` | "
                          f"measured: {result['file']} |")
-        lines += ["", f"Cache over decord: {result['cache_over_decord']:.1f}x ({result['file']})."]
-    return lines
+        if "cache_over_decord" in result:
+            ratios.append(f"Cache over decord: {result['cache_over_decord']:.1f}x ({result['file']}).")
+        else:
+            ratios.append(f"Device augmentation over loader augmentation: "
+                          f"{result['device_over_loader_augmentation']:.2f}x ({result['file']}).")
+    return lines + [line for ratio in ratios for line in ("", ratio)]
 
 
 def search_table(results: list[dict]) -> list[str]:

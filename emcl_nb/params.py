@@ -110,6 +110,9 @@ class Params:
     image_size: int = in_data(224, DATA, MODEL)     # frame side fed to CLIP
     # timm rand-m7-n4-mstd0.5-inc1 on training clips (one policy per clip)
     train_augment: bool = in_data(True, TRAINING)
+    # where that augmentation runs: loader (PIL in the loader workers, the reference's) |
+    # device (batched on the training device, emcl_nb.data.device_augment)
+    augment_on: str = in_data("loader", TRAINING)
     num_workers: int = in_data(4)
     # keep decoded clips in memory in each loader worker (small sets)
     cache_decoded_clips: bool = in_data(False)
@@ -252,6 +255,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "layout": ("msrvtt", "msvd", "lsmdc", "activity", "didemo"),
     "on_bad_sample": ("skip", "raise"),
+    "augment_on": ("loader", "device"),
     "agg_module": ("None", "seqLSTM", "seqTransf"),
     "emcl": ("on", "off", "inference"),
     "pooling": ("text", "mean"),

@@ -34,6 +34,8 @@ def test_gpu_check_without_cuda_runs_the_cpu_presets_and_says_so():
     assert "clips/s" in out and "TFLOP/step" in out and "MFU =" in out      # training, FLOPs, formula
     assert "loop / batched" in out                                          # evaluation
     assert "cache / decord" in out                                          # loader with and without the cache
+    assert "device augmentation / loader augmentation:" in out             # augmented loader, both ways
+    assert "the GPU would wait" in out                                      # data path against the step
     assert "failed" not in out
 
 
@@ -148,6 +150,23 @@ def test_report_tables_only_the_loader_bench_run_with_cache():
     assert report.table_rows([without_cache]) == [] and report.loader_table([without_cache]) == []
     lines = report.loader_table([without_cache, with_cache])
     assert [line.split(" | ")[0] for line in lines if line.endswith("measured: c.json |")] == ["| decord", "| cache"]
+
+
+def test_report_tables_the_augmented_loader_rows_and_their_ratio():
+    report = import_bench("report")
+    stored = ROOT / "docs" / "results" / "data_loading-augment-cpu.json"
+    augmented = json.loads(stored.read_text()) | {"file": "a.json"}
+    lines = report.loader_table([augmented])
+    assert [line.split(" | ")[0] for line in lines if line.endswith("measured: a.json |")] == [
+        "| loader augmentation", "| device augmentation (on cpu, in the training process)"]
+    ratio = augmented["device_over_loader_augmentation"]
+    assert lines[-1] == f"Device augmentation over loader augmentation: {ratio:.2f}x (a.json)."
+
+
+def test_data_wait_is_the_share_of_the_step_without_data():
+    data_wait = import_bench("data_wait")
+    assert data_wait.wait_share(step_rate=1000, data_rate=250) == 0.75
+    assert data_wait.wait_share(step_rate=100, data_rate=400) == 0.0
 
 
 # The reference's argument-parser defaults (jpthu17/EMCL main_retrieval.py), with the preset's configuration.

@@ -112,7 +112,7 @@ OLD_DATA = ("layout", "max_words", "max_frames", "video_framerate", "image_size"
 OLD_MODEL = ("clip_weights", "tiny_width", "tiny_layers", "tiny_patch", "image_size",
              "agg_module", "num_hidden_layers", "pooling", "temp", "emcl", "emcl_bases", "emcl_stages",
              "emcl_momentum", "emcl_lamd", "emcl_beta", "emcl_init", "temporal_ln_eps")
-OLD_TRAINING = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "epochs",
+OLD_TRAINING = ("seed", "msrvtt_train_csv", "msrvtt_val_csv", "train_augment", "augment_on", "epochs",
                 "batch_size", "optimizer", "lr", "coef_lr", "weight_decay", "decay_exempt",
                 "warmup_proportion", "grad_clip", "freeze_patch_embedding", "precision",
                 "ddp_gradients", "clip_dtype", "max_train_videos", "max_steps")

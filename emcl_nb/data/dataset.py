@@ -29,8 +29,9 @@ from clip.simple_tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from emcl_nb.data.annotations import Annotations
+from emcl_nb.data.device_augment import draw_augmentation
 from emcl_nb.data.frame_cache import FrameCache
-from emcl_nb.data.transforms import build_transform
+from emcl_nb.data.transforms import augments, build_transform
 from emcl_nb.data.video import VideoReadError, load_clip
 from emcl_nb.data.workers import loader_workers
 from emcl_nb.params import Params
@@ -138,6 +139,8 @@ class TrainDataset(Dataset):
     def __init__(self, annotations: Annotations, params: Params, train: bool = True):
         self.annotations, self.params, self.train = annotations, params, train
         self.clips = _ClipReader(annotations, params, train)
+        # augment_on=device: the clip's draw travels in the batch ("augment"), the frames plain
+        self.device_augment = augments(params, annotations.layout, train) and params.augment_on == "device"
         _tokenizer()                      # built here, so forked loader workers inherit it
 
     def __len__(self) -> int:
@@ -147,13 +150,17 @@ class TrainDataset(Dataset):
         epoch, index = _split_key(key)
         sample = self.annotations.samples[index]
         video_index = int(self.annotations.video_index[index])
-        seed = sample_seed(self.params.seed, epoch, index) if self.clips.transform.augment else None
-        clip = self.clips(video_index, sample.start, sample.end, seed)
+        augmented = self.clips.transform.augment is not None or self.device_augment
+        seed = sample_seed(self.params.seed, epoch, index) if augmented else None
+        clip = self.clips(video_index, sample.start, sample.end, None if self.device_augment else seed)
         if clip is None:
             return Skipped(index)
         ids, mask = tokenize(sample.caption, self.params.max_words)
-        return {"text_ids": ids[0], "text_mask": mask[0], "video": clip[0], "frame_mask": clip[1],
+        item = {"text_ids": ids[0], "text_mask": mask[0], "video": clip[0], "frame_mask": clip[1],
                 "index": torch.tensor(index), "video_index": torch.tensor(video_index)}
+        if self.device_augment:
+            item["augment"] = draw_augmentation(seed)                  # [SLOTS, 2]
+        return item
 
 
 class TextDataset(Dataset):

@@ -92,8 +92,14 @@ class FrameTransform:
         return f"FrameTransform(image_size={self.image_size}, augment={policy})"
 
 
+def augments(params, layout: str, train: bool) -> bool:
+    """Whether a split's clips are augmented: training on MSR-VTT/MSVD/LSMDC with
+    params.train_augment (in the loader or on the device, params.augment_on)."""
+    return train and params.train_augment and layout in AUGMENTED_LAYOUTS
+
+
 def build_transform(params, layout: str, train: bool) -> FrameTransform:
-    """The transform of one split: augmentation only for training on MSR-VTT/MSVD/LSMDC
-    and only when params.train_augment."""
-    augment = train and params.train_augment and layout in AUGMENTED_LAYOUTS
-    return FrameTransform(params.image_size, augment)
+    """The transform of one split: the loader-side augmentation where `augments` and
+    params.augment_on == "loader"; else resize and crop only."""
+    return FrameTransform(params.image_size,
+                          augments(params, layout, train) and params.augment_on == "loader")

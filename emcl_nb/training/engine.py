@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from emcl_nb.data.dataset import build_loader
+from emcl_nb.data.device_augment import augment_batch
 from emcl_nb.data.identity import data_identity
 from emcl_nb.io import atomic_write_json, folder_lock, removed_on_failure, sweep_temp_files
 from emcl_nb.model.loss import EMCLLoss
@@ -99,6 +100,17 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, scaler, *, d
     return loss
 
 
+def device_augmented(batch: dict, device: torch.device) -> dict:
+    """The batch on `device`, its clips augmented there where the loader shipped their
+    RandAugment draws (params.augment_on == "device"). The draws stay on the host: the
+    grouping by op reads them without a device sync."""
+    draws = batch.get("augment")
+    on_device = to_device({key: value for key, value in batch.items() if key != "augment"}, device)
+    if draws is not None:
+        on_device["video"] = augment_batch(on_device["video"], draws)
+    return on_device
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step_log: StepLog, *,
                     epoch: int, step: int, dtype: torch.dtype | None, grad_clip: float,
                     loss_fn: EMCLLoss | None = None, world_size: int = 1,
@@ -121,8 +133,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, step
                 "a clip failed to decode during multi-process training (the warning above "
                 "names the file): ranks need equal batches. Fix or remove the file.")
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # this step's
-        loss = train_step(model, to_device(batch, device), optimizer, scheduler, scaler,
-                          dtype=dtype, grad_clip=grad_clip, loss_fn=loss_fn)
+        loss = train_step(model, device_augmented(batch, device), optimizer, scheduler, scaler, dtype=dtype,
+                          grad_clip=grad_clip, loss_fn=loss_fn)
         step_log.add(step, epoch, loss, lrs)
         step += 1
         if after_step is not None:
