@@ -47,13 +47,13 @@ from torchvision import transforms
 
 from emcl_nb.data.annotations import load_annotations
 from emcl_nb.data.dataset import TrainDataset, build_loader, tokenize
-from emcl_nb.data.device_augment import augment_batch
 from emcl_nb.data.frame_cache import build_frame_cache, describe
 from emcl_nb.data.synthetic import CAPTION_TEMPLATES, generate_synthetic
 from emcl_nb.data.video import load_clip
 from emcl_nb.io import atomic_write_json
 from emcl_nb.model.clip_backbone import CLIP_MEAN, CLIP_STD
 from emcl_nb.params import load_params
+from emcl_nb.training.engine import device_augmented
 from emcl_nb.training.runtime import cpu_model
 
 try:
@@ -99,13 +99,11 @@ def batch_bytes(batch) -> int:
 AUGMENT_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def device_augmented(batch):
-    """The batch's clips augmented by augment_batch on AUGMENT_DEVICE where the loader
-    shipped draws (augment_on=device), as training does before the model."""
-    if isinstance(batch, dict) and "augment" in batch:
-        video = batch["video"].to(AUGMENT_DEVICE, non_blocking=True)
-        batch["video"] = augment_batch(video, batch["augment"])
-    return batch
+def on_device(batch):
+    """A batch whose loader shipped draws (augment_on=device) as training hands it to the
+    model: moved to AUGMENT_DEVICE and augmented there; other batches as they come."""
+    shipped_draws = isinstance(batch, dict) and "augment" in batch
+    return device_augmented(batch, AUGMENT_DEVICE) if shipped_draws else batch
 
 
 def measure(loader, clips: int, min_seconds: float) -> tuple[float, int]:
@@ -114,11 +112,11 @@ def measure(loader, clips: int, min_seconds: float) -> tuple[float, int]:
     pipeline is full when timing starts), device augmentation included; bytes per batch."""
     batches = iter(loader)
     for _, batch in zip(range(max(1, loader.num_workers)), batches):   # fewer in a short epoch
-        size = batch_bytes(device_augmented(batch))
+        size = batch_bytes(on_device(batch))
     seen, start = 0, time.perf_counter()
     while seen < clips or time.perf_counter() - start < min_seconds:
         for batch in batches:
-            batch = device_augmented(batch)
+            batch = on_device(batch)
             seen += len(batch["video"] if isinstance(batch, dict) else batch[2])
             if seen >= clips and time.perf_counter() - start >= min_seconds:
                 break

@@ -92,9 +92,13 @@ class Stopwatch:
             _ACTIVE_STOPWATCH.reset(token)
 
     def summary(self, job: str) -> str:
-        total = sum(self.seconds.values())
-        parts = ", ".join(f"{name} {duration(value)}" for name, value in self.seconds.items())
-        return f"[emcl_nb] {job} took {duration(total)}: {parts}"
+        return timing_line(job, self.seconds)
+
+
+def timing_line(job: str, seconds: dict[str, float]) -> str:
+    """'[emcl_nb] <job> took <total>: <part> <time>, ...'."""
+    parts = ", ".join(f"{name} {duration(value)}" for name, value in seconds.items())
+    return f"[emcl_nb] {job} took {duration(sum(seconds.values()))}: {parts}"
 
 
 def timed(part: str):

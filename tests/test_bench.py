@@ -77,11 +77,19 @@ def test_train_step_refuses_a_count_below_one(capsys, option):
     assert exit_info.value.code == 2 and f"argument {option}: must be at least 1; got 0" in capsys.readouterr().err
 
 
+def assert_readme_section_is(name: str, body: str, command: str) -> None:
+    """README.md's section `name` is `body`, else the command that rewrites it is named."""
+    readme = (ROOT / "README.md").read_text()
+    assert replace_section(readme, name, body) == readme, f"README's {name} section is stale: run `{command}`"
+
+
+def read_result(name: str) -> dict:
+    return json.loads((ROOT / "docs" / "results" / name).read_text())
+
+
 def test_readme_performance_table_is_what_report_generates():
     report = import_bench("report")
-    readme = (ROOT / "README.md").read_text()
-    assert replace_section(readme, "perf-results", report.render(ROOT / "docs" / "results")) == readme, \
-        "README's performance table is stale: run `python bench/report.py`"
+    assert_readme_section_is("perf-results", report.render(ROOT / "docs" / "results"), "python bench/report.py")
     rows = report.table_rows(report.load_results(ROOT / "docs" / "results"))
     standalone = [row for row in rows if row["label"].startswith("this project, preset")]
     assert standalone and all(row["ratio"] for row in standalone)      # they have a reference to divide by
@@ -90,19 +98,16 @@ def test_readme_performance_table_is_what_report_generates():
 
 def test_readme_regime_table_is_what_its_measurement_file_gives():
     regime = import_bench("reference_regime")
-    readme = (ROOT / "README.md").read_text()
-    result = json.loads((ROOT / "docs" / "results" / "reference-regime.json").read_text())
-    assert replace_section(readme, "regime-results", regime.render(result)) == readme, \
-        "README's regime table is stale: run `python bench/reference_regime.py`"
+    result = read_result("reference-regime.json")
+    assert_readme_section_is("regime-results", regime.render(result), "python bench/reference_regime.py")
     assert [row["gradient_std"] for row in result["update"]] == list(regime.GRADIENT_STDS)
 
 
 def test_readme_encoding_rate_is_what_its_measurement_file_gives():
     encode = import_bench("encode_speed")
-    readme = (ROOT / "README.md").read_text()
-    result = json.loads((ROOT / "docs" / "results" / "encode-vit-b32-cpu.json").read_text())
-    assert replace_section(readme, "encode-results", encode.render(result)) == readme, \
-        "README's encoding rate is stale: run `python bench/encode_speed.py --json <its results file>`"
+    result = read_result("encode-vit-b32-cpu.json")
+    assert_readme_section_is("encode-results", encode.render(result),
+                             "python bench/encode_speed.py --json <its results file>")
     assert result["best"] == max(result["rows"], key=lambda row: row["frames_per_s"])
 
 
@@ -154,8 +159,7 @@ def test_report_tables_only_the_loader_bench_run_with_cache():
 
 def test_report_tables_the_augmented_loader_rows_and_their_ratio():
     report = import_bench("report")
-    stored = ROOT / "docs" / "results" / "data_loading-augment-cpu.json"
-    augmented = json.loads(stored.read_text()) | {"file": "a.json"}
+    augmented = read_result("data_loading-augment-cpu.json") | {"file": "a.json"}
     lines = report.loader_table([augmented])
     assert [line.split(" | ")[0] for line in lines if line.endswith("measured: a.json |")] == [
         "| loader augmentation", "| device augmentation (on cpu, in the training process)"]

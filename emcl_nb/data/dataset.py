@@ -139,9 +139,12 @@ class TrainDataset(Dataset):
     def __init__(self, annotations: Annotations, params: Params, train: bool = True):
         self.annotations, self.params, self.train = annotations, params, train
         self.clips = _ClipReader(annotations, params, train)
+        self.augmented = augments(params, annotations.layout, train)
         # augment_on=device: the clip's draw travels in the batch ("augment"), the frames plain
-        self.device_augment = augments(params, annotations.layout, train) and params.augment_on == "device"
+        self.device_augment = self.augmented and params.augment_on == "device"
         _tokenizer()                      # built here, so forked loader workers inherit it
+        if self.device_augment:
+            draw_augmentation(0)          # timm's policy built here too (the draw leaves no trace)
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -150,8 +153,7 @@ class TrainDataset(Dataset):
         epoch, index = _split_key(key)
         sample = self.annotations.samples[index]
         video_index = int(self.annotations.video_index[index])
-        augmented = self.clips.transform.augment is not None or self.device_augment
-        seed = sample_seed(self.params.seed, epoch, index) if augmented else None
+        seed = sample_seed(self.params.seed, epoch, index) if self.augmented else None
         clip = self.clips(video_index, sample.start, sample.end, None if self.device_augment else seed)
         if clip is None:
             return Skipped(index)

@@ -3,7 +3,7 @@ for strings and video paths, and the model's own scoring of a query against vide
 
     import emcl_nb
     emcl_nb.available_models()                         # ['synthetic/default', ...]: runs with checkpoints
-    model = emcl_nb.load("synthetic/default")             # a run name, a run folder or a .pt / .bin file
+    model = emcl_nb.load("synthetic/default")          # a run name, a run folder or a .pt / .bin file
     text = model.encode_text(["a red circle moves left"])      # [1, D]
     videos = model.encode_videos(["a.mp4", "b.mp4"])           # VideoFeatures: [V, T, D] + frame masks
     model.score(text, videos)                                  # [1, V]: pooling + EMCL, as evaluated

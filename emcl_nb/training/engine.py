@@ -27,7 +27,7 @@ from emcl_nb.data.identity import data_identity
 from emcl_nb.io import atomic_write_json, folder_lock, removed_on_failure, sweep_temp_files
 from emcl_nb.model.loss import EMCLLoss
 from emcl_nb.params import Params, repo_relative, save_params
-from emcl_nb.progress import Stopwatch, note, progress_bar
+from emcl_nb.progress import Stopwatch, note, progress_bar, timing_line
 from emcl_nb.training import distributed
 from emcl_nb.training.build import build_model
 from emcl_nb.training.checkpoint import RunCheckpoints, read_checkpoint, set_rng_state
@@ -398,12 +398,12 @@ def save_epoch(training: Training, model: nn.Module, record: dict, improved: boo
 def timing_summary(training: Training) -> str:
     """One line: where this call of `fit` spent its time (updates without the reference
     selection run between them)."""
-    seconds = training.stopwatch.seconds
+    seconds = dict(training.stopwatch.seconds)
     selection = seconds.pop("reference selection", 0.0)
     seconds["updates"] = seconds.get("updates", 0.0) - selection
     if selection:
         seconds["reference selection"] = selection
-    return training.stopwatch.summary("training")
+    return timing_line("training", seconds)
 
 
 def fit(params: Params, train_set, *, validate: Callable[[nn.Module], dict] | None = None,
